@@ -1,0 +1,79 @@
+//! The on-disk layout of Cubicle's data directory (default `/var/lib/cubicle`):
+//!
+//! ```text
+//! <root>/
+//!   templates/<name>/rootfs/        read-only lower layer of every sandbox of <name>
+//!   templates/<name>/template.json  what was built, from which recipe, with which uid shift
+//!   templates/.build-<name>-<rand>/ a build in progress (renamed into place when done)
+//!   sandboxes/<id>/upper|work/      the sandbox's writable overlay layer
+//!   sandboxes/<id>/rootfs/          mount point of the merged root (inside the sandbox only)
+//!   sandboxes/<id>/sock/agent.sock  the agent's unix socket (the daemon's channel)
+//!   sandboxes/<id>/runtime.json     what the runtime needs to find the sandbox again
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use crate::{SandboxId, TemplateName};
+
+/// The default data directory.
+pub const DEFAULT_DATA_DIR: &str = "/var/lib/cubicle";
+
+/// Paths inside one data directory. Pure path arithmetic, no I/O.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DataDir {
+    root: PathBuf,
+}
+
+impl DataDir {
+    /// The default data directory.
+    pub const DEFAULT: &'static str = DEFAULT_DATA_DIR;
+
+    /// A layout rooted at `root`.
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        DataDir { root: root.into() }
+    }
+
+    /// The data directory itself.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Where all templates live.
+    pub fn templates(&self) -> PathBuf {
+        self.root.join("templates")
+    }
+
+    /// One template's directory.
+    pub fn template(&self, name: &TemplateName) -> PathBuf {
+        self.templates().join(name.as_str())
+    }
+
+    /// Where all sandboxes' writable state lives.
+    pub fn sandboxes(&self) -> PathBuf {
+        self.root.join("sandboxes")
+    }
+
+    /// One sandbox's directory.
+    pub fn sandbox(&self, id: &SandboxId) -> PathBuf {
+        self.sandboxes().join(id.as_str())
+    }
+
+    /// Downloaded or built artefacts that can be thrown away and rebuilt.
+    pub fn cache(&self) -> PathBuf {
+        self.root.join("cache")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths() {
+        let d = DataDir::new("/d");
+        let id: SandboxId = "abc".parse().unwrap();
+        let t: TemplateName = "base".parse().unwrap();
+        assert_eq!(d.sandbox(&id), Path::new("/d/sandboxes/abc"));
+        assert_eq!(d.template(&t), Path::new("/d/templates/base"));
+    }
+}
