@@ -31,6 +31,9 @@ pub enum TplCommand {
     /// List built templates.
     #[command(alias = "list")]
     Ls(JsonFlag),
+    /// Delete a built template (sandboxes must not be using it).
+    #[command(alias = "remove")]
+    Rm(TplRmArgs),
 }
 
 #[derive(Debug, Args)]
@@ -44,6 +47,15 @@ pub struct TplBuildArgs {
     /// Debian mirror URL (default: the host's apt sources).
     #[arg(long, env = "CUBICLE_DEBIAN_MIRROR")]
     pub mirror: Option<String>,
+    /// Print every line of build output instead of a summary.
+    #[arg(long, short)]
+    pub verbose: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct TplRmArgs {
+    /// The template to delete.
+    pub name: String,
 }
 
 #[derive(Debug, Args)]

@@ -1,1 +1,146 @@
-//! placeholder
+//! Sandbox runtimes: what turns a template rootfs and a [`SandboxSpec`] into an isolated,
+//! running sandbox with an agent inside, and tears it down again.
+//!
+//! Callers (the CLI, the daemon, tests, benchmarks) only use the [`Runtime`] trait, so a
+//! gVisor or KVM runtime can be added beside [`ns::NsRuntime`] (Linux namespaces,
+//! cgroups, seccomp, overlayfs) without touching them. Whatever the runtime, the agent
+//! inside speaks envd on a unix socket whose host path is [`SandboxInfo::agent_socket`].
+
+#![warn(missing_docs)]
+
+pub mod ns;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use cubicle_core::{ErrorKind, Limits, LimitsError, SandboxId};
+use serde::{Deserialize, Serialize};
+
+pub use ns::message::AgentConfig;
+
+/// What to start.
+#[derive(Debug, Clone)]
+pub struct SandboxSpec {
+    /// The new sandbox's id (also its host name).
+    pub id: SandboxId,
+    /// The template's root filesystem (read-only lower layer).
+    pub rootfs: PathBuf,
+    /// Host uid that the template's root files are owned by (see
+    /// [`cubicle_core::uid_map`]); must match the runtime's mapping.
+    pub uid_shift: u32,
+    /// Resource limits.
+    pub limits: Limits,
+    /// What the agent inside needs (env vars, default user, access token).
+    pub agent: AgentConfig,
+}
+
+/// A sandbox that runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SandboxInfo {
+    /// Its id.
+    pub id: SandboxId,
+    /// Host pid of its first process (the agent).
+    pub pid: i32,
+    /// The agent's envd socket on the host.
+    pub agent_socket: PathBuf,
+}
+
+/// Why a runtime operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    /// The limits are out of range.
+    #[error("invalid limits")]
+    InvalidLimits(#[from] LimitsError),
+    /// The template's rootfs does not exist.
+    #[error("template rootfs {0} does not exist")]
+    TemplateMissing(PathBuf),
+    /// The template was prepared for another uid mapping.
+    #[error("template files are owned by uid {template}, but sandboxes map root to uid {runtime}; rebuild the template")]
+    UidShiftMismatch {
+        /// The template's shift.
+        template: u32,
+        /// The runtime's mapping.
+        runtime: u32,
+    },
+    /// A sandbox with this id already exists.
+    #[error("sandbox {0} already exists")]
+    AlreadyExists(SandboxId),
+    /// No sandbox with this id.
+    #[error("sandbox {0} not found")]
+    NotFound(SandboxId),
+    /// The runtime's own configuration is unusable (missing agent binary, bad paths).
+    #[error("runtime configuration: {0}")]
+    Config(String),
+    /// A cgroup operation failed.
+    #[error("cgroup")]
+    Cgroup(#[from] ns::cgroup::CgroupError),
+    /// A host-side operation failed.
+    #[error("{op} {path}")]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// On what.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Starting the sandbox's first process failed before it could report.
+    #[error("start sandbox: {step}")]
+    Spawn {
+        /// The step, in words.
+        step: &'static str,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A set-up step inside the sandbox failed.
+    #[error("sandbox init failed to {step}: {message}")]
+    Init {
+        /// The step, in words.
+        step: String,
+        /// Why.
+        message: String,
+    },
+    /// The agent did not report readiness in time.
+    #[error("agent not ready after {0:?}")]
+    ReadyTimeout(Duration),
+}
+
+impl RuntimeError {
+    /// The coarse kind of this error.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            RuntimeError::InvalidLimits(_) | RuntimeError::UidShiftMismatch { .. } => {
+                ErrorKind::InvalidInput
+            }
+            RuntimeError::TemplateMissing(_) | RuntimeError::NotFound(_) => ErrorKind::NotFound,
+            RuntimeError::AlreadyExists(_) => ErrorKind::Conflict,
+            RuntimeError::Config(_) | RuntimeError::ReadyTimeout(_) => ErrorKind::Unavailable,
+            RuntimeError::Cgroup(e) => e.kind(),
+            RuntimeError::Io { .. } | RuntimeError::Spawn { .. } | RuntimeError::Init { .. } => {
+                ErrorKind::Internal
+            }
+        }
+    }
+}
+
+/// A way of running sandboxes.
+#[async_trait]
+pub trait Runtime: Send + Sync + std::fmt::Debug {
+    /// Short name (`"ns"`).
+    fn name(&self) -> &'static str;
+
+    /// Starts a sandbox; returns once its agent accepts connections. A failed create
+    /// leaves nothing behind.
+    async fn create(&self, spec: SandboxSpec) -> Result<SandboxInfo, RuntimeError>;
+
+    /// Stops every process of the sandbox and removes everything it had. Destroying a
+    /// sandbox that does not exist (any more) succeeds.
+    async fn destroy(&self, id: &SandboxId) -> Result<(), RuntimeError>;
+
+    /// The sandboxes that run now.
+    async fn list(&self) -> Result<Vec<SandboxInfo>, RuntimeError>;
+}

@@ -1,11 +1,290 @@
-//! `cubicle tpl ...`: template build and listing.
+//! `cubicle tpl ...`: template build, listing and removal.
 
+use std::io::Write;
 use std::process::ExitCode;
 
-use cubicle_core::DataDir;
+use anyhow::Context;
+use cubicle_core::{uid_map, DataDir, TemplateName};
+use cubicle_template::{
+    BuildEvent, BuildOptions, BuildOutcome, Recipe, Template, TemplateMeta, TemplateStore,
+};
 
-use crate::args::TplCommand;
+use crate::args::{TplBuildArgs, TplCommand};
 
-pub fn run(_data: &DataDir, _cmd: TplCommand) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("not implemented yet")
+/// Runs one `tpl` subcommand.
+pub fn run(data: &DataDir, cmd: TplCommand) -> anyhow::Result<ExitCode> {
+    let store = TemplateStore::new(data.clone());
+    match cmd {
+        TplCommand::Build(args) => build(&store, args),
+        TplCommand::Ls(flags) => ls(&store, flags.json),
+        TplCommand::Rm(args) => {
+            let name: TemplateName = args.name.parse()?;
+            store.remove(&name)?;
+            eprintln!("removed template {name}");
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn build(store: &TemplateStore, args: TplBuildArgs) -> anyhow::Result<ExitCode> {
+    let recipe = Recipe::builtin(&args.name)?;
+    let opts = BuildOptions {
+        mirror: args.mirror,
+        rebuild: args.rebuild,
+        uid_shift: uid_map::HOST_BASE,
+    };
+    let mut progress = Progress::new(args.verbose);
+    let outcome = cubicle_template::build(store, recipe, &opts, &mut |e| progress.event(e));
+    progress.flush();
+    let outcome = outcome.with_context(|| format!("building template '{}'", recipe.name))?;
+    match outcome {
+        BuildOutcome::UpToDate(t) => {
+            println!("{} is up to date (built {})", t.name, built_when(&t.meta));
+        }
+        BuildOutcome::Built(t) => {
+            println!(
+                "built {} in {:.1} s: {}, {} files, in {}",
+                t.name,
+                t.meta.build_seconds,
+                human_bytes(t.meta.size_bytes),
+                t.meta.file_count,
+                t.dir.display()
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn ls(store: &TemplateStore, json: bool) -> anyhow::Result<ExitCode> {
+    let templates = store.list()?;
+    let mut out = std::io::stdout().lock();
+    if json {
+        serde_json::to_writer_pretty(&mut out, &templates)?;
+        writeln!(out)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    if templates.is_empty() {
+        eprintln!(
+            "no templates in {}; build one with `cubicle tpl build base`",
+            store.dir().display()
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    let rows: Vec<[String; 5]> = templates.iter().map(row).collect();
+    let header = ["NAME", "SIZE", "FILES", "BUILT", "RECIPE"];
+    let mut widths = header.map(str::len);
+    for r in &rows {
+        for (w, cell) in widths.iter_mut().zip(r) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    for cells in std::iter::once(header.map(String::from)).chain(rows) {
+        let line = cells
+            .iter()
+            .zip(widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect::<Vec<_>>()
+            .join("  ");
+        writeln!(out, "{}", line.trim_end())?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn row(t: &Template) -> [String; 5] {
+    let short: String = t.meta.recipe_hash.chars().take(12).collect();
+    let outdated = Recipe::builtin(&t.meta.recipe)
+        .is_ok_and(|r| r.hash(t.meta.uid_shift) != t.meta.recipe_hash);
+    [
+        t.name.to_string(),
+        human_bytes(t.meta.size_bytes),
+        t.meta.file_count.to_string(),
+        t.meta
+            .built_at_unix()
+            .map(|s| format!("{} UTC", short_time(s)))
+            .unwrap_or_else(|| t.meta.built_at.clone()),
+        if outdated {
+            format!("{}:{short} (outdated)", t.meta.recipe)
+        } else {
+            format!("{}:{short}", t.meta.recipe)
+        },
+    ]
+}
+
+/// Prints build progress on stderr: steps as `[2/6] title`, output lines indented.
+/// Unless verbose, runs of debootstrap lines of the same kind (`I: Retrieving ...`
+/// for a hundred packages) are shown as their first line and a count.
+#[derive(Debug)]
+struct Progress {
+    verbose: bool,
+    /// The `I:` verb of the current run of lines, e.g. "Retrieving".
+    run: Option<String>,
+    /// Lines of the current run not shown.
+    hidden: usize,
+    /// The last hidden line, shown instead of a count if it is the only one.
+    last_hidden: String,
+}
+
+impl Progress {
+    fn new(verbose: bool) -> Self {
+        Progress {
+            verbose,
+            run: None,
+            hidden: 0,
+            last_hidden: String::new(),
+        }
+    }
+
+    fn event(&mut self, event: BuildEvent) {
+        match event {
+            BuildEvent::Step {
+                index,
+                total,
+                title,
+            } => {
+                self.flush();
+                eprintln!("[{index}/{total}] {title}");
+            }
+            BuildEvent::Log(line) if self.verbose => eprintln!("    {line}"),
+            BuildEvent::Log(line) => {
+                let verb = info_verb(&line);
+                if verb.is_some() && verb == self.run.as_deref() {
+                    self.hidden += 1;
+                    self.last_hidden = line;
+                    return;
+                }
+                self.flush();
+                self.run = verb.map(str::to_owned);
+                eprintln!("    {line}");
+            }
+        }
+    }
+
+    /// Ends the current run of similar lines.
+    fn flush(&mut self) {
+        match self.hidden {
+            0 => {}
+            1 => eprintln!("    {}", self.last_hidden),
+            n => eprintln!("    ... and {n} more like this"),
+        }
+        self.hidden = 0;
+        self.run = None;
+    }
+}
+
+/// "Retrieving" for debootstrap's "I: Retrieving adduser 3.134". Downloads alternate
+/// "Retrieving x" and "Validating x", so both count as "Retrieving".
+fn info_verb(line: &str) -> Option<&str> {
+    match line.strip_prefix("I: ")?.split_whitespace().next()? {
+        "Validating" => Some("Retrieving"),
+        verb => Some(verb),
+    }
+}
+
+fn built_when(meta: &TemplateMeta) -> String {
+    let Some(at) = meta.built_at_unix() else {
+        return meta.built_at.clone();
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(at, |d| d.as_secs());
+    format!("{} UTC, {}", short_time(at), ago(now.saturating_sub(at)))
+}
+
+/// `2026-05-20 14:31` from Unix seconds.
+fn short_time(unix: u64) -> String {
+    let s = cubicle_template::rfc3339_utc(unix);
+    format!("{} {}", &s[..10], &s[11..16])
+}
+
+fn ago(secs: u64) -> String {
+    let (n, unit) = match secs {
+        0..=59 => return "just now".to_owned(),
+        60..=3599 => (secs / 60, "minute"),
+        3600..=86_399 => (secs / 3600, "hour"),
+        _ => (secs / 86_400, "day"),
+    };
+    format!("{n} {unit}{} ago", if n == 1 { "" } else { "s" })
+}
+
+fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
+    if n < 1024 {
+        return format!("{n} B");
+    }
+    let mut v = n as f64 / 1024.0;
+    let mut unit = UNITS[0];
+    for u in &UNITS[1..] {
+        if v < 1024.0 {
+            break;
+        }
+        v /= 1024.0;
+        unit = u;
+    }
+    format!("{v:.1} {unit}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formats() {
+        assert_eq!(human_bytes(512), "512 B");
+        assert_eq!(human_bytes(1536), "1.5 KiB");
+        assert_eq!(human_bytes(180 * 1024 * 1024), "180.0 MiB");
+        assert_eq!(human_bytes(3 << 30), "3.0 GiB");
+        assert_eq!(ago(5), "just now");
+        assert_eq!(ago(60), "1 minute ago");
+        assert_eq!(ago(7200), "2 hours ago");
+        assert_eq!(ago(3 * 86_400), "3 days ago");
+        assert_eq!(short_time(1_779_287_462), "2026-05-20 14:31");
+        assert_eq!(info_verb("I: Retrieving adduser 3.134"), Some("Retrieving"));
+        assert_eq!(info_verb("I: Validating adduser 3.134"), Some("Retrieving"));
+        assert_eq!(info_verb("W: oops"), None);
+    }
+
+    #[test]
+    fn progress_collapses_runs() {
+        let mut p = Progress::new(false);
+        for l in ["I: Retrieving a", "I: Retrieving b", "I: Retrieving c"] {
+            p.event(BuildEvent::Log(l.into()));
+        }
+        assert_eq!(p.hidden, 2);
+        p.event(BuildEvent::Log("I: Validating c".into()));
+        assert_eq!(p.hidden, 3);
+        p.event(BuildEvent::Log("I: Extracting a".into()));
+        assert_eq!((p.hidden, p.run.as_deref()), (0, Some("Extracting")));
+        p.event(BuildEvent::Log("plain output".into()));
+        assert_eq!(p.run, None);
+    }
+
+    #[test]
+    fn table_rows() {
+        let t = Template {
+            name: "base".parse().unwrap(),
+            dir: "/d/templates/base".into(),
+            rootfs: "/d/templates/base/rootfs".into(),
+            meta: TemplateMeta {
+                format_version: 1,
+                recipe: "base".into(),
+                recipe_hash: "0123456789abcdef".repeat(4),
+                uid_shift: uid_map::HOST_BASE,
+                built_at: "2026-05-20T14:31:02Z".into(),
+                size_bytes: 150 << 20,
+                file_count: 7000,
+                build_seconds: 40.0,
+                mirror: "http://deb.debian.org/debian".into(),
+            },
+        };
+        assert_eq!(
+            row(&t),
+            [
+                "base",
+                "150.0 MiB",
+                "7000",
+                "2026-05-20 14:31 UTC",
+                "base:0123456789ab (outdated)"
+            ]
+        );
+    }
 }

@@ -1,0 +1,277 @@
+//! Cgroups for sandboxes: one cgroup per sandbox, named after its id, under a parent
+//! (`cubicle` by default), carrying its CPU, memory and pids limits.
+//!
+//! Two layouts exist in the wild and both are supported behind [`CgroupManager`]:
+//! - **v2** (unified; most current distributions): `<mnt>/<parent>/<id>` with
+//!   `cpu.max`, `memory.max`, `memory.swap.max`, `pids.max`.
+//! - **v1** (legacy or hybrid, as on these machines, where the v2 hierarchy exists but
+//!   holds no resource controllers): one directory per controller,
+//!   `<memory mnt>/<parent>/<id>`, `<cpu mnt>/...`, `<pids mnt>/...`, `<freezer mnt>/...`.
+//!
+//! [`detect`] reads `/proc/self/mountinfo` once at start and picks the layout that has
+//! the memory, cpu and pids controllers. Every path is derived from mount points given
+//! at construction, so tests run against a directory tree that imitates cgroupfs.
+
+mod v1;
+mod v2;
+
+use std::fmt::Debug;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use cubicle_core::{ErrorKind, Limits};
+
+pub use v1::CgroupV1;
+pub use v2::CgroupV2;
+
+/// A cgroup operation that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CgroupError {
+    /// No hierarchy offers the controllers sandboxes need.
+    #[error("no usable cgroup hierarchy: {0}")]
+    NoControllers(String),
+    /// Reading or writing a cgroup file or directory failed.
+    #[error("{op} {path}")]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// The file or directory.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: io::Error,
+    },
+    /// The cgroup still holds processes.
+    #[error("cgroup {0} still has processes")]
+    Busy(PathBuf),
+}
+
+impl CgroupError {
+    /// The coarse kind of this error.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            CgroupError::NoControllers(_) => ErrorKind::Unavailable,
+            CgroupError::Busy(_) => ErrorKind::Conflict,
+            CgroupError::Io { .. } => ErrorKind::Internal,
+        }
+    }
+}
+
+/// Creates, fills and removes sandbox cgroups.
+pub trait CgroupManager: Send + Sync + Debug {
+    /// `"v1"` or `"v2"`.
+    fn version(&self) -> &'static str;
+    /// Creates the cgroup `name` and applies `limits`. An existing cgroup is reused.
+    fn create(&self, name: &str, limits: &Limits) -> Result<(), CgroupError>;
+    /// Moves process `pid` into the cgroup.
+    fn add_process(&self, name: &str, pid: libc::pid_t) -> Result<(), CgroupError>;
+    /// The pids in the cgroup (empty when it does not exist).
+    fn processes(&self, name: &str) -> Result<Vec<libc::pid_t>, CgroupError>;
+    /// Removes the cgroup; a missing cgroup is not an error. Fails with
+    /// [`CgroupError::Busy`] while processes remain.
+    fn remove(&self, name: &str) -> Result<(), CgroupError>;
+    /// Names of every cgroup under the parent (to find what is left behind).
+    fn list(&self) -> Result<Vec<String>, CgroupError>;
+    /// Where the controller file `file` (e.g. `pids.events`, `memory.max`) of cgroup
+    /// `name` is, whatever the layout.
+    fn file(&self, name: &str, file: &str) -> PathBuf;
+}
+
+/// Picks the cgroup layout of this host; sandbox cgroups go under `parent`.
+pub fn detect(parent: &str) -> Result<Box<dyn CgroupManager>, CgroupError> {
+    let mountinfo =
+        std::fs::read_to_string("/proc/self/mountinfo").map_err(|source| CgroupError::Io {
+            op: "read",
+            path: "/proc/self/mountinfo".into(),
+            source,
+        })?;
+    let mounts = parse_mountinfo(&mountinfo);
+    if let Some(v2) = mounts
+        .iter()
+        .find(|m| m.fstype == "cgroup2")
+        .filter(|m| CgroupV2::has_required_controllers(&m.mount_point))
+    {
+        return Ok(Box::new(CgroupV2::new(v2.mount_point.clone(), parent)));
+    }
+    let v1 = |controller: &str| {
+        mounts
+            .iter()
+            .find(|m| m.fstype == "cgroup" && m.super_options.split(',').any(|o| o == controller))
+            .map(|m| m.mount_point.clone())
+    };
+    match (v1("memory"), v1("cpu"), v1("pids"), v1("freezer")) {
+        (Some(memory), Some(cpu), Some(pids), Some(freezer)) => Ok(Box::new(CgroupV1::new(
+            v1::Mounts {
+                memory,
+                cpu,
+                pids,
+                freezer,
+            },
+            parent,
+        ))),
+        _ => Err(CgroupError::NoControllers(
+            "need memory, cpu and pids in cgroup v2, or memory, cpu, pids and freezer in v1".into(),
+        )),
+    }
+}
+
+/// One cgroup mount from `/proc/self/mountinfo`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct CgroupMount {
+    mount_point: PathBuf,
+    fstype: String,
+    super_options: String,
+}
+
+/// Picks the cgroup and cgroup2 mounts out of a mountinfo text.
+fn parse_mountinfo(text: &str) -> Vec<CgroupMount> {
+    text.lines()
+        .filter_map(|line| {
+            let (left, right) = line.split_once(" - ")?;
+            let mount_point = left.split(' ').nth(4)?;
+            let mut right = right.split(' ');
+            let fstype = right.next()?;
+            let _source = right.next()?;
+            let super_options = right.next().unwrap_or("");
+            (fstype == "cgroup" || fstype == "cgroup2").then(|| CgroupMount {
+                mount_point: PathBuf::from(unescape_mountinfo(mount_point)),
+                fstype: fstype.to_owned(),
+                super_options: super_options.to_owned(),
+            })
+        })
+        .collect()
+}
+
+/// mountinfo escapes space, tab, newline and backslash as `\ooo` (octal).
+fn unescape_mountinfo(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let octal = bytes
+            .get(i + 1..i + 4)
+            .and_then(|d| std::str::from_utf8(d).ok())
+            .and_then(|d| u8::from_str_radix(d, 8).ok());
+        match (bytes[i], octal) {
+            (b'\\', Some(v)) => {
+                out.push(v);
+                i += 4;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn write_file(path: &Path, value: &str) -> Result<(), CgroupError> {
+    std::fs::write(path, value).map_err(|source| CgroupError::Io {
+        op: "write",
+        path: path.to_owned(),
+        source,
+    })
+}
+
+fn make_dir(path: &Path) -> Result<(), CgroupError> {
+    match std::fs::create_dir(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+        Err(source) => Err(CgroupError::Io {
+            op: "create",
+            path: path.to_owned(),
+            source,
+        }),
+    }
+}
+
+fn remove_dir(path: &Path) -> Result<(), CgroupError> {
+    match std::fs::remove_dir(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) if e.raw_os_error() == Some(libc::EBUSY) => Err(CgroupError::Busy(path.to_owned())),
+        Err(source) => Err(CgroupError::Io {
+            op: "remove",
+            path: path.to_owned(),
+            source,
+        }),
+    }
+}
+
+fn read_pids(procs: &Path) -> Result<Vec<libc::pid_t>, CgroupError> {
+    match std::fs::read_to_string(procs) {
+        Ok(text) => Ok(text.lines().filter_map(|l| l.trim().parse().ok()).collect()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(source) => Err(CgroupError::Io {
+            op: "read",
+            path: procs.to_owned(),
+            source,
+        }),
+    }
+}
+
+fn list_dirs(parent: &Path) -> Result<Vec<String>, CgroupError> {
+    let entries = match std::fs::read_dir(parent) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(source) => {
+            return Err(CgroupError::Io {
+                op: "list",
+                path: parent.to_owned(),
+                source,
+            })
+        }
+    };
+    let mut names: Vec<String> = entries
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_type().map(|t| t.is_dir()).unwrap_or(false))
+        .filter_map(|e| e.file_name().into_string().ok())
+        .collect();
+    names.sort();
+    Ok(names)
+}
+
+/// The CFS period used for CPU limits (100 ms, the kernel default).
+const CPU_PERIOD_US: u64 = 100_000;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HYBRID: &str = "\
+25 30 0:23 / /sys/fs/cgroup ro,nosuid,nodev,noexec shared:9 - tmpfs tmpfs ro,mode=755
+26 25 0:24 / /sys/fs/cgroup/unified rw,nosuid,nodev,noexec,relatime shared:10 - cgroup2 cgroup2 rw
+27 25 0:25 / /sys/fs/cgroup/memory rw,nosuid shared:11 - cgroup cgroup rw,memory
+28 25 0:26 / /sys/fs/cgroup/cpu,cpuacct rw,nosuid shared:12 - cgroup cgroup rw,cpu,cpuacct
+29 25 0:27 / /sys/fs/cgroup/pids rw,nosuid shared:13 - cgroup cgroup rw,pids
+30 25 0:28 / /sys/fs/cgroup/freezer rw,nosuid shared:14 - cgroup cgroup rw,freezer
+31 25 0:29 / /sys/fs/cgroup/with\\040space rw - cgroup cgroup rw,name=x
+";
+
+    #[test]
+    fn mountinfo_finds_v1_and_v2_mounts() {
+        let mounts = parse_mountinfo(HYBRID);
+        assert_eq!(mounts.len(), 6);
+        assert_eq!(mounts[0].fstype, "cgroup2");
+        assert_eq!(mounts[0].mount_point, Path::new("/sys/fs/cgroup/unified"));
+        assert_eq!(
+            mounts[2].mount_point,
+            Path::new("/sys/fs/cgroup/cpu,cpuacct")
+        );
+        assert!(mounts[2].super_options.split(',').any(|o| o == "cpu"));
+        assert_eq!(
+            mounts[5].mount_point,
+            Path::new("/sys/fs/cgroup/with space")
+        );
+    }
+
+    #[test]
+    fn detection_on_this_host_works() {
+        // Whatever this host has, detection must either find a layout or say why.
+        match detect("cubicle-detect-test") {
+            Ok(m) => assert!(["v1", "v2"].contains(&m.version())),
+            Err(e) => assert_eq!(e.kind(), ErrorKind::Unavailable),
+        }
+    }
+}

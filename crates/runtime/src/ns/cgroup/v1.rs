@@ -1,0 +1,193 @@
+//! cgroup v1: one hierarchy per controller.
+
+use std::path::PathBuf;
+
+use cubicle_core::Limits;
+
+use super::{
+    list_dirs, make_dir, read_pids, remove_dir, write_file, CgroupError, CgroupManager,
+    CPU_PERIOD_US,
+};
+
+/// Mount points of the v1 controllers sandboxes use.
+#[derive(Debug, Clone)]
+pub struct Mounts {
+    /// `memory` controller.
+    pub memory: PathBuf,
+    /// `cpu` controller (often co-mounted with cpuacct).
+    pub cpu: PathBuf,
+    /// `pids` controller.
+    pub pids: PathBuf,
+    /// `freezer` controller (pause/resume).
+    pub freezer: PathBuf,
+}
+
+/// Sandbox cgroups in v1 hierarchies.
+#[derive(Debug)]
+pub struct CgroupV1 {
+    mounts: Mounts,
+    parent: String,
+}
+
+impl CgroupV1 {
+    /// Sandbox cgroups under `<controller mount>/<parent>/`.
+    pub fn new(mounts: Mounts, parent: &str) -> Self {
+        CgroupV1 {
+            mounts,
+            parent: parent.to_owned(),
+        }
+    }
+
+    fn dirs(&self, name: &str) -> [PathBuf; 4] {
+        [
+            &self.mounts.memory,
+            &self.mounts.cpu,
+            &self.mounts.pids,
+            &self.mounts.freezer,
+        ]
+        .map(|m| m.join(&self.parent).join(name))
+    }
+}
+
+impl CgroupManager for CgroupV1 {
+    fn version(&self) -> &'static str {
+        "v1"
+    }
+
+    fn create(&self, name: &str, limits: &Limits) -> Result<(), CgroupError> {
+        for dir in self.dirs(name) {
+            make_dir(dir.parent().expect("joined path has a parent"))?;
+            make_dir(&dir)?;
+        }
+        let [memory, cpu, pids, _freezer] = self.dirs(name);
+        let bytes = limits.memory_bytes().to_string();
+        write_file(&memory.join("memory.limit_in_bytes"), &bytes)?;
+        // Swap off: memory+swap may not exceed memory (only present with swap accounting).
+        let memsw = memory.join("memory.memsw.limit_in_bytes");
+        if memsw.exists() {
+            write_file(&memsw, &bytes)?;
+        }
+        let swappiness = memory.join("memory.swappiness");
+        if swappiness.exists() {
+            write_file(&swappiness, "0")?;
+        }
+        write_file(&cpu.join("cpu.cfs_period_us"), &CPU_PERIOD_US.to_string())?;
+        write_file(
+            &cpu.join("cpu.cfs_quota_us"),
+            &(u64::from(limits.cpu_count) * CPU_PERIOD_US).to_string(),
+        )?;
+        write_file(&pids.join("pids.max"), &limits.pids.to_string())?;
+        Ok(())
+    }
+
+    fn add_process(&self, name: &str, pid: libc::pid_t) -> Result<(), CgroupError> {
+        for dir in self.dirs(name) {
+            write_file(&dir.join("cgroup.procs"), &pid.to_string())?;
+        }
+        Ok(())
+    }
+
+    fn processes(&self, name: &str) -> Result<Vec<libc::pid_t>, CgroupError> {
+        let mut all = Vec::new();
+        for dir in self.dirs(name) {
+            all.extend(read_pids(&dir.join("cgroup.procs"))?);
+        }
+        all.sort_unstable();
+        all.dedup();
+        Ok(all)
+    }
+
+    fn remove(&self, name: &str) -> Result<(), CgroupError> {
+        for dir in self.dirs(name) {
+            remove_dir(&dir)?;
+        }
+        Ok(())
+    }
+
+    fn list(&self) -> Result<Vec<String>, CgroupError> {
+        let mut names = Vec::new();
+        for m in [
+            &self.mounts.memory,
+            &self.mounts.cpu,
+            &self.mounts.pids,
+            &self.mounts.freezer,
+        ] {
+            names.extend(list_dirs(&m.join(&self.parent))?);
+        }
+        names.sort();
+        names.dedup();
+        Ok(names)
+    }
+
+    fn file(&self, name: &str, file: &str) -> PathBuf {
+        let [memory, cpu, pids, freezer] = self.dirs(name);
+        let dir = match file.split('.').next() {
+            Some("memory") => memory,
+            Some("cpu") => cpu,
+            Some("freezer") => freezer,
+            _ => pids,
+        };
+        dir.join(file)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fake() -> (tempfile::TempDir, CgroupV1) {
+        let tmp = tempfile::tempdir().unwrap();
+        let m = |n: &str| {
+            let p = tmp.path().join(n);
+            std::fs::create_dir(&p).unwrap();
+            p
+        };
+        let mounts = Mounts {
+            memory: m("memory"),
+            cpu: m("cpu"),
+            pids: m("pids"),
+            freezer: m("freezer"),
+        };
+        (tmp, CgroupV1::new(mounts, "cubicle"))
+    }
+
+    #[test]
+    fn create_writes_limits_into_each_controller() {
+        let (tmp, cg) = fake();
+        let limits = Limits {
+            cpu_count: 3,
+            memory_mb: 512,
+            pids: 99,
+        };
+        cg.create("sbx", &limits).unwrap();
+        let read = |p: &str| std::fs::read_to_string(tmp.path().join(p)).unwrap();
+        assert_eq!(
+            read("memory/cubicle/sbx/memory.limit_in_bytes"),
+            (512u64 << 20).to_string()
+        );
+        assert_eq!(read("cpu/cubicle/sbx/cpu.cfs_quota_us"), "300000");
+        assert_eq!(read("cpu/cubicle/sbx/cpu.cfs_period_us"), "100000");
+        assert_eq!(read("pids/cubicle/sbx/pids.max"), "99");
+        assert!(tmp.path().join("freezer/cubicle/sbx").is_dir());
+        assert_eq!(cg.list().unwrap(), vec!["sbx".to_string()]);
+        cg.add_process("sbx", 42).unwrap();
+        assert_eq!(read("pids/cubicle/sbx/cgroup.procs"), "42");
+        assert_eq!(cg.processes("sbx").unwrap(), vec![42]);
+    }
+
+    #[test]
+    fn remove_is_idempotent() {
+        let (_tmp, cg) = fake();
+        cg.create("sbx", &Limits::default()).unwrap();
+        // A fake cgroupfs holds regular files; remove them like the kernel would.
+        for dir in cg.dirs("sbx") {
+            for e in std::fs::read_dir(&dir).unwrap() {
+                std::fs::remove_file(e.unwrap().path()).unwrap();
+            }
+        }
+        cg.remove("sbx").unwrap();
+        cg.remove("sbx").unwrap();
+        assert!(cg.list().unwrap().is_empty());
+        assert!(cg.processes("sbx").unwrap().is_empty());
+    }
+}

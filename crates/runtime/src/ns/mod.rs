@@ -1,0 +1,579 @@
+//! The `ns` runtime: sandboxes made of Linux namespaces (user, mount, pid, uts, ipc,
+//! network, cgroup), a cgroup with limits, a seccomp filter, a reduced capability set and
+//! an overlayfs root whose lower layer is the template.
+//!
+//! **Create** (this module, host side) → [`NsRuntime::create`]:
+//! 1. directories: `sandboxes/<id>/{upper,work,rootfs,run}`, owned by the sandbox's root;
+//! 2. cgroup with the limits;
+//! 3. `clone()` into new namespaces; the child waits on the sync channel
+//!    ([`message`]), the parent writes its uid/gid maps, protects it from the OOM killer,
+//!    moves it into the cgroup and sends `Go`;
+//! 4. the child executes `cubicle-agent init` ([`init`]), which builds the root, pivots
+//!    into it, applies the security settings ([`security`]) and executes the agent from
+//!    inside the sandbox; the agent binds its socket and reports `Ready`.
+//!
+//! **Destroy**: SIGKILL to the sandbox's pid 1 (the kernel then kills every process of
+//! its pid namespace), reap, remove the cgroup and the directory. All mounts live only in
+//! the sandbox's mount namespace, so they vanish with it; nothing is mounted on the host.
+
+pub mod cgroup;
+pub mod init;
+pub mod message;
+pub mod security;
+mod sys;
+
+use std::collections::HashMap;
+use std::io::{self, Write};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::os::unix::net::UnixStream as StdUnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use cubicle_core::{uid_map, DataDir, SandboxId};
+use serde::{Deserialize, Serialize};
+use tokio::io::AsyncReadExt;
+
+use crate::{Runtime, RuntimeError, SandboxInfo, SandboxSpec};
+use cgroup::CgroupManager;
+use message::{FromInit, InitSpec, ToInit, AGENT_SOCKET_NAME};
+
+/// How the `ns` runtime is set up on this host.
+#[derive(Debug, Clone)]
+pub struct NsConfig {
+    /// The data directory (sandboxes' writable layers live under it).
+    pub data_dir: DataDir,
+    /// The `cubicle-agent` binary (statically linked).
+    pub agent_bin: PathBuf,
+    /// Name of the parent cgroup of all sandboxes.
+    pub cgroup_parent: String,
+    /// How long a create may wait for the agent to report readiness.
+    pub ready_timeout: Duration,
+}
+
+impl NsConfig {
+    /// Defaults for a data dir and agent binary: cgroup parent `cubicle`, 10 s timeout.
+    pub fn new(data_dir: DataDir, agent_bin: PathBuf) -> Self {
+        NsConfig {
+            data_dir,
+            agent_bin,
+            cgroup_parent: "cubicle".into(),
+            ready_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Namespaces a sandbox gets at clone time (the cgroup namespace is created by init,
+/// after the runtime moved it into its cgroup).
+const CLONE_FLAGS: libc::c_int = libc::CLONE_NEWUSER
+    | libc::CLONE_NEWNS
+    | libc::CLONE_NEWPID
+    | libc::CLONE_NEWUTS
+    | libc::CLONE_NEWIPC
+    | libc::CLONE_NEWNET;
+
+/// Longest unix socket path (`sun_path` minus the NUL).
+const MAX_SOCKET_PATH: usize = 107;
+
+/// What is kept about each sandbox on disk (`runtime.json`), enough to find its process
+/// again after the creating process is gone.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RuntimeRecord {
+    pid: i32,
+    /// Start time of `pid` in clock ticks since boot (`/proc/<pid>/stat` field 22), so a
+    /// recycled pid is never mistaken for the sandbox.
+    start_time: u64,
+}
+
+/// A sandbox this process started: its pidfd lets us kill and reap it without races.
+#[derive(Debug)]
+struct Live {
+    pidfd: OwnedFd,
+}
+
+/// The Linux-namespace runtime.
+#[derive(Debug)]
+pub struct NsRuntime {
+    config: NsConfig,
+    cgroups: Box<dyn CgroupManager>,
+    live: Mutex<HashMap<SandboxId, Live>>,
+}
+
+/// Paths of one sandbox on the host.
+#[derive(Debug)]
+struct SandboxPaths {
+    dir: PathBuf,
+    upper: PathBuf,
+    work: PathBuf,
+    merged: PathBuf,
+    run: PathBuf,
+    agent_mount_point: PathBuf,
+    socket: PathBuf,
+    record: PathBuf,
+}
+
+impl SandboxPaths {
+    fn new(data: &DataDir, id: &SandboxId) -> Self {
+        let dir = data.sandbox(id);
+        let run = dir.join("run");
+        SandboxPaths {
+            upper: dir.join("upper"),
+            work: dir.join("work"),
+            merged: dir.join("rootfs"),
+            agent_mount_point: run.join("cubicle-agent"),
+            socket: run.join(AGENT_SOCKET_NAME),
+            record: dir.join("runtime.json"),
+            run,
+            dir,
+        }
+    }
+}
+
+fn io_error<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> RuntimeError + 'a {
+    move |source| RuntimeError::Io {
+        op,
+        path: path.to_owned(),
+        source,
+    }
+}
+
+impl NsRuntime {
+    /// Checks the configuration and the host (agent binary, paths, cgroups).
+    pub fn new(config: NsConfig) -> Result<Self, RuntimeError> {
+        let agent = &config.agent_bin;
+        match std::fs::metadata(agent) {
+            Ok(md) if md.is_file() && md.permissions().mode() & 0o001 != 0 => {}
+            Ok(_) => {
+                return Err(RuntimeError::Config(format!(
+                    "agent binary {} is not a world-executable file",
+                    agent.display()
+                )))
+            }
+            Err(e) => {
+                return Err(RuntimeError::Config(format!(
+                    "agent binary {}: {e}",
+                    agent.display()
+                )))
+            }
+        }
+        let root = config.data_dir.root();
+        let root_str = root.to_str().ok_or_else(|| {
+            RuntimeError::Config(format!("data dir {} is not UTF-8", root.display()))
+        })?;
+        if !root.is_absolute() || root_str.contains([',', ':', '\n']) {
+            return Err(RuntimeError::Config(format!(
+                "data dir {root_str:?} must be an absolute path without ',' or ':' (overlayfs options)"
+            )));
+        }
+        let longest = SandboxPaths::new(
+            &config.data_dir,
+            &"a".repeat(SandboxId::MAX_LEN).parse().expect("valid id"),
+        )
+        .socket;
+        if longest.as_os_str().len() > MAX_SOCKET_PATH {
+            return Err(RuntimeError::Config(format!(
+                "data dir {root_str:?} is too long: agent socket paths would exceed {MAX_SOCKET_PATH} bytes"
+            )));
+        }
+        let cgroups = cgroup::detect(&config.cgroup_parent)?;
+        for dir in [root.to_owned(), config.data_dir.sandboxes()] {
+            make_traversable_dir(&dir)?;
+        }
+        Ok(NsRuntime {
+            config,
+            cgroups,
+            live: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Which cgroup layout this host uses (`"v1"` or `"v2"`).
+    pub fn cgroup_version(&self) -> &'static str {
+        self.cgroups.version()
+    }
+
+    /// The host path of a cgroup controller file of a sandbox (e.g. `pids.events`).
+    pub fn cgroup_file(&self, id: &SandboxId, file: &str) -> PathBuf {
+        self.cgroups.file(id.as_str(), file)
+    }
+
+    /// Names of sandbox cgroups that exist (for leak checks).
+    pub fn cgroup_names(&self) -> Result<Vec<String>, RuntimeError> {
+        Ok(self.cgroups.list()?)
+    }
+
+    fn prepare_dirs(&self, spec: &SandboxSpec, paths: &SandboxPaths) -> Result<(), RuntimeError> {
+        match std::fs::DirBuilder::new().mode(0o711).create(&paths.dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                return Err(RuntimeError::AlreadyExists(spec.id.clone()))
+            }
+            Err(e) => return Err(io_error("create", &paths.dir)(e)),
+        }
+        // The sandbox's root (host uid `shift`) must own what it writes to.
+        let owner = Some(spec.uid_shift);
+        for (dir, mode) in [
+            (&paths.upper, 0o755),
+            (&paths.work, 0o700),
+            (&paths.merged, 0o755),
+            (&paths.run, 0o700),
+        ] {
+            std::fs::DirBuilder::new()
+                .mode(mode)
+                .create(dir)
+                .map_err(io_error("create", dir))?;
+            std::os::unix::fs::chown(dir, owner, owner).map_err(io_error("chown", dir))?;
+        }
+        std::fs::File::create(&paths.agent_mount_point)
+            .map_err(io_error("create", &paths.agent_mount_point))?;
+        Ok(())
+    }
+
+    /// Clones the sandbox's first process and drives it to `Ready`.
+    async fn start(
+        &self,
+        spec: &SandboxSpec,
+        paths: &SandboxPaths,
+    ) -> Result<(i32, OwnedFd), (RuntimeError, Option<OwnedFd>)> {
+        let (mut host, child) =
+            StdUnixStream::pair().map_err(|e| (spawn_error("create the sync socket")(e), None))?;
+        let (pid, pidfd) = {
+            let exec = sys::ChildExec::new(&self.config.agent_bin, &["cubicle-agent", "init"], &[])
+                .map_err(|e| (spawn_error("prepare execve")(e), None))?;
+            sys::clone_into_namespaces(CLONE_FLAGS, child.as_raw_fd(), &exec)
+                .map_err(|e| (spawn_error("clone into new namespaces")(e), None))?
+        };
+        drop(child);
+
+        let prepared = (|| {
+            let map = format!("0 {} {}\n", spec.uid_shift, uid_map::RANGE);
+            for file in ["uid_map", "gid_map"] {
+                let path = PathBuf::from(format!("/proc/{pid}/{file}"));
+                std::fs::write(&path, &map).map_err(io_error("write", &path))?;
+            }
+            shield_from_oom_killer(pid);
+            self.cgroups.add_process(spec.id.as_str(), pid)?;
+            let record = RuntimeRecord {
+                pid,
+                start_time: process_start_time(pid)
+                    .map_err(io_error("read start time of", Path::new("/proc")))?,
+            };
+            write_json(&paths.record, &record)?;
+            let go = ToInit::Go(Box::new(InitSpec {
+                hostname: spec.id.to_string(),
+                lower: spec.rootfs.clone(),
+                upper: paths.upper.clone(),
+                work: paths.work.clone(),
+                merged: paths.merged.clone(),
+                run_dir: paths.run.clone(),
+                agent_bin: self.config.agent_bin.clone(),
+                agent: spec.agent.clone(),
+            }));
+            message::write_frame(&mut host, &go).map_err(spawn_error("send go to init"))
+        })();
+        if let Err(e) = prepared {
+            return Err((e, Some(pidfd)));
+        }
+
+        let report = tokio::time::timeout(self.config.ready_timeout, read_report(host)).await;
+        match report {
+            Ok(Ok(Some(FromInit::Ready))) => Ok((pid, pidfd)),
+            Ok(Ok(Some(FromInit::Failed { step, message }))) => {
+                Err((RuntimeError::Init { step, message }, Some(pidfd)))
+            }
+            Ok(Ok(None)) => {
+                // The child died without a word: the exit code tells which early step.
+                let reaped = wait_exit(&pidfd).await;
+                let err = match reaped {
+                    Ok(Some(sys::ExitStatus::Exited(code))) => match sys::child_exit::step(code) {
+                        Some(step) => RuntimeError::Spawn {
+                            step,
+                            source: io::Error::other(format!("child exited with {code}")),
+                        },
+                        None => RuntimeError::Init {
+                            step: "start".into(),
+                            message: format!("exited with status {code} before reporting"),
+                        },
+                    },
+                    Ok(Some(sys::ExitStatus::Signaled(sig))) => RuntimeError::Init {
+                        step: "start".into(),
+                        message: format!("killed by signal {sig} before reporting"),
+                    },
+                    Ok(None) | Err(_) => RuntimeError::Init {
+                        step: "start".into(),
+                        message: "closed the sync channel without reporting".into(),
+                    },
+                };
+                Err((err, Some(pidfd)))
+            }
+            Ok(Err(e)) => Err((spawn_error("read the init report")(e), Some(pidfd))),
+            Err(_) => Err((
+                RuntimeError::ReadyTimeout(self.config.ready_timeout),
+                Some(pidfd),
+            )),
+        }
+    }
+
+    /// Kills the sandbox's processes, waits for them, removes its cgroup and directory.
+    async fn tear_down(&self, id: &SandboxId, pidfd: Option<OwnedFd>) -> Result<(), RuntimeError> {
+        let paths = SandboxPaths::new(&self.config.data_dir, id);
+        if let Some(pidfd) = pidfd {
+            sys::pidfd_kill(&pidfd, libc::SIGKILL).map_err(io_error("kill", &paths.dir))?;
+            wait_exit(&pidfd)
+                .await
+                .map_err(io_error("wait for", &paths.dir))?;
+        }
+        self.remove_cgroup(id).await?;
+        match std::fs::remove_dir_all(&paths.dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io_error("remove", &paths.dir)(e)),
+        }
+    }
+
+    /// Removes the sandbox's cgroup once the kernel has finished tearing its processes
+    /// down (the last tasks of a killed pid namespace can linger for a moment).
+    async fn remove_cgroup(&self, id: &SandboxId) -> Result<(), RuntimeError> {
+        const ATTEMPTS: u32 = 2000;
+        for attempt in 0.. {
+            match self.cgroups.remove(id.as_str()) {
+                Err(cgroup::CgroupError::Busy(_)) if attempt < ATTEMPTS => {
+                    for pid in self.cgroups.processes(id.as_str())? {
+                        // SAFETY: kill(2) with a pid read from the sandbox's own cgroup.
+                        unsafe { libc::kill(pid, libc::SIGKILL) };
+                    }
+                    tokio::task::yield_now().await;
+                }
+                other => return Ok(other?),
+            }
+        }
+        unreachable!("loop returns")
+    }
+
+    /// The pidfd of a running sandbox: ours from create, or found through runtime.json.
+    fn pidfd_of(&self, id: &SandboxId) -> Result<Option<OwnedFd>, RuntimeError> {
+        if let Some(live) = self.live.lock().expect("live map poisoned").remove(id) {
+            return Ok(Some(live.pidfd));
+        }
+        let paths = SandboxPaths::new(&self.config.data_dir, id);
+        let Some(record) = read_record(&paths.record)? else {
+            return Ok(None);
+        };
+        let Ok(pidfd) = sys::pidfd_open(record.pid) else {
+            return Ok(None);
+        };
+        // The pid may have been recycled: only a matching start time is our sandbox.
+        match process_start_time(record.pid) {
+            Ok(t) if t == record.start_time => Ok(Some(pidfd)),
+            _ => Ok(None),
+        }
+    }
+}
+
+#[async_trait]
+impl Runtime for NsRuntime {
+    fn name(&self) -> &'static str {
+        "ns"
+    }
+
+    async fn create(&self, spec: SandboxSpec) -> Result<SandboxInfo, RuntimeError> {
+        spec.limits.validate()?;
+        if spec.uid_shift != uid_map::HOST_BASE {
+            return Err(RuntimeError::UidShiftMismatch {
+                template: spec.uid_shift,
+                runtime: uid_map::HOST_BASE,
+            });
+        }
+        if !spec.rootfs.is_dir() {
+            return Err(RuntimeError::TemplateMissing(spec.rootfs.clone()));
+        }
+        let paths = SandboxPaths::new(&self.config.data_dir, &spec.id);
+        self.prepare_dirs(&spec, &paths)?;
+        let started = match self.cgroups.create(spec.id.as_str(), &spec.limits) {
+            Ok(()) => self.start(&spec, &paths).await,
+            Err(e) => Err((e.into(), None)),
+        };
+        match started {
+            Ok((pid, pidfd)) => {
+                self.live
+                    .lock()
+                    .expect("live map poisoned")
+                    .insert(spec.id.clone(), Live { pidfd });
+                Ok(SandboxInfo {
+                    id: spec.id,
+                    pid,
+                    agent_socket: paths.socket,
+                })
+            }
+            Err((err, pidfd)) => {
+                if let Err(cleanup) = self.tear_down(&spec.id, pidfd).await {
+                    tracing::error!(sandbox = %spec.id, error = %cleanup, "cleanup after failed create");
+                }
+                Err(err)
+            }
+        }
+    }
+
+    async fn destroy(&self, id: &SandboxId) -> Result<(), RuntimeError> {
+        let pidfd = self.pidfd_of(id)?;
+        self.tear_down(id, pidfd).await
+    }
+
+    async fn list(&self) -> Result<Vec<SandboxInfo>, RuntimeError> {
+        let dir = self.config.data_dir.sandboxes();
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(io_error("list", &dir)(e)),
+        };
+        let mut out = Vec::new();
+        for entry in entries.flatten() {
+            let Some(id) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<SandboxId>().ok())
+            else {
+                continue;
+            };
+            let paths = SandboxPaths::new(&self.config.data_dir, &id);
+            let Some(record) = read_record(&paths.record)? else {
+                continue;
+            };
+            if process_start_time(record.pid).ok() == Some(record.start_time) {
+                out.push(SandboxInfo {
+                    id,
+                    pid: record.pid,
+                    agent_socket: paths.socket,
+                });
+            }
+        }
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(out)
+    }
+}
+
+/// Makes the sandbox's first process (the agent) exempt from the OOM killer when the
+/// runtime may (CAP_SYS_RESOURCE). Without that capability the agent still survives a
+/// memory hog: it starts every user process with a raised `oom_score_adj`, so the kernel
+/// always prefers user code as the victim.
+fn shield_from_oom_killer(pid: i32) {
+    let path = format!("/proc/{pid}/oom_score_adj");
+    if let Err(e) = std::fs::write(&path, "-1000") {
+        tracing::debug!(%path, error = %e, "cannot exempt the agent from the OOM killer");
+    }
+}
+
+fn spawn_error(step: &'static str) -> impl FnOnce(io::Error) -> RuntimeError {
+    move |source| RuntimeError::Spawn { step, source }
+}
+
+/// Creates `dir` (and parents) with mode 0711: sandbox init processes run as an
+/// unprivileged host uid and must be able to traverse to their layers.
+fn make_traversable_dir(dir: &Path) -> Result<(), RuntimeError> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o711)
+        .create(dir)
+        .map_err(io_error("create", dir))?;
+    let mut perms = std::fs::metadata(dir)
+        .map_err(io_error("stat", dir))?
+        .permissions();
+    if perms.mode() & 0o001 == 0 {
+        perms.set_mode(perms.mode() | 0o711);
+        std::fs::set_permissions(dir, perms).map_err(io_error("chmod", dir))?;
+    }
+    Ok(())
+}
+
+async fn read_report(host: StdUnixStream) -> io::Result<Option<FromInit>> {
+    host.set_nonblocking(true)?;
+    let mut host = tokio::net::UnixStream::from_std(host)?;
+    let mut len = [0u8; 4];
+    match host.read_exact(&mut len).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    let len = u32::from_be_bytes(len) as usize;
+    if len > message::MAX_FRAME {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "report too large",
+        ));
+    }
+    let mut body = vec![0u8; len];
+    host.read_exact(&mut body).await?;
+    serde_json::from_slice(&body)
+        .map(Some)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+}
+
+/// Waits until the process behind `pidfd` has exited and reaps it if it is our child.
+async fn wait_exit(pidfd: &OwnedFd) -> io::Result<Option<sys::ExitStatus>> {
+    if !sys::pidfd_exited(pidfd) {
+        sys::readable(pidfd.as_fd()).await?;
+    }
+    sys::pidfd_try_reap(pidfd)
+}
+
+/// Field 22 of `/proc/<pid>/stat`: start time in clock ticks after boot.
+fn process_start_time(pid: i32) -> io::Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // The command name (field 2) may contain spaces and parentheses; skip past its end.
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "malformed stat"))?;
+    rest.split_whitespace()
+        .nth(19)
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "malformed stat"))
+}
+
+fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), RuntimeError> {
+    let tmp = path.with_extension("json.tmp");
+    let mut file = std::fs::File::create(&tmp).map_err(io_error("create", &tmp))?;
+    serde_json::to_writer(&mut file, value)
+        .map_err(|e| io_error("write", &tmp)(io::Error::other(e)))?;
+    file.flush().map_err(io_error("write", &tmp))?;
+    std::fs::rename(&tmp, path).map_err(io_error("rename", path))
+}
+
+fn read_record(path: &Path) -> Result<Option<RuntimeRecord>, RuntimeError> {
+    match std::fs::read(path) {
+        Ok(bytes) => Ok(serde_json::from_slice(&bytes).ok()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(io_error("read", path)(e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn start_time_of_self_is_stable() {
+        let me = std::process::id() as i32;
+        let a = process_start_time(me).unwrap();
+        assert_eq!(a, process_start_time(me).unwrap());
+        assert!(process_start_time(i32::MAX).is_err());
+    }
+
+    #[test]
+    fn bad_configs_are_refused_with_reasons() {
+        let tmp = tempfile::tempdir().unwrap();
+        let missing = NsConfig::new(DataDir::new(tmp.path()), tmp.path().join("nope"));
+        assert!(
+            matches!(NsRuntime::new(missing), Err(RuntimeError::Config(m)) if m.contains("nope"))
+        );
+        let bin = std::env::current_exe().unwrap();
+        let colon = NsConfig::new(DataDir::new("/tmp/a:b"), bin.clone());
+        assert!(matches!(NsRuntime::new(colon), Err(RuntimeError::Config(m)) if m.contains("':'")));
+        let long = NsConfig::new(DataDir::new(format!("/tmp/{}", "x".repeat(80))), bin);
+        assert!(
+            matches!(NsRuntime::new(long), Err(RuntimeError::Config(m)) if m.contains("too long"))
+        );
+    }
+}
