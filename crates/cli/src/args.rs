@@ -12,6 +12,10 @@ pub struct Cli {
     #[arg(long, global = true, env = "CUBICLE_DATA_DIR", default_value = cubicle_core::DataDir::DEFAULT)]
     pub data_dir: PathBuf,
 
+    /// The `cubicle-agent` binary (default: next to this executable).
+    #[arg(long, global = true, env = "CUBICLE_AGENT_BIN")]
+    pub agent_bin: Option<PathBuf>,
+
     #[command(subcommand)]
     pub command: Command,
 }
@@ -21,6 +25,101 @@ pub enum Command {
     /// Build, list and remove templates.
     #[command(subcommand)]
     Tpl(TplCommand),
+    /// Create, inspect, use and kill sandboxes (directly through the runtime).
+    #[command(subcommand, alias = "sbx")]
+    Sandbox(SandboxCommand),
+    /// Measure performance (see docs/benchmarks.md).
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SandboxCommand {
+    /// Start a sandbox and print its id; it runs until killed.
+    Create(SandboxCreateArgs),
+    /// List running sandboxes.
+    #[command(alias = "list")]
+    Ls(JsonFlag),
+    /// Run a command in a sandbox, streaming its output; exits with its exit code.
+    Exec(SandboxExecArgs),
+    /// Kill sandboxes (killing one that is gone succeeds).
+    Kill(SandboxKillArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct SandboxCreateArgs {
+    /// Template to start from.
+    #[arg(long, short, default_value = "base")]
+    pub template: String,
+    /// CPU limit in whole CPUs.
+    #[arg(long, default_value_t = cubicle_core::Limits::default().cpu_count)]
+    pub cpu: u32,
+    /// Memory limit in MiB.
+    #[arg(long, default_value_t = cubicle_core::Limits::default().memory_mb)]
+    pub memory_mb: u64,
+    /// Process limit.
+    #[arg(long, default_value_t = cubicle_core::Limits::default().pids)]
+    pub pids: u32,
+    /// Environment variable for every process in the sandbox (repeatable).
+    #[arg(long = "env", short, value_name = "KEY=VALUE")]
+    pub env: Vec<String>,
+    /// Print JSON instead of the bare id.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct SandboxExecArgs {
+    /// The sandbox.
+    pub id: String,
+    /// User to run as.
+    #[arg(long, short)]
+    pub user: Option<String>,
+    /// Working directory.
+    #[arg(long)]
+    pub cwd: Option<String>,
+    /// Extra environment variable (repeatable).
+    #[arg(long = "env", short, value_name = "KEY=VALUE")]
+    pub env: Vec<String>,
+    /// Kill the command after this many seconds.
+    #[arg(long)]
+    pub timeout: Option<u64>,
+    /// The command line, run by `bash -l -c` like the E2B SDK's `commands.run`.
+    #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+    pub command: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct SandboxKillArgs {
+    /// Sandboxes to kill.
+    #[arg(required = true)]
+    pub ids: Vec<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Sandbox start latency of the ns runtime: create until the agent answers
+    /// /health, one at a time, next to peers started on the same rootfs.
+    NsCreate(BenchNsCreateArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct BenchNsCreateArgs {
+    /// Measured runs per contender.
+    #[arg(long, short, default_value_t = 100)]
+    pub runs: usize,
+    /// Warm-up runs per contender (not counted).
+    #[arg(long, short, default_value_t = 5)]
+    pub warmup: usize,
+    /// Template whose rootfs everyone starts.
+    #[arg(long, short, default_value = "base")]
+    pub template: String,
+    /// Peers to measure in the same run: crun, runc, bwrap (repeatable).
+    #[arg(long = "peer", value_name = "PEER")]
+    pub peers: Vec<String>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Subcommand)]

@@ -383,7 +383,7 @@ pub struct EntryInfo {
     /// Size in bytes.
     #[serde(with = "int64")]
     pub size: i64,
-    /// Mode bits (type and permissions, as `st_mode`).
+    /// Permission bits (`st_mode & 0o777`, of the target for a symlink), as envd sends them.
     pub mode: u32,
     /// `ls -l` style permissions, e.g. `-rw-r--r--`.
     pub permissions: String,

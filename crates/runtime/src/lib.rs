@@ -43,6 +43,8 @@ pub struct SandboxInfo {
     pub id: SandboxId,
     /// Host pid of its first process (the agent).
     pub pid: i32,
+    /// The template rootfs it runs on.
+    pub rootfs: PathBuf,
     /// The agent's envd socket on the host.
     pub agent_socket: PathBuf,
 }

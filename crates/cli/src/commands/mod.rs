@@ -1,15 +1,46 @@
 //! One module per subcommand.
 
+mod bench;
+mod sandbox;
 mod tpl;
 
+use std::path::PathBuf;
 use std::process::ExitCode;
+
+use anyhow::Context;
+use cubicle_core::DataDir;
+use cubicle_runtime::ns::{NsConfig, NsRuntime};
 
 use crate::args::{Cli, Command};
 
 /// Runs the parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    let data = cubicle_core::DataDir::new(&cli.data_dir);
+    let data = DataDir::new(&cli.data_dir);
+    let agent_bin = cli.agent_bin;
     match cli.command {
         Command::Tpl(cmd) => tpl::run(&data, cmd),
+        Command::Sandbox(cmd) => block_on(sandbox::run(&data, agent_bin, cmd)),
+        Command::Bench(cmd) => block_on(bench::run(&data, agent_bin, cmd)),
     }
+}
+
+fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+        .block_on(f)
+}
+
+/// The `ns` runtime for this data dir, with the agent binary found next to `cubicle`
+/// unless given.
+pub fn ns_runtime(data: &DataDir, agent_bin: Option<PathBuf>) -> anyhow::Result<NsRuntime> {
+    let agent_bin = match agent_bin {
+        Some(p) => p,
+        None => std::env::current_exe()
+            .context("locating the cubicle executable")?
+            .with_file_name("cubicle-agent"),
+    };
+    NsRuntime::new(NsConfig::new(data.clone(), agent_bin)).context("starting the ns runtime")
 }

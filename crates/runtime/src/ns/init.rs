@@ -219,8 +219,10 @@ fn redirect_stdio(stdin: &Path, log: Option<&Path>) -> io::Result<()> {
 }
 
 fn mount_overlay(spec: &InitSpec) -> io::Result<()> {
+    // userxattr: in a user namespace overlayfs cannot set trusted.* xattrs; without it
+    // removing a template directory fails with EIO and renaming any directory with EXDEV.
     let opts = format!(
-        "lowerdir={},upperdir={},workdir={}",
+        "lowerdir={},upperdir={},workdir={},userxattr",
         spec.lower.display(),
         spec.upper.display(),
         spec.work.display()

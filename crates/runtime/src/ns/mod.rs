@@ -83,6 +83,8 @@ const MAX_SOCKET_PATH: usize = 107;
 #[serde(rename_all = "camelCase")]
 struct RuntimeRecord {
     pid: i32,
+    /// The template rootfs the sandbox runs on (so templates in use are not deleted).
+    rootfs: PathBuf,
     /// Start time of `pid` in clock ticks since boot (`/proc/<pid>/stat` field 22), so a
     /// recycled pid is never mistaken for the sandbox.
     start_time: u64,
@@ -257,6 +259,7 @@ impl NsRuntime {
             self.cgroups.add_process(spec.id.as_str(), pid)?;
             let record = RuntimeRecord {
                 pid,
+                rootfs: spec.rootfs.clone(),
                 start_time: process_start_time(pid)
                     .map_err(io_error("read start time of", Path::new("/proc")))?,
             };
@@ -404,6 +407,7 @@ impl Runtime for NsRuntime {
                 Ok(SandboxInfo {
                     id: spec.id,
                     pid,
+                    rootfs: spec.rootfs,
                     agent_socket: paths.socket,
                 })
             }
@@ -445,6 +449,7 @@ impl Runtime for NsRuntime {
                 out.push(SandboxInfo {
                     id,
                     pid: record.pid,
+                    rootfs: record.rootfs,
                     agent_socket: paths.socket,
                 });
             }

@@ -1,0 +1,156 @@
+//! The agent's HTTP/1.1 server: accepts connections on the unix socket, authenticates
+//! requests and routes them to the services.
+
+use std::io;
+use std::path::Path;
+use std::sync::Arc;
+
+use cubicle_envd::connect::{Code, ConnectError};
+use cubicle_runtime::ns::message::{AGENT_SOCKET_NAME, SANDBOX_RUN_DIR};
+use cubicle_runtime::AgentConfig;
+use http::{Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::net::{UnixListener, UnixStream};
+
+use crate::auth;
+use crate::rpc::{self, Body};
+use crate::users::{Accounts, User, UserError};
+use crate::{files, filesystem, process, tunnel, watch};
+
+/// Shared state of the agent.
+#[derive(Debug)]
+pub struct Agent {
+    /// What the runtime configured.
+    pub config: AgentConfig,
+    /// The sandbox's account database.
+    pub accounts: Accounts,
+    /// Processes started through envd.
+    pub processes: process::Processes,
+    /// Polling watchers (`CreateWatcher` ...).
+    pub watchers: watch::Watchers,
+}
+
+impl Agent {
+    /// A fresh agent for `config`, with the sandbox's `/etc` as account database.
+    pub fn new(config: AgentConfig) -> Self {
+        Agent {
+            config,
+            accounts: Accounts::default(),
+            processes: process::Processes::default(),
+            watchers: watch::Watchers::default(),
+        }
+    }
+
+    /// Resolves the request's user (`None`: the default user).
+    pub fn user(&self, name: Option<&str>) -> Result<User, UserError> {
+        self.accounts
+            .user(name.unwrap_or(&self.config.default_user))
+    }
+
+    /// The user of an RPC. An unknown user is `unauthenticated`, as envd's Basic-auth
+    /// check answers.
+    pub fn rpc_user(&self, name: Option<&str>) -> Result<User, ConnectError> {
+        self.user(name).map_err(|e| match e {
+            UserError::Unknown(name) => {
+                ConnectError::new(Code::Unauthenticated, format!("invalid username: '{name}'"))
+            }
+            e @ UserError::Read { .. } => ConnectError::new(Code::Internal, e.to_string()),
+        })
+    }
+}
+
+/// Binds the agent socket in the sandbox, reports readiness to the runtime and serves.
+pub async fn run(config: AgentConfig) -> io::Result<()> {
+    let path = Path::new(SANDBOX_RUN_DIR).join(AGENT_SOCKET_NAME);
+    let _ = std::fs::remove_file(&path);
+    let listener = UnixListener::bind(&path)?;
+    let agent = Arc::new(Agent::new(config));
+    agent.processes.reaper().spawn()?;
+    cubicle_runtime::ns::init::report_ready()?;
+    tracing::info!(sandbox = %agent.config.sandbox_id, "agent ready");
+    serve(listener, agent).await
+}
+
+/// Serves connections from `listener` until it fails.
+pub async fn serve(listener: UnixListener, agent: Arc<Agent>) -> io::Result<()> {
+    loop {
+        let (stream, _) = listener.accept().await?;
+        let agent = agent.clone();
+        tokio::spawn(async move {
+            if let Err(e) = serve_connection(stream, agent).await {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+        });
+    }
+}
+
+async fn serve_connection(stream: UnixStream, agent: Arc<Agent>) -> Result<(), hyper::Error> {
+    // A peer outside our pid namespace (the host's runtime or daemon) shows pid 0.
+    let from_host = stream
+        .peer_cred()
+        .map(|c| c.pid() == Some(0))
+        .unwrap_or(false);
+    let service = service_fn(move |req| {
+        let agent = agent.clone();
+        async move { Ok::<_, std::convert::Infallible>(route(&agent, from_host, req).await) }
+    });
+    hyper::server::conn::http1::Builder::new()
+        .keep_alive(true)
+        .serve_connection(TokioIo::new(stream), service)
+        .with_upgrades()
+        .await
+}
+
+/// Dispatches one request.
+pub async fn route(agent: &Arc<Agent>, from_host: bool, req: Request<Incoming>) -> Response<Body> {
+    let path = req.uri().path().to_owned();
+    let method = req.method().clone();
+    tracing::debug!(%method, %path, "request");
+    if method == Method::CONNECT {
+        return if from_host {
+            tunnel::connect(req).await
+        } else {
+            rpc::http_error(StatusCode::FORBIDDEN, "tunnels are for the host only")
+        };
+    }
+    if method == Method::GET && path == "/health" {
+        return rpc::empty(StatusCode::NO_CONTENT);
+    }
+    // /files may authenticate with a URL signature instead of the token header.
+    if path == "/files" {
+        return match method {
+            Method::GET => files::download(agent, req).await,
+            Method::POST => files::upload(agent, req).await,
+            _ => rpc::http_error(StatusCode::METHOD_NOT_ALLOWED, "use GET or POST on /files"),
+        };
+    }
+    let token = agent.config.access_token.as_deref();
+    if !auth::token_ok(token, req.headers()) {
+        let err = ConnectError::new(Code::Unauthenticated, auth::AuthError::BadToken.to_string());
+        return if path.starts_with("/process.") || path.starts_with("/filesystem.") {
+            rpc::unary_err(&err)
+        } else {
+            rpc::http_error(StatusCode::UNAUTHORIZED, err.message)
+        };
+    }
+    match (method, path.as_str()) {
+        (Method::GET, "/envs") => rpc::json(StatusCode::OK, &agent.config.env_vars),
+        (Method::POST, p) if p.starts_with("/process.Process/") => {
+            process::rpc(agent, &p["/process.Process/".len()..], req).await
+        }
+        (Method::POST, p) if p.starts_with("/filesystem.Filesystem/") => {
+            filesystem::rpc(agent, &p["/filesystem.Filesystem/".len()..], req).await
+        }
+        (_, p) => rpc::http_error(StatusCode::NOT_FOUND, format!("no route for {p}")),
+    }
+}
+
+/// The error for an RPC method the service does not have.
+pub fn unknown_method(service: &str, method: &str) -> ConnectError {
+    ConnectError::new(
+        Code::Unimplemented,
+        format!("{service} has no method {method}"),
+    )
+}

@@ -1,0 +1,162 @@
+//! Create and destroy: bad input, failed creates that leave nothing behind, idempotent
+//! destroy, concurrent creates from a multi-threaded caller.
+
+mod support;
+
+use std::time::Duration;
+
+use cubicle_core::{ErrorKind, Limits};
+use cubicle_runtime::{Runtime, RuntimeError};
+use support::TestEnv;
+
+fn sandbox_dirs(env: &TestEnv) -> Vec<String> {
+    match std::fs::read_dir(env.data.path().join("sandboxes")) {
+        Ok(entries) => entries
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect(),
+        Err(_) => Vec::new(),
+    }
+}
+
+#[tokio::test]
+async fn bad_specs_are_refused_before_anything_is_created() {
+    let env = TestEnv::new();
+    let mut ids = Vec::new();
+
+    let mut spec = env.spec();
+    ids.push(spec.id.to_string());
+    spec.limits = Limits {
+        memory_mb: 1,
+        ..Limits::default()
+    };
+    let err = env.runtime.create(spec).await.unwrap_err();
+    assert!(
+        matches!(&err, RuntimeError::InvalidLimits(l) if l.field == "memoryMB"),
+        "{err:?}"
+    );
+    assert_eq!(err.kind(), ErrorKind::InvalidInput);
+
+    let mut spec = env.spec();
+    ids.push(spec.id.to_string());
+    spec.rootfs = "/nonexistent/template/rootfs".into();
+    let err = env.runtime.create(spec).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::NotFound, "{err:?}");
+
+    let mut spec = env.spec();
+    ids.push(spec.id.to_string());
+    spec.uid_shift = 0;
+    let err = env.runtime.create(spec).await.unwrap_err();
+    assert!(
+        matches!(err, RuntimeError::UidShiftMismatch { .. }),
+        "{err:?}"
+    );
+
+    let dirs = sandbox_dirs(&env);
+    let cgroups = env.runtime.cgroup_names().unwrap();
+    for id in &ids {
+        assert!(
+            !dirs.contains(id) && !cgroups.contains(id),
+            "{id} left behind"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_create_that_fails_inside_the_sandbox_leaves_nothing_behind() {
+    let env = TestEnv::new();
+    // A "template" without /proc: init fails at that step and says so.
+    let broken = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(broken.path().join("etc")).unwrap();
+    let mut spec = env.spec();
+    spec.rootfs = broken.path().to_owned();
+    let id = spec.id.clone();
+    let err = env.runtime.create(spec).await.unwrap_err();
+    match &err {
+        RuntimeError::Init { step, message } => {
+            assert_eq!(step, "mount /proc", "{message}");
+        }
+        other => panic!("expected an init failure, got {other:?}"),
+    }
+    assert!(!sandbox_dirs(&env).contains(&id.to_string()));
+    assert!(!env
+        .runtime
+        .cgroup_names()
+        .unwrap()
+        .contains(&id.to_string()));
+    assert!(env.runtime.list().await.unwrap().iter().all(|s| s.id != id));
+}
+
+#[tokio::test]
+async fn duplicate_ids_are_refused_and_destroy_is_idempotent() {
+    let env = TestEnv::new();
+    let sbx = env.create().await;
+    let mut dup = env.spec();
+    dup.id = sbx.id().clone();
+    let err = env.runtime.create(dup).await.unwrap_err();
+    assert!(matches!(err, RuntimeError::AlreadyExists(_)), "{err:?}");
+    // The original is untouched by the refused duplicate.
+    assert_eq!(sbx.client.health().await.unwrap(), 204);
+
+    let listed = env.runtime.list().await.unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].id, *sbx.id());
+    assert_eq!(listed[0].pid, sbx.info.pid);
+
+    let id = sbx.id().clone();
+    env.runtime.destroy(&id).await.unwrap();
+    env.runtime.destroy(&id).await.unwrap();
+    assert!(env.runtime.list().await.unwrap().is_empty());
+    assert!(sandbox_dirs(&env).is_empty());
+    assert!(sbx.client.health().await.is_err(), "agent socket gone");
+    // The sandbox's cgroup is gone too.
+    assert!(!env
+        .runtime
+        .cgroup_names()
+        .unwrap()
+        .contains(&id.to_string()));
+}
+
+#[tokio::test]
+async fn destroy_works_from_a_runtime_that_did_not_create_the_sandbox() {
+    // The CLI creates in one process and kills from another: the runtime must find the
+    // sandbox through its on-disk record.
+    let env = TestEnv::new();
+    let sbx = env.create().await;
+    let other = cubicle_runtime::ns::NsRuntime::new({
+        let mut c = cubicle_runtime::ns::NsConfig::new(
+            cubicle_core::DataDir::new(env.data.path()),
+            env!("CARGO_BIN_EXE_cubicle-agent").into(),
+        );
+        c.cgroup_parent = "cubicle-test".into();
+        c
+    })
+    .unwrap();
+    assert_eq!(other.list().await.unwrap().len(), 1);
+    other.destroy(sbx.id()).await.unwrap();
+    assert!(other.list().await.unwrap().is_empty());
+    assert!(sbx.client.health().await.is_err());
+}
+
+/// Regression: the raw clone used glibc's set*id wrappers in the child, which broadcast
+/// to the parent's threads and could hang when the caller is multi-threaded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_creates_from_a_multithreaded_caller_never_hang() {
+    let env = TestEnv::new();
+    let mut tasks = Vec::new();
+    for _ in 0..24 {
+        let runtime = env.runtime.clone();
+        let spec = env.spec();
+        tasks.push(tokio::spawn(async move {
+            let id = spec.id.clone();
+            tokio::time::timeout(Duration::from_secs(20), runtime.create(spec))
+                .await
+                .expect("create finished")
+                .expect("create succeeded");
+            runtime.destroy(&id).await.expect("destroy");
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert!(sandbox_dirs(&env).is_empty());
+}

@@ -1,0 +1,12 @@
+//! Cubicle's benchmarks, shaped like Cloud Hypervisor's `performance-metrics`: each
+//! scenario measures Cubicle and, in the same run and on the same rootfs, the peers a
+//! user could pick instead, and reports the same statistics for all.
+//!
+//! Timings are wall-clock and noisy on shared machines: compare medians and ratios
+//! within one run, never against numbers from another machine.
+
+#![warn(missing_docs)]
+
+pub mod ns_create;
+pub mod peers;
+pub mod stats;
