@@ -87,6 +87,73 @@ async fn a_create_that_fails_inside_the_sandbox_leaves_nothing_behind() {
 }
 
 #[tokio::test]
+async fn every_sandbox_process_is_in_the_sandbox_cgroup_with_its_limits() {
+    let env = TestEnv::new();
+    let mut spec = env.spec();
+    spec.limits = Limits {
+        cpu_count: 1,
+        memory_mb: 300,
+        pids: 77,
+    };
+    let sbx = env.create_spec(spec).await.unwrap();
+    let out = sbx.sh("sleep 30 >/dev/null 2>&1 & echo $!").await;
+    let inner_pid = out.stdout_text().trim().to_owned();
+    assert!(!inner_pid.is_empty());
+    // Host view: the agent and everything it starts sit in <parent>/<id> in every
+    // controller the runtime uses (joined by the child itself on cgroup v1).
+    let procs = std::fs::read_to_string(env.runtime.cgroup_file(sbx.id(), "cgroup.procs")).unwrap();
+    let pids: Vec<&str> = procs.lines().collect();
+    assert!(
+        pids.contains(&sbx.info.pid.to_string().as_str()),
+        "agent not in cgroup: {pids:?}"
+    );
+    assert!(
+        pids.len() >= 2,
+        "the user process is not in the cgroup: {pids:?}"
+    );
+    let cgroup = std::fs::read_to_string(format!("/proc/{}/cgroup", sbx.info.pid)).unwrap();
+    let wanted = format!("/cubicle-test/{}", sbx.id());
+    if env.runtime.cgroup_version() == "v1" {
+        for controller in ["memory", "cpu", "pids", "freezer"] {
+            assert!(
+                cgroup.lines().any(|l| l
+                    .split(':')
+                    .nth(1)
+                    .is_some_and(|c| c.split(',').any(|c| c == controller))
+                    && l.ends_with(&wanted)),
+                "{controller} not joined: {cgroup}"
+            );
+        }
+    } else {
+        assert!(
+            cgroup
+                .lines()
+                .any(|l| l.starts_with("0::") && l.ends_with(&wanted)),
+            "{cgroup}"
+        );
+    }
+    let read = |f: &str| std::fs::read_to_string(env.runtime.cgroup_file(sbx.id(), f)).unwrap();
+    assert_eq!(read("pids.max").trim(), "77");
+    if env.runtime.cgroup_version() == "v1" {
+        assert_eq!(
+            read("memory.limit_in_bytes").trim(),
+            (300u64 << 20).to_string()
+        );
+        assert_eq!(read("cpu.cfs_quota_us").trim(), "100000");
+    } else {
+        assert_eq!(read("memory.max").trim(), (300u64 << 20).to_string());
+    }
+    // Inside, the cgroup namespace makes the sandbox's cgroup look like the root.
+    assert_eq!(
+        sbx.sh("cat /proc/self/cgroup | grep -c ':/$'")
+            .await
+            .stdout_text()
+            .trim(),
+        cgroup.lines().count().to_string()
+    );
+}
+
+#[tokio::test]
 async fn duplicate_ids_are_refused_and_destroy_is_idempotent() {
     let env = TestEnv::new();
     let sbx = env.create().await;

@@ -106,7 +106,7 @@ pub enum BenchCommand {
 #[derive(Debug, Args)]
 pub struct BenchNsCreateArgs {
     /// Measured runs per contender.
-    #[arg(long, short, default_value_t = 100)]
+    #[arg(long = "runs", short = 'n', default_value_t = 100)]
     pub runs: usize,
     /// Warm-up runs per contender (not counted).
     #[arg(long, short, default_value_t = 5)]

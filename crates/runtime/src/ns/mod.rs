@@ -241,9 +241,19 @@ impl NsRuntime {
     ) -> Result<(i32, OwnedFd), (RuntimeError, Option<OwnedFd>)> {
         let (mut host, child) =
             StdUnixStream::pair().map_err(|e| (spawn_error("create the sync socket")(e), None))?;
+        let join = self.cgroups.join(spec.id.as_str());
+        let self_join = match &join {
+            cgroup::Join::SelfJoin(files) => files.as_slice(),
+            cgroup::Join::RuntimeWrites => &[],
+        };
         let (pid, pidfd) = {
-            let exec = sys::ChildExec::new(&self.config.agent_bin, &["cubicle-agent", "init"], &[])
-                .map_err(|e| (spawn_error("prepare execve")(e), None))?;
+            let exec = sys::ChildExec::new(
+                &self.config.agent_bin,
+                &["cubicle-agent", "init"],
+                &[],
+                self_join,
+            )
+            .map_err(|e| (spawn_error("prepare execve")(e), None))?;
             sys::clone_into_namespaces(CLONE_FLAGS, child.as_raw_fd(), &exec)
                 .map_err(|e| (spawn_error("clone into new namespaces")(e), None))?
         };
@@ -256,7 +266,9 @@ impl NsRuntime {
                 std::fs::write(&path, &map).map_err(io_error("write", &path))?;
             }
             shield_from_oom_killer(pid);
-            self.cgroups.add_process(spec.id.as_str(), pid)?;
+            if join == cgroup::Join::RuntimeWrites {
+                self.cgroups.add_process(spec.id.as_str(), pid)?;
+            }
             let record = RuntimeRecord {
                 pid,
                 rootfs: spec.rootfs.clone(),

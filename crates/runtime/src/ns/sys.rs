@@ -26,11 +26,19 @@ pub struct ChildExec {
     argv_ptrs: Vec<*const libc::c_char>,
     _envp: Vec<CString>,
     envp_ptrs: Vec<*const libc::c_char>,
+    /// cgroup `tasks` files the child writes `0` into (joins) before dropping to root of
+    /// its user namespace.
+    join: Vec<CString>,
 }
 
 impl ChildExec {
-    /// Prepares `execve(path, argv, envp)`.
-    pub fn new(path: &std::path::Path, argv: &[&str], envp: &[String]) -> io::Result<Self> {
+    /// Prepares `execve(path, argv, envp)`, after joining the cgroups of `join`.
+    pub fn new(
+        path: &std::path::Path,
+        argv: &[&str],
+        envp: &[String],
+        join: &[std::path::PathBuf],
+    ) -> io::Result<Self> {
         use std::os::unix::ffi::OsStrExt;
         let to_c = |s: &[u8]| {
             CString::new(s).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL byte"))
@@ -44,6 +52,10 @@ impl ChildExec {
             .iter()
             .map(|a| to_c(a.as_bytes()))
             .collect::<io::Result<_>>()?;
+        let join = join
+            .iter()
+            .map(|p| to_c(p.as_os_str().as_bytes()))
+            .collect::<io::Result<_>>()?;
         let mut argv_ptrs: Vec<_> = argv.iter().map(|a| a.as_ptr()).collect();
         argv_ptrs.push(std::ptr::null());
         let mut envp_ptrs: Vec<_> = envp.iter().map(|a| a.as_ptr()).collect();
@@ -54,6 +66,7 @@ impl ChildExec {
             argv_ptrs,
             _envp: envp,
             envp_ptrs,
+            join,
         })
     }
 }
@@ -71,6 +84,8 @@ pub mod child_exit {
     pub const DUP: i32 = 123;
     /// `execve` of the agent failed.
     pub const EXEC: i32 = 124;
+    /// Joining the sandbox's cgroup failed.
+    pub const CGROUP: i32 = 125;
 
     /// The step a child exit code stands for.
     pub fn step(code: i32) -> Option<&'static str> {
@@ -80,6 +95,7 @@ pub mod child_exit {
             SETUID => "become uid 0 in the user namespace",
             DUP => "move the sync socket to fd 3",
             EXEC => "execute the agent binary",
+            CGROUP => "join the sandbox's cgroup",
             _ => return None,
         })
     }
@@ -139,6 +155,14 @@ unsafe fn child_main(sync_fd: RawFd, exec: &ChildExec) -> ! {
                 continue;
             }
             libc::_exit(child_exit::NO_GO);
+        }
+        // Still host root (kuid 0) here, so the host's cgroup files are writable.
+        for tasks in &exec.join {
+            let fd = libc::open(tasks.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+            if fd < 0 || libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                libc::_exit(child_exit::CGROUP);
+            }
+            libc::close(fd);
         }
         // Raw syscalls, not glibc's wrappers: those broadcast set*id to every thread glibc
         // believes exists, and after a raw clone that list is the parent's (deadlock).

@@ -57,12 +57,26 @@ impl CgroupError {
     }
 }
 
+/// How a sandbox's first process enters its cgroup.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Join {
+    /// The process writes `0` into each of these `tasks` files itself, before it drops
+    /// to the sandbox's uid (cgroup v1). A task moving itself through `tasks` skips the
+    /// kernel's global threadgroup lock, whose RCU grace period otherwise adds
+    /// milliseconds whenever other cgroup churn let it go idle.
+    SelfJoin(Vec<PathBuf>),
+    /// The runtime writes the pid into `cgroup.procs` ([`CgroupManager::add_process`]).
+    RuntimeWrites,
+}
+
 /// Creates, fills and removes sandbox cgroups.
 pub trait CgroupManager: Send + Sync + Debug {
     /// `"v1"` or `"v2"`.
     fn version(&self) -> &'static str;
     /// Creates the cgroup `name` and applies `limits`. An existing cgroup is reused.
     fn create(&self, name: &str, limits: &Limits) -> Result<(), CgroupError>;
+    /// How the first process of cgroup `name` joins it.
+    fn join(&self, name: &str) -> Join;
     /// Moves process `pid` into the cgroup.
     fn add_process(&self, name: &str, pid: libc::pid_t) -> Result<(), CgroupError>;
     /// The pids in the cgroup (empty when it does not exist).

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use cubicle_core::Limits;
 
 use super::{
-    list_dirs, make_dir, read_pids, remove_dir, write_file, CgroupError, CgroupManager,
+    list_dirs, make_dir, read_pids, remove_dir, write_file, CgroupError, CgroupManager, Join,
     CPU_PERIOD_US,
 };
 
@@ -78,6 +78,10 @@ impl CgroupManager for CgroupV1 {
         )?;
         write_file(&pids.join("pids.max"), &limits.pids.to_string())?;
         Ok(())
+    }
+
+    fn join(&self, name: &str) -> Join {
+        Join::SelfJoin(self.dirs(name).iter().map(|d| d.join("tasks")).collect())
     }
 
     fn add_process(&self, name: &str, pid: libc::pid_t) -> Result<(), CgroupError> {

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use cubicle_core::Limits;
 
 use super::{
-    list_dirs, make_dir, read_pids, remove_dir, write_file, CgroupError, CgroupManager,
+    list_dirs, make_dir, read_pids, remove_dir, write_file, CgroupError, CgroupManager, Join,
     CPU_PERIOD_US,
 };
 
@@ -85,6 +85,12 @@ impl CgroupManager for CgroupV2 {
         )?;
         write_file(&dir.join("pids.max"), &limits.pids.to_string())?;
         Ok(())
+    }
+
+    fn join(&self, _name: &str) -> Join {
+        // Writing "0" to cgroup.procs would still take the global lock in v2; the
+        // runtime writes the pid instead.
+        Join::RuntimeWrites
     }
 
     fn add_process(&self, name: &str, pid: libc::pid_t) -> Result<(), CgroupError> {
