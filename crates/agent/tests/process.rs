@@ -16,15 +16,7 @@ use cubicle_envd::proto::{
 use support::{Sandbox, TestEnv};
 
 fn bash(cmd: &str) -> StartRequest {
-    StartRequest {
-        process: ProcessConfig {
-            cmd: "/bin/bash".into(),
-            args: vec!["-l".into(), "-c".into(), cmd.into()],
-            ..Default::default()
-        },
-        stdin: Some(false),
-        ..Default::default()
-    }
+    StartRequest::shell(cmd)
 }
 
 async fn start(sbx: &Sandbox, req: &StartRequest) -> (u32, ServerStream<ProcessStreamMessage>) {

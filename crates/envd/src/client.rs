@@ -19,7 +19,7 @@ use crate::connect::{
     self, CodecError, ConnectError, EndStream, EnvelopeDecoder, CONTENT_TYPE_STREAM,
     CONTENT_TYPE_UNARY,
 };
-use crate::proto::{DataEvent, ProcessConfig, ProcessEvent, ProcessStreamMessage, StartRequest};
+use crate::proto::{DataEvent, ProcessEvent, ProcessStreamMessage, StartRequest};
 
 /// Why a client call failed.
 #[derive(Debug, thiserror::Error)]
@@ -223,17 +223,29 @@ impl EnvdClient {
 
     /// Runs `bash -l -c <cmd>` to completion, like the SDK's `commands.run`.
     pub async fn run(&self, cmd: &str, user: Option<&str>) -> Result<CommandOutput, ClientError> {
-        let req = StartRequest {
-            process: ProcessConfig {
-                cmd: "/bin/bash".into(),
-                args: vec!["-l".into(), "-c".into(), cmd.into()],
-                ..Default::default()
-            },
-            stdin: Some(false),
-            ..Default::default()
-        };
-        let stream = self.start(&req, user, None).await?;
+        let stream = self.start(&StartRequest::shell(cmd), user, None).await?;
         stream.collect_output().await
+    }
+
+    /// Opens a TCP byte stream to `port` inside the sandbox (`CONNECT 127.0.0.1:<port>`
+    /// through the agent). Only callers outside the sandbox may do this.
+    pub async fn tunnel(
+        &self,
+        port: u16,
+    ) -> Result<TokioIo<hyper::upgrade::Upgraded>, ClientError> {
+        let req = Request::connect(format!("127.0.0.1:{port}"))
+            .body(Full::default())
+            .expect("valid request");
+        let resp = self.send(req).await?;
+        let status = resp.status();
+        if status != StatusCode::OK {
+            let body = resp.into_body().collect().await?.to_bytes();
+            return Err(ClientError::Status {
+                status,
+                body: String::from_utf8_lossy(&body).into_owned(),
+            });
+        }
+        Ok(TokioIo::new(hyper::upgrade::on(resp).await?))
     }
 }
 

@@ -2,8 +2,8 @@
 //! side (client): message types ([`proto`]), the Connect JSON codec ([`connect`]) and a
 //! client over the agent's unix socket ([`client`]).
 //!
-//! The protocol is E2B's: `../shared/e2b-compat.md` §3 in the project's working notes,
-//! `docs/envd.md` in this repository.
+//! The protocol is E2B's envd; `docs/envd.md` lists what Cubicle implements and where it
+//! deliberately differs.
 
 #![warn(missing_docs)]
 

@@ -132,6 +132,22 @@ pub struct StartRequest {
     pub stdin: Option<bool>,
 }
 
+impl StartRequest {
+    /// `/bin/bash -l -c <command>` without stdin: what the E2B SDK's `commands.run`
+    /// sends.
+    pub fn shell(command: impl Into<String>) -> Self {
+        StartRequest {
+            process: ProcessConfig {
+                cmd: "/bin/bash".into(),
+                args: vec!["-l".into(), "-c".into(), command.into()],
+                ..Default::default()
+            },
+            stdin: Some(false),
+            ..Default::default()
+        }
+    }
+}
+
 /// One event of a process stream.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]

@@ -9,7 +9,7 @@ use cubicle_core::ErrorKind;
 #[derive(Debug, thiserror::Error)]
 pub enum TemplateError {
     /// No template of this name is installed.
-    #[error("template '{name}' is not built; run `cubicle tpl build {name}`")]
+    #[error("template '{name}' {}", not_found_advice(.name))]
     NotFound {
         /// The template asked for.
         name: String,
@@ -171,6 +171,15 @@ impl<T> IoContext<T> for io::Result<T> {
     }
 }
 
+/// What to do about a missing template: build it if it is a built-in recipe.
+fn not_found_advice(name: &str) -> String {
+    if crate::recipe::Recipe::builtin(name).is_ok() {
+        format!("is not built; run `cubicle tpl build {name}`")
+    } else {
+        "does not exist; `cubicle tpl ls` lists the built templates".into()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -198,6 +207,13 @@ mod tests {
         assert_eq!(
             errors[0].to_string(),
             "template 'base' is not built; run `cubicle tpl build base`"
+        );
+        let unknown = TemplateError::NotFound {
+            name: "nope".into(),
+        };
+        assert_eq!(
+            unknown.to_string(),
+            "template 'nope' does not exist; `cubicle tpl ls` lists the built templates"
         );
         assert!(errors[2]
             .to_string()

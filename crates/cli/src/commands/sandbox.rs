@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use cubicle_core::{DataDir, Limits, SandboxId, TemplateName};
 use cubicle_envd::client::EnvdClient;
-use cubicle_envd::proto::{DataEvent, ProcessConfig, ProcessEvent, StartRequest};
+use cubicle_envd::proto::{DataEvent, ProcessEvent, StartRequest};
 use cubicle_runtime::{AgentConfig, Runtime, SandboxSpec};
 use cubicle_template::TemplateStore;
 
@@ -92,16 +92,9 @@ async fn exec(
         bail!("sandbox {id} is not running");
     };
     let client = EnvdClient::new(&info.agent_socket);
-    let request = StartRequest {
-        process: ProcessConfig {
-            cmd: "/bin/bash".into(),
-            args: vec!["-l".into(), "-c".into(), args.command.join(" ")],
-            envs: parse_env(&args.env)?,
-            cwd: args.cwd,
-        },
-        stdin: Some(false),
-        ..Default::default()
-    };
+    let mut request = StartRequest::shell(args.command.join(" "));
+    request.process.envs = parse_env(&args.env)?;
+    request.process.cwd = args.cwd;
     let timeout = args.timeout.map(Duration::from_secs);
     let mut stream = client
         .start(&request, args.user.as_deref(), timeout)
