@@ -1,6 +1,7 @@
 //! Cubicle's shared vocabulary, used by every other crate: validated identifiers
 //! ([`SandboxId`], [`TemplateName`]), resource [`Limits`], the coarse [`ErrorKind`]
-//! every module error reports, and the on-disk [`DataDir`] layout.
+//! every module error reports, the on-disk [`DataDir`] layout and the sandbox lifecycle
+//! ([`SandboxState`]).
 //!
 //! This crate has no I/O and no heavy dependencies on purpose.
 
@@ -8,11 +9,13 @@ mod error;
 mod id;
 mod layout;
 mod limits;
+mod state;
 
 pub use error::ErrorKind;
 pub use id::{IdError, SandboxId, TemplateName};
 pub use layout::DataDir;
 pub use limits::{Limits, LimitsError};
+pub use state::{SandboxState, UnknownState};
 
 /// How sandbox user ids map onto host user ids.
 ///
