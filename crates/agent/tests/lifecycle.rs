@@ -143,6 +143,21 @@ async fn every_sandbox_process_is_in_the_sandbox_cgroup_with_its_limits() {
     } else {
         assert_eq!(read("memory.max").trim(), (300u64 << 20).to_string());
     }
+    // Stats come from the same cgroup and the sandbox's own layer.
+    let before = env.runtime.stats(sbx.id()).await.unwrap();
+    assert_eq!(before.memory_limit_bytes, 300 << 20);
+    assert!(
+        before.pids >= 2 && before.cpu_usage_ns > 0 && before.memory_bytes > 0,
+        "{before:?}"
+    );
+    sbx.sh("head -c 3000000 /dev/urandom > /home/user/blob")
+        .await;
+    let after = env.runtime.stats(sbx.id()).await.unwrap();
+    assert!(
+        after.disk_used_bytes >= before.disk_used_bytes + 3_000_000,
+        "{before:?} {after:?}"
+    );
+    assert!(after.cpu_usage_ns > before.cpu_usage_ns);
     // Inside, the cgroup namespace makes the sandbox's cgroup look like the root.
     assert_eq!(
         sbx.sh("cat /proc/self/cgroup | grep -c ':/$'")

@@ -49,6 +49,24 @@ pub struct SandboxInfo {
     pub agent_socket: PathBuf,
 }
 
+/// Resource usage of a running sandbox.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SandboxStats {
+    /// CPU time used since start, nanoseconds.
+    pub cpu_usage_ns: u64,
+    /// Memory in use (including page cache), bytes.
+    pub memory_bytes: u64,
+    /// Memory limit, bytes.
+    pub memory_limit_bytes: u64,
+    /// Page cache part of `memory_bytes`.
+    pub memory_cache_bytes: u64,
+    /// Bytes the sandbox has written to its own filesystem layer.
+    pub disk_used_bytes: u64,
+    /// Tasks (processes and threads) now.
+    pub pids: u64,
+}
+
 /// Why a runtime operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
@@ -145,4 +163,7 @@ pub trait Runtime: Send + Sync + std::fmt::Debug {
 
     /// The sandboxes that run now.
     async fn list(&self) -> Result<Vec<SandboxInfo>, RuntimeError>;
+
+    /// Current resource usage of a running sandbox.
+    async fn stats(&self, id: &SandboxId) -> Result<SandboxStats, RuntimeError>;
 }

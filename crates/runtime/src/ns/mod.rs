@@ -36,7 +36,7 @@ use cubicle_core::{uid_map, DataDir, SandboxId};
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncReadExt;
 
-use crate::{Runtime, RuntimeError, SandboxInfo, SandboxSpec};
+use crate::{Runtime, RuntimeError, SandboxInfo, SandboxSpec, SandboxStats};
 use cgroup::CgroupManager;
 use message::{FromInit, InitSpec, ToInit, AGENT_SOCKET_NAME};
 
@@ -469,6 +469,49 @@ impl Runtime for NsRuntime {
         out.sort_by(|a, b| a.id.cmp(&b.id));
         Ok(out)
     }
+
+    async fn stats(&self, id: &SandboxId) -> Result<SandboxStats, RuntimeError> {
+        let paths = SandboxPaths::new(&self.config.data_dir, id);
+        if !paths.dir.is_dir() {
+            return Err(RuntimeError::NotFound(id.clone()));
+        }
+        let cg = self.cgroups.stats(id.as_str())?;
+        let upper = paths.upper.clone();
+        let disk_used_bytes = tokio::task::spawn_blocking(move || disk_usage(&upper))
+            .await
+            .unwrap_or(0);
+        Ok(SandboxStats {
+            cpu_usage_ns: cg.cpu_usage_ns,
+            memory_bytes: cg.memory_bytes,
+            memory_limit_bytes: cg.memory_limit_bytes,
+            memory_cache_bytes: cg.memory_cache_bytes,
+            disk_used_bytes,
+            pids: cg.pids,
+        })
+    }
+}
+
+/// Allocated bytes under `dir` (each inode once; symlinks not followed).
+fn disk_usage(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let mut total = 0;
+    let mut seen = std::collections::HashSet::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let Ok(md) = entry.metadata() else { continue };
+            if seen.insert((md.dev(), md.ino())) {
+                total += md.blocks() * 512;
+            }
+            if md.is_dir() {
+                stack.push(entry.path());
+            }
+        }
+    }
+    total
 }
 
 /// Makes the sandbox's first process (the agent) exempt from the OOM killer when the
@@ -569,6 +612,17 @@ fn read_record(path: &Path) -> Result<Option<RuntimeRecord>, RuntimeError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn disk_usage_counts_each_inode_once() {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::write(tmp.path().join("a"), vec![1u8; 64 * 1024]).unwrap();
+        std::fs::create_dir(tmp.path().join("d")).unwrap();
+        std::fs::hard_link(tmp.path().join("a"), tmp.path().join("d/b")).unwrap();
+        let used = disk_usage(tmp.path());
+        assert!((64 * 1024..64 * 1024 + 16 * 1024).contains(&used), "{used}");
+        assert_eq!(disk_usage(&tmp.path().join("missing")), 0);
+    }
 
     #[test]
     fn start_time_of_self_is_stable() {

@@ -89,6 +89,23 @@ pub trait CgroupManager: Send + Sync + Debug {
     /// Where the controller file `file` (e.g. `pids.events`, `memory.max`) of cgroup
     /// `name` is, whatever the layout.
     fn file(&self, name: &str, file: &str) -> PathBuf;
+    /// Resource usage of cgroup `name`.
+    fn stats(&self, name: &str) -> Result<CgroupStats, CgroupError>;
+}
+
+/// Resource usage of one sandbox's cgroup.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CgroupStats {
+    /// CPU time used, in nanoseconds, since the cgroup was created.
+    pub cpu_usage_ns: u64,
+    /// Memory charged now (including page cache), bytes.
+    pub memory_bytes: u64,
+    /// The memory limit, bytes.
+    pub memory_limit_bytes: u64,
+    /// Page cache part of `memory_bytes`.
+    pub memory_cache_bytes: u64,
+    /// Tasks now.
+    pub pids: u64,
 }
 
 /// Picks the cgroup layout of this host; sandbox cgroups go under `parent`.
@@ -113,18 +130,29 @@ pub fn detect(parent: &str) -> Result<Box<dyn CgroupManager>, CgroupError> {
             .find(|m| m.fstype == "cgroup" && m.super_options.split(',').any(|o| o == controller))
             .map(|m| m.mount_point.clone())
     };
-    match (v1("memory"), v1("cpu"), v1("pids"), v1("freezer")) {
-        (Some(memory), Some(cpu), Some(pids), Some(freezer)) => Ok(Box::new(CgroupV1::new(
-            v1::Mounts {
-                memory,
-                cpu,
-                pids,
-                freezer,
-            },
-            parent,
-        ))),
+    match (
+        v1("memory"),
+        v1("cpu"),
+        v1("cpuacct"),
+        v1("pids"),
+        v1("freezer"),
+    ) {
+        (Some(memory), Some(cpu), Some(cpuacct), Some(pids), Some(freezer)) => {
+            Ok(Box::new(CgroupV1::new(
+                v1::Mounts {
+                    memory,
+                    cpu,
+                    cpuacct,
+                    pids,
+                    freezer,
+                },
+                parent,
+            )))
+        }
         _ => Err(CgroupError::NoControllers(
-            "need memory, cpu and pids in cgroup v2, or memory, cpu, pids and freezer in v1".into(),
+            "need memory, cpu and pids in cgroup v2, or memory, cpu, cpuacct, pids and freezer \
+             in v1"
+                .into(),
         )),
     }
 }
@@ -246,6 +274,39 @@ fn list_dirs(parent: &Path) -> Result<Vec<String>, CgroupError> {
     Ok(names)
 }
 
+fn read_text(path: &Path) -> Result<String, CgroupError> {
+    std::fs::read_to_string(path).map_err(|source| CgroupError::Io {
+        op: "read",
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// A number from a one-value cgroup file (`max` reads as `u64::MAX`).
+fn read_u64(path: &Path) -> Result<u64, CgroupError> {
+    let text = read_text(path)?;
+    let text = text.trim();
+    if text == "max" {
+        return Ok(u64::MAX);
+    }
+    text.parse().map_err(|_| CgroupError::Io {
+        op: "parse",
+        path: path.to_owned(),
+        source: io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("not a number: {text:?}"),
+        ),
+    })
+}
+
+/// `key value` lines as in `memory.stat` and `cpu.stat`.
+fn stat_field(text: &str, key: &str) -> Option<u64> {
+    text.lines().find_map(|l| {
+        let (k, v) = l.split_once(' ')?;
+        (k == key).then(|| v.trim().parse().ok()).flatten()
+    })
+}
+
 /// The CFS period used for CPU limits (100 ms, the kernel default).
 const CPU_PERIOD_US: u64 = 100_000;
 
@@ -278,6 +339,22 @@ mod tests {
             mounts[5].mount_point,
             Path::new("/sys/fs/cgroup/with space")
         );
+    }
+
+    #[test]
+    fn stat_files() {
+        let text = "cache 4096\nrss 100\ntotal_cache 8192\n";
+        assert_eq!(stat_field(text, "cache"), Some(4096));
+        assert_eq!(stat_field(text, "total_cache"), Some(8192));
+        assert_eq!(stat_field(text, "swap"), None);
+        let tmp = tempfile::tempdir().unwrap();
+        let f = tmp.path().join("x");
+        std::fs::write(&f, "max\n").unwrap();
+        assert_eq!(read_u64(&f).unwrap(), u64::MAX);
+        std::fs::write(&f, "123\n").unwrap();
+        assert_eq!(read_u64(&f).unwrap(), 123);
+        std::fs::write(&f, "x").unwrap();
+        assert!(read_u64(&f).is_err());
     }
 
     #[test]

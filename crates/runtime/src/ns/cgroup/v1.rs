@@ -1,12 +1,12 @@
 //! cgroup v1: one hierarchy per controller.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use cubicle_core::Limits;
 
 use super::{
-    list_dirs, make_dir, read_pids, remove_dir, write_file, CgroupError, CgroupManager, Join,
-    CPU_PERIOD_US,
+    list_dirs, make_dir, read_pids, read_text, read_u64, remove_dir, stat_field, write_file,
+    CgroupError, CgroupManager, CgroupStats, Join, CPU_PERIOD_US,
 };
 
 /// Mount points of the v1 controllers sandboxes use.
@@ -16,6 +16,8 @@ pub struct Mounts {
     pub memory: PathBuf,
     /// `cpu` controller (often co-mounted with cpuacct).
     pub cpu: PathBuf,
+    /// `cpuacct` controller (CPU usage accounting; may be the same mount as `cpu`).
+    pub cpuacct: PathBuf,
     /// `pids` controller.
     pub pids: PathBuf,
     /// `freezer` controller (pause/resume).
@@ -38,14 +40,31 @@ impl CgroupV1 {
         }
     }
 
-    fn dirs(&self, name: &str) -> [PathBuf; 4] {
-        [
-            &self.mounts.memory,
-            &self.mounts.cpu,
-            &self.mounts.pids,
-            &self.mounts.freezer,
-        ]
-        .map(|m| m.join(&self.parent).join(name))
+    /// The distinct hierarchies (co-mounted controllers share one).
+    fn hierarchies(&self) -> Vec<&PathBuf> {
+        let m = &self.mounts;
+        let mut all = vec![&m.memory, &m.cpu, &m.cpuacct, &m.pids, &m.freezer];
+        all.dedup_by(|a, b| a == b);
+        let mut distinct: Vec<&PathBuf> = Vec::new();
+        for h in all {
+            if !distinct.contains(&h) {
+                distinct.push(h);
+            }
+        }
+        distinct
+    }
+
+    /// The sandbox's directory in every hierarchy.
+    fn dirs(&self, name: &str) -> Vec<PathBuf> {
+        self.hierarchies()
+            .into_iter()
+            .map(|m| m.join(&self.parent).join(name))
+            .collect()
+    }
+
+    /// The sandbox's directory in the hierarchy of `controller`.
+    fn dir(&self, controller: &Path, name: &str) -> PathBuf {
+        controller.join(&self.parent).join(name)
     }
 }
 
@@ -59,7 +78,12 @@ impl CgroupManager for CgroupV1 {
             make_dir(dir.parent().expect("joined path has a parent"))?;
             make_dir(&dir)?;
         }
-        let [memory, cpu, pids, _freezer] = self.dirs(name);
+        let m = &self.mounts;
+        let (memory, cpu, pids) = (
+            self.dir(&m.memory, name),
+            self.dir(&m.cpu, name),
+            self.dir(&m.pids, name),
+        );
         let bytes = limits.memory_bytes().to_string();
         write_file(&memory.join("memory.limit_in_bytes"), &bytes)?;
         // Swap off: memory+swap may not exceed memory (only present with swap accounting).
@@ -110,12 +134,7 @@ impl CgroupManager for CgroupV1 {
 
     fn list(&self) -> Result<Vec<String>, CgroupError> {
         let mut names = Vec::new();
-        for m in [
-            &self.mounts.memory,
-            &self.mounts.cpu,
-            &self.mounts.pids,
-            &self.mounts.freezer,
-        ] {
+        for m in self.hierarchies() {
             names.extend(list_dirs(&m.join(&self.parent))?);
         }
         names.sort();
@@ -124,14 +143,28 @@ impl CgroupManager for CgroupV1 {
     }
 
     fn file(&self, name: &str, file: &str) -> PathBuf {
-        let [memory, cpu, pids, freezer] = self.dirs(name);
-        let dir = match file.split('.').next() {
-            Some("memory") => memory,
-            Some("cpu") => cpu,
-            Some("freezer") => freezer,
-            _ => pids,
+        let m = &self.mounts;
+        let controller = match file.split('.').next() {
+            Some("memory") => &m.memory,
+            Some("cpu") => &m.cpu,
+            Some("cpuacct") => &m.cpuacct,
+            Some("freezer") => &m.freezer,
+            _ => &m.pids,
         };
-        dir.join(file)
+        self.dir(controller, name).join(file)
+    }
+
+    fn stats(&self, name: &str) -> Result<CgroupStats, CgroupError> {
+        let memory_stat = read_text(&self.file(name, "memory.stat"))?;
+        Ok(CgroupStats {
+            cpu_usage_ns: read_u64(&self.file(name, "cpuacct.usage"))?,
+            memory_bytes: read_u64(&self.file(name, "memory.usage_in_bytes"))?,
+            memory_limit_bytes: read_u64(&self.file(name, "memory.limit_in_bytes"))?,
+            memory_cache_bytes: stat_field(&memory_stat, "total_cache")
+                .or_else(|| stat_field(&memory_stat, "cache"))
+                .unwrap_or(0),
+            pids: read_u64(&self.file(name, "pids.current"))?,
+        })
     }
 }
 
@@ -146,9 +179,11 @@ mod tests {
             std::fs::create_dir(&p).unwrap();
             p
         };
+        let cpu = m("cpu,cpuacct");
         let mounts = Mounts {
             memory: m("memory"),
-            cpu: m("cpu"),
+            cpuacct: cpu.clone(),
+            cpu,
             pids: m("pids"),
             freezer: m("freezer"),
         };
@@ -169,8 +204,13 @@ mod tests {
             read("memory/cubicle/sbx/memory.limit_in_bytes"),
             (512u64 << 20).to_string()
         );
-        assert_eq!(read("cpu/cubicle/sbx/cpu.cfs_quota_us"), "300000");
-        assert_eq!(read("cpu/cubicle/sbx/cpu.cfs_period_us"), "100000");
+        assert_eq!(read("cpu,cpuacct/cubicle/sbx/cpu.cfs_quota_us"), "300000");
+        assert_eq!(read("cpu,cpuacct/cubicle/sbx/cpu.cfs_period_us"), "100000");
+        assert_eq!(
+            cg.dirs("sbx").len(),
+            4,
+            "co-mounted cpu,cpuacct is one hierarchy"
+        );
         assert_eq!(read("pids/cubicle/sbx/pids.max"), "99");
         assert!(tmp.path().join("freezer/cubicle/sbx").is_dir());
         assert_eq!(cg.list().unwrap(), vec!["sbx".to_string()]);

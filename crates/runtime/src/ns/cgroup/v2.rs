@@ -5,8 +5,8 @@ use std::path::{Path, PathBuf};
 use cubicle_core::Limits;
 
 use super::{
-    list_dirs, make_dir, read_pids, remove_dir, write_file, CgroupError, CgroupManager, Join,
-    CPU_PERIOD_US,
+    list_dirs, make_dir, read_pids, read_text, read_u64, remove_dir, stat_field, write_file,
+    CgroupError, CgroupManager, CgroupStats, Join, CPU_PERIOD_US,
 };
 
 /// Controllers sandboxes need.
@@ -111,6 +111,19 @@ impl CgroupManager for CgroupV2 {
 
     fn file(&self, name: &str, file: &str) -> PathBuf {
         self.dir(name).join(file)
+    }
+
+    fn stats(&self, name: &str) -> Result<CgroupStats, CgroupError> {
+        let dir = self.dir(name);
+        let cpu = read_text(&dir.join("cpu.stat"))?;
+        let memory = read_text(&dir.join("memory.stat"))?;
+        Ok(CgroupStats {
+            cpu_usage_ns: stat_field(&cpu, "usage_usec").unwrap_or(0) * 1000,
+            memory_bytes: read_u64(&dir.join("memory.current"))?,
+            memory_limit_bytes: read_u64(&dir.join("memory.max"))?,
+            memory_cache_bytes: stat_field(&memory, "file").unwrap_or(0),
+            pids: read_u64(&dir.join("pids.current"))?,
+        })
     }
 }
 
