@@ -31,6 +31,56 @@ pub enum Command {
     /// Measure performance (see docs/benchmarks.md).
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Run the daemon: the E2B-compatible API and sandbox proxy on one port.
+    Serve(ServeArgs),
+    /// Manage API keys (directly in the data dir's database).
+    #[command(subcommand)]
+    Keys(KeysCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, env = "CUBICLE_LISTEN", default_value = "127.0.0.1:3000")]
+    pub listen: std::net::SocketAddr,
+    /// Sandbox host names are `{port}-{id}.{domain}` (default: localhost:<listen port>).
+    #[arg(long, env = "CUBICLE_DOMAIN")]
+    pub domain: Option<String>,
+    /// Lifetime in seconds of sandboxes created without a timeout.
+    #[arg(long, default_value_t = 300)]
+    pub default_timeout: u64,
+    /// Longest timeout in seconds a client may ask for.
+    #[arg(long, default_value_t = 86_400)]
+    pub max_timeout: u64,
+    /// Log format.
+    #[arg(long, value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Create a key and print it (the only time it is shown).
+    Create(KeyNameArgs),
+    /// List keys (names and prefixes, never the keys).
+    #[command(alias = "list")]
+    Ls(JsonFlag),
+    /// Delete a key; its sandboxes keep running until they time out.
+    #[command(alias = "remove")]
+    Rm(KeyNameArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct KeyNameArgs {
+    /// The key's name.
+    pub name: String,
 }
 
 #[derive(Debug, Subcommand)]

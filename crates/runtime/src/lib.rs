@@ -164,6 +164,10 @@ pub trait Runtime: Send + Sync + std::fmt::Debug {
     /// The sandboxes that run now.
     async fn list(&self) -> Result<Vec<SandboxInfo>, RuntimeError>;
 
+    /// Ids of every sandbox the runtime holds any state for (directory, cgroup), running
+    /// or not: what a reconcile must either adopt or destroy.
+    async fn residues(&self) -> Result<Vec<SandboxId>, RuntimeError>;
+
     /// Current resource usage of a running sandbox.
     async fn stats(&self, id: &SandboxId) -> Result<SandboxStats, RuntimeError>;
 }

@@ -1,7 +1,9 @@
 //! One module per subcommand.
 
 mod bench;
+mod keys;
 mod sandbox;
+mod serve;
 mod tpl;
 
 use std::path::PathBuf;
@@ -21,6 +23,8 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Tpl(cmd) => tpl::run(&data, cmd),
         Command::Sandbox(cmd) => block_on(sandbox::run(&data, agent_bin, cmd)),
         Command::Bench(cmd) => block_on(bench::run(&data, agent_bin, cmd)),
+        Command::Serve(args) => block_on(serve::run(&data, agent_bin, args)),
+        Command::Keys(cmd) => keys::run(&data, cmd),
     }
 }
 
@@ -43,4 +47,11 @@ pub fn ns_runtime(data: &DataDir, agent_bin: Option<PathBuf>) -> anyhow::Result<
             .with_file_name("cubicle-agent"),
     };
     NsRuntime::new(NsConfig::new(data.clone(), agent_bin)).context("starting the ns runtime")
+}
+
+/// A unix-ms instant as `YYYY-MM-DD HH:MM` UTC.
+pub fn when(ms: i64) -> String {
+    chrono::DateTime::<chrono::Utc>::from_timestamp_millis(ms)
+        .map(|t| t.format("%Y-%m-%d %H:%M").to_string())
+        .unwrap_or_else(|| "?".into())
 }

@@ -470,6 +470,27 @@ impl Runtime for NsRuntime {
         Ok(out)
     }
 
+    async fn residues(&self) -> Result<Vec<SandboxId>, RuntimeError> {
+        let dir = self.config.data_dir.sandboxes();
+        let mut ids: Vec<SandboxId> = match std::fs::read_dir(&dir) {
+            Ok(entries) => entries
+                .flatten()
+                .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse().ok()))
+                .collect(),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(io_error("list", &dir)(e)),
+        };
+        ids.extend(
+            self.cgroups
+                .list()?
+                .into_iter()
+                .filter_map(|n| n.parse::<SandboxId>().ok()),
+        );
+        ids.sort();
+        ids.dedup();
+        Ok(ids)
+    }
+
     async fn stats(&self, id: &SandboxId) -> Result<SandboxStats, RuntimeError> {
         let paths = SandboxPaths::new(&self.config.data_dir, id);
         if !paths.dir.is_dir() {

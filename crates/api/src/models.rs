@@ -1,0 +1,364 @@
+//! The E2B REST API's JSON shapes (as the `e2b` Python SDK 2.63 generated client reads
+//! and writes them) and their conversions from the store's records.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use cubicle_control::{MetricSample, TemplateSummary};
+use cubicle_store::SandboxRecord;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// `clientID` in responses (E2B's cluster node id; any string is accepted).
+pub const CLIENT_ID: &str = "cubicle";
+
+/// RFC 3339 with milliseconds, UTC (`2025-01-01T12:00:00.000Z`).
+pub fn rfc3339(ms: i64) -> String {
+    DateTime::<Utc>::from_timestamp_millis(ms)
+        .unwrap_or_default()
+        .to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
+/// `POST /sandboxes` and `POST /v2/sandboxes` body. Every field the SDK may send is
+/// listed; anything else is refused (`deny_unknown_fields`), so typos do not pass
+/// silently.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewSandbox {
+    /// Template name.
+    #[serde(rename = "templateID")]
+    pub template_id: String,
+    /// Seconds until the sandbox is killed (signed, so a negative value gets a clear error).
+    #[serde(default)]
+    pub timeout: Option<i64>,
+    /// Pause instead of kill on timeout.
+    #[serde(default, rename = "autoPause")]
+    pub auto_pause: Option<bool>,
+    /// Keep memory when auto-pausing.
+    #[serde(default, rename = "autoPauseMemory")]
+    pub auto_pause_memory: Option<bool>,
+    /// Resume paused sandboxes on traffic.
+    #[serde(default, rename = "autoResume")]
+    pub auto_resume: Option<Value>,
+    /// Require an envd access token (v1; v2 sandboxes are always secured).
+    #[serde(default)]
+    pub secure: Option<bool>,
+    /// Outside network access (accepted; loopback only for now).
+    #[serde(default)]
+    pub allow_internet_access: Option<bool>,
+    /// Network rules (accepted, not applied).
+    #[serde(default)]
+    pub network: Option<Value>,
+    /// Labels.
+    #[serde(default)]
+    pub metadata: Option<BTreeMap<String, String>>,
+    /// Environment of every process.
+    #[serde(default, rename = "envVars")]
+    pub env_vars: Option<BTreeMap<String, String>>,
+    /// MCP gateway configuration (accepted, not used).
+    #[serde(default)]
+    pub mcp: Option<Value>,
+    /// Workload identity (accepted, not used).
+    #[serde(default)]
+    pub iam: Option<Value>,
+    /// Volumes (accepted, not used).
+    #[serde(default, rename = "volumeMounts")]
+    pub volume_mounts: Option<Value>,
+}
+
+/// `POST /sandboxes/{id}/timeout` body.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TimeoutBody {
+    /// Seconds from now.
+    pub timeout: i64,
+}
+
+/// `POST /sandboxes/{id}/connect` (v1 and v2) and `/resume` body.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConnectBody {
+    /// Seconds from now (only ever extends).
+    #[serde(default)]
+    pub timeout: Option<i64>,
+    /// `false`: reboot instead of restoring memory (for paused sandboxes).
+    #[serde(default)]
+    pub memory: Option<bool>,
+    /// Old name of `memory` on `/resume`.
+    #[serde(default, rename = "autoPause")]
+    pub auto_pause: Option<bool>,
+}
+
+/// `POST /sandboxes/{id}/refreshes` body.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RefreshBody {
+    /// Seconds from now (only ever extends).
+    #[serde(default)]
+    pub duration: Option<i64>,
+}
+
+/// Answer of create and connect.
+#[derive(Debug, Serialize)]
+pub struct Sandbox {
+    #[serde(rename = "templateID")]
+    template_id: String,
+    #[serde(rename = "sandboxID")]
+    sandbox_id: String,
+    #[serde(rename = "clientID")]
+    client_id: &'static str,
+    alias: Option<String>,
+    #[serde(rename = "envdVersion")]
+    envd_version: &'static str,
+    #[serde(rename = "envdAccessToken", skip_serializing_if = "Option::is_none")]
+    envd_access_token: Option<String>,
+    #[serde(rename = "trafficAccessToken")]
+    traffic_access_token: Option<String>,
+    domain: Option<String>,
+}
+
+impl Sandbox {
+    /// From a record; `domain` is where `{port}-{id}.{domain}` names point.
+    pub fn from_record(r: &SandboxRecord, domain: Option<&str>) -> Self {
+        Sandbox {
+            template_id: r.template.clone(),
+            sandbox_id: r.id.to_string(),
+            client_id: CLIENT_ID,
+            alias: r.alias.clone(),
+            envd_version: cubicle_envd::ENVD_VERSION,
+            envd_access_token: r.envd_access_token.clone(),
+            traffic_access_token: None,
+            domain: domain.map(str::to_owned),
+        }
+    }
+}
+
+/// `GET /sandboxes/{id}` answer; also one item of the list answers.
+#[derive(Debug, Serialize)]
+pub struct SandboxDetail {
+    #[serde(rename = "templateID")]
+    template_id: String,
+    #[serde(rename = "sandboxID")]
+    sandbox_id: String,
+    #[serde(rename = "clientID")]
+    client_id: &'static str,
+    alias: Option<String>,
+    #[serde(rename = "startedAt")]
+    started_at: String,
+    #[serde(rename = "endAt")]
+    end_at: String,
+    #[serde(rename = "envdVersion")]
+    envd_version: &'static str,
+    #[serde(rename = "cpuCount")]
+    cpu_count: u32,
+    #[serde(rename = "memoryMB")]
+    memory_mb: u64,
+    #[serde(rename = "diskSizeMB")]
+    disk_size_mb: u64,
+    state: &'static str,
+    metadata: BTreeMap<String, String>,
+    #[serde(rename = "envdAccessToken", skip_serializing_if = "Option::is_none")]
+    envd_access_token: Option<String>,
+    #[serde(rename = "allowInternetAccess")]
+    allow_internet_access: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    domain: Option<String>,
+}
+
+impl SandboxDetail {
+    /// From a record. The access token is only shown by `GET /sandboxes/{id}`.
+    pub fn from_record(r: &SandboxRecord, with_token: bool, domain: Option<&str>) -> Self {
+        SandboxDetail {
+            template_id: r.template.clone(),
+            sandbox_id: r.id.to_string(),
+            client_id: CLIENT_ID,
+            alias: r.alias.clone(),
+            started_at: rfc3339(r.started_at_ms.unwrap_or(r.created_at_ms)),
+            end_at: rfc3339(r.end_at_ms),
+            envd_version: cubicle_envd::ENVD_VERSION,
+            cpu_count: r.cpu_count,
+            memory_mb: r.memory_mb,
+            disk_size_mb: r.disk_mb,
+            state: r.state.as_str(),
+            metadata: r.metadata.clone(),
+            envd_access_token: if with_token {
+                r.envd_access_token.clone()
+            } else {
+                None
+            },
+            allow_internet_access: r.allow_internet_access,
+            domain: domain.map(str::to_owned),
+        }
+    }
+}
+
+/// One item of `GET /sandboxes/{id}/metrics`.
+#[derive(Debug, Serialize)]
+pub struct SandboxMetric {
+    timestamp: String,
+    #[serde(rename = "timestampUnix")]
+    timestamp_unix: i64,
+    #[serde(rename = "cpuCount")]
+    cpu_count: u32,
+    #[serde(rename = "cpuUsedPct")]
+    cpu_used_pct: f64,
+    #[serde(rename = "memUsed")]
+    mem_used: u64,
+    #[serde(rename = "memTotal")]
+    mem_total: u64,
+    #[serde(rename = "memCache")]
+    mem_cache: u64,
+    #[serde(rename = "diskUsed")]
+    disk_used: u64,
+    #[serde(rename = "diskTotal")]
+    disk_total: u64,
+}
+
+impl From<&MetricSample> for SandboxMetric {
+    fn from(s: &MetricSample) -> Self {
+        SandboxMetric {
+            timestamp: rfc3339(s.timestamp_ms),
+            timestamp_unix: s.timestamp_ms / 1000,
+            cpu_count: s.cpu_count,
+            cpu_used_pct: s.cpu_used_pct,
+            mem_used: s.mem_used,
+            mem_total: s.mem_total,
+            mem_cache: s.mem_cache,
+            disk_used: s.disk_used,
+            disk_total: s.disk_total,
+        }
+    }
+}
+
+/// `GET /templates` item and `GET /templates/{id}` answer.
+#[derive(Debug, Serialize)]
+pub struct Template {
+    #[serde(rename = "templateID")]
+    template_id: String,
+    #[serde(rename = "buildID")]
+    build_id: String,
+    #[serde(rename = "cpuCount")]
+    cpu_count: u32,
+    #[serde(rename = "memoryMB")]
+    memory_mb: u64,
+    #[serde(rename = "diskSizeMB")]
+    disk_size_mb: u64,
+    public: bool,
+    aliases: Vec<String>,
+    names: Vec<String>,
+    #[serde(rename = "createdAt")]
+    created_at: String,
+    #[serde(rename = "updatedAt")]
+    updated_at: String,
+    #[serde(rename = "createdBy")]
+    created_by: Option<Value>,
+    #[serde(rename = "lastSpawnedAt")]
+    last_spawned_at: Option<String>,
+    #[serde(rename = "spawnCount")]
+    spawn_count: u64,
+    #[serde(rename = "buildCount")]
+    build_count: u32,
+    #[serde(rename = "envdVersion")]
+    envd_version: &'static str,
+    #[serde(rename = "buildStatus")]
+    build_status: &'static str,
+    /// Only in `GET /templates/{id}`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    builds: Option<Vec<Value>>,
+}
+
+impl Template {
+    /// From a template summary, its usage and the sandbox defaults.
+    pub fn new(
+        t: &TemplateSummary,
+        spawn_count: u64,
+        last_spawned_ms: Option<i64>,
+        limits: (u32, u64, u64),
+        with_builds: bool,
+    ) -> Self {
+        let built = rfc3339(t.built_at_ms);
+        let build_id = build_id(&t.recipe_hash);
+        Template {
+            template_id: t.name.clone(),
+            build_id: build_id.clone(),
+            cpu_count: limits.0,
+            memory_mb: limits.1,
+            disk_size_mb: limits.2,
+            public: false,
+            aliases: vec![t.name.clone()],
+            names: vec![t.name.clone()],
+            created_at: built.clone(),
+            updated_at: built.clone(),
+            created_by: None,
+            last_spawned_at: last_spawned_ms.map(rfc3339),
+            spawn_count,
+            build_count: 1,
+            envd_version: cubicle_envd::ENVD_VERSION,
+            build_status: "ready",
+            builds: with_builds.then(|| {
+                vec![serde_json::json!({
+                    "buildID": build_id,
+                    "status": "ready",
+                    "createdAt": built,
+                    "updatedAt": built,
+                    "finishedAt": built,
+                    "cpuCount": limits.0,
+                    "memoryMB": limits.1,
+                    "diskSizeMB": limits.2,
+                    "envdVersion": cubicle_envd::ENVD_VERSION,
+                })]
+            }),
+        }
+    }
+}
+
+/// A UUID-shaped build id derived from the recipe hash (E2B build ids are UUIDs).
+fn build_id(recipe_hash: &str) -> String {
+    let hex: String = recipe_hash
+        .chars()
+        .filter(char::is_ascii_hexdigit)
+        .chain(std::iter::repeat('0'))
+        .take(32)
+        .collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &hex[0..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..32]
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn new_sandbox_accepts_what_the_sdk_sends_and_refuses_unknown_fields() {
+        let sdk: NewSandbox = serde_json::from_value(serde_json::json!({
+            "templateID": "base", "timeout": 300, "metadata": {"k": "v"}, "envVars": {},
+            "autoPause": false, "autoResume": {"enabled": false}, "allow_internet_access": true,
+            "network": {"allowOut": []}, "mcp": null, "iam": {}, "volumeMounts": []
+        }))
+        .unwrap();
+        assert_eq!(sdk.template_id, "base");
+        assert_eq!(sdk.timeout, Some(300));
+        let err = serde_json::from_value::<NewSandbox>(serde_json::json!({
+            "templateID": "base", "tiemout": 5
+        }))
+        .unwrap_err();
+        assert!(err.to_string().contains("unknown field `tiemout`"), "{err}");
+        assert!(serde_json::from_value::<NewSandbox>(serde_json::json!({"timeout": 5})).is_err());
+    }
+
+    #[test]
+    fn times_and_build_ids() {
+        assert_eq!(rfc3339(1_735_732_800_123), "2025-01-01T12:00:00.123Z");
+        assert_eq!(
+            build_id("abcdef0123456789abcdef0123456789ff"),
+            "abcdef01-2345-6789-abcd-ef0123456789"
+        );
+        assert_eq!(build_id("ab"), "ab000000-0000-0000-0000-000000000000");
+    }
+}

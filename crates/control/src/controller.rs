@@ -1,0 +1,632 @@
+//! [`Controller`]: every sandbox operation, the live index and the background tasks.
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::time::Duration;
+
+use cubicle_core::{Limits, SandboxId, SandboxState, TemplateName};
+use cubicle_runtime::{AgentConfig, Runtime, SandboxSpec};
+use cubicle_store::{ListQuery, Page, SandboxRecord, Store};
+use cubicle_template::{TemplateError, TemplateStore};
+use rand::RngCore;
+use tokio::sync::Notify;
+
+use crate::metrics::{MetricSample, Series};
+use crate::request::{CreateRequest, ListRequest};
+use crate::{now_ms, ControlError};
+
+/// How the control plane behaves.
+#[derive(Debug, Clone)]
+pub struct ControlConfig {
+    /// Lifetime of a sandbox whose create names no timeout (E2B: 300 s).
+    pub default_timeout: Duration,
+    /// Longest timeout a caller may ask for.
+    pub max_timeout: Duration,
+    /// CPU, memory and task limits of new sandboxes.
+    pub limits: Limits,
+    /// Disk size reported for sandboxes, in MiB.
+    pub disk_mb: u64,
+    /// Largest upload into a sandbox (`POST /files`).
+    pub max_upload_bytes: u64,
+    /// How often running sandboxes' metrics are sampled.
+    pub metrics_interval: Duration,
+    /// How long killed sandboxes stay in the store (history, events).
+    pub keep_killed: Duration,
+}
+
+impl Default for ControlConfig {
+    fn default() -> Self {
+        ControlConfig {
+            default_timeout: Duration::from_secs(300),
+            max_timeout: Duration::from_secs(24 * 3600),
+            limits: Limits::default(),
+            disk_mb: 10 * 1024,
+            max_upload_bytes: 1 << 30,
+            metrics_interval: Duration::from_secs(5),
+            keep_killed: Duration::from_secs(7 * 24 * 3600),
+        }
+    }
+}
+
+/// Where the proxy sends a sandbox's traffic.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    /// The agent's unix socket.
+    pub socket: PathBuf,
+}
+
+/// A template as the API lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TemplateSummary {
+    /// Its name (the E2B template id).
+    pub name: String,
+    /// When it was built, ms since the epoch.
+    pub built_at_ms: i64,
+    /// Hash of the recipe it was built from.
+    pub recipe_hash: String,
+    /// Size of its root filesystem, bytes.
+    pub size_bytes: u64,
+}
+
+/// A running sandbox in the live index.
+#[derive(Debug)]
+struct Live {
+    owner: i64,
+    socket: PathBuf,
+    cpu_count: u32,
+    disk_total: u64,
+    end_at_ms: AtomicI64,
+}
+
+/// The control plane. Create it with [`Controller::start`].
+#[derive(Debug)]
+pub struct Controller {
+    config: ControlConfig,
+    runtime: Arc<dyn Runtime>,
+    store: Store,
+    templates: TemplateStore,
+    live: RwLock<HashMap<SandboxId, Arc<Live>>>,
+    deadlines_changed: Notify,
+    metrics: Mutex<HashMap<SandboxId, Series>>,
+    idempotency: Mutex<HashMap<(i64, String), (SandboxId, i64)>>,
+}
+
+/// How long an `Idempotency-Key` is remembered.
+const IDEMPOTENCY_TTL_MS: i64 = 10 * 60 * 1000;
+
+impl Controller {
+    /// Reconciles the store with what the runtime runs, then starts the background
+    /// tasks (timeouts, metrics, history purge). They stop when the controller is dropped.
+    pub async fn start(
+        config: ControlConfig,
+        runtime: Arc<dyn Runtime>,
+        store: Store,
+        templates: TemplateStore,
+    ) -> Result<Arc<Controller>, ControlError> {
+        let controller = Arc::new(Controller {
+            config,
+            runtime,
+            store,
+            templates,
+            live: RwLock::new(HashMap::new()),
+            deadlines_changed: Notify::new(),
+            metrics: Mutex::new(HashMap::new()),
+            idempotency: Mutex::new(HashMap::new()),
+        });
+        controller.reconcile().await?;
+        let weak = Arc::downgrade(&controller);
+        tokio::spawn(expire_sandboxes(weak.clone()));
+        tokio::spawn(sample_metrics(
+            weak.clone(),
+            controller.config.metrics_interval,
+        ));
+        tokio::spawn(purge_history(weak));
+        Ok(controller)
+    }
+
+    /// The store (API keys live there too).
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &ControlConfig {
+        &self.config
+    }
+
+    /// Compares the store with the runtime after a (re)start. Running sandboxes survive
+    /// a daemon restart and are adopted; nothing is dropped silently: every sandbox that
+    /// did not survive is marked killed with the reason, every stray is destroyed.
+    async fn reconcile(&self) -> Result<(), ControlError> {
+        let running: HashMap<SandboxId, cubicle_runtime::SandboxInfo> = self
+            .runtime
+            .list()
+            .await?
+            .into_iter()
+            .map(|s| (s.id.clone(), s))
+            .collect();
+        let mut kept = HashSet::new();
+        for record in self.store.live_sandboxes()? {
+            let now = now_ms();
+            match (record.state, running.get(&record.id)) {
+                (SandboxState::Running, Some(info)) => {
+                    self.adopt(&record, info.agent_socket.clone());
+                    kept.insert(record.id.clone());
+                    tracing::info!(sandbox = %record.id, "adopted running sandbox");
+                }
+                (SandboxState::Creating, _) => {
+                    self.store.transition(
+                        &record.id,
+                        SandboxState::Killed,
+                        now,
+                        Some("the daemon stopped while the sandbox was being created"),
+                    )?;
+                    tracing::warn!(sandbox = %record.id, "create interrupted by a restart");
+                }
+                (state, _) => {
+                    self.store.transition(
+                        &record.id,
+                        SandboxState::Killed,
+                        now,
+                        Some(&format!(
+                            "was {state} but not running when the daemon started"
+                        )),
+                    )?;
+                    tracing::warn!(sandbox = %record.id, %state, "sandbox did not survive");
+                }
+            }
+        }
+        // Whatever the runtime still has that the store does not claim goes away.
+        for id in self.runtime.residues().await? {
+            if !kept.contains(&id) {
+                tracing::warn!(sandbox = %id, "destroying a sandbox the store does not know");
+                self.runtime.destroy(&id).await?;
+            }
+        }
+        Ok(())
+    }
+
+    fn adopt(&self, record: &SandboxRecord, socket: PathBuf) {
+        let live = Arc::new(Live {
+            owner: record.owner,
+            socket,
+            cpu_count: record.cpu_count,
+            disk_total: record.disk_mb << 20,
+            end_at_ms: AtomicI64::new(record.end_at_ms),
+        });
+        self.live
+            .write()
+            .expect("live index")
+            .insert(record.id.clone(), live);
+        self.metrics.lock().expect("metrics").insert(
+            record.id.clone(),
+            Series::new(record.started_at_ms.unwrap_or(record.created_at_ms)),
+        );
+        self.deadlines_changed.notify_one();
+    }
+
+    /// Creates a sandbox for `owner`; returns once its agent answers.
+    pub async fn create(
+        &self,
+        owner: i64,
+        request: CreateRequest,
+    ) -> Result<SandboxRecord, ControlError> {
+        let max_timeout = self.config.max_timeout.as_secs();
+        let template_name = request.validate(max_timeout)?;
+        if let Some(key) = &request.idempotency_key {
+            if let Some(existing) = self.idempotent_replay(owner, key)? {
+                return Ok(existing);
+            }
+        }
+        let template = self.templates.get(&template_name).map_err(|e| match e {
+            TemplateError::NotFound { .. } => {
+                ControlError::TemplateNotFound(request.template.clone())
+            }
+            other => other.into(),
+        })?;
+        let id = SandboxId::generate();
+        let token = request.secure.then(random_token);
+        let now = now_ms();
+        let timeout = request
+            .timeout_secs
+            .unwrap_or(self.config.default_timeout.as_secs());
+        let limits = self.config.limits;
+        let record = SandboxRecord {
+            id: id.clone(),
+            owner,
+            template: template_name.to_string(),
+            alias: Some(template_name.to_string()),
+            state: SandboxState::Creating,
+            created_at_ms: now,
+            started_at_ms: None,
+            end_at_ms: now + (timeout as i64) * 1000,
+            ended_at_ms: None,
+            end_reason: None,
+            cpu_count: limits.cpu_count,
+            memory_mb: limits.memory_mb,
+            disk_mb: self.config.disk_mb,
+            metadata: request.metadata,
+            env_vars: request.env_vars.clone(),
+            envd_access_token: token.clone(),
+            allow_internet_access: request.allow_internet_access,
+            auto_pause: request.auto_pause,
+        };
+        self.store.insert_sandbox(&record)?;
+        let spec = SandboxSpec {
+            id: id.clone(),
+            rootfs: template.rootfs.clone(),
+            uid_shift: template.meta.uid_shift,
+            limits,
+            agent: AgentConfig {
+                sandbox_id: id.to_string(),
+                env_vars: request.env_vars,
+                default_user: "user".into(),
+                access_token: token,
+                max_upload_bytes: self.config.max_upload_bytes,
+            },
+        };
+        let info = match self.runtime.create(spec).await {
+            Ok(info) => info,
+            Err(e) => {
+                let reason = format!("create failed: {e}");
+                if let Err(store_err) =
+                    self.store
+                        .transition(&id, SandboxState::Killed, now_ms(), Some(&reason))
+                {
+                    tracing::error!(sandbox = %id, error = %store_err, "recording a failed create");
+                }
+                return Err(e.into());
+            }
+        };
+        let record = match self
+            .store
+            .transition(&id, SandboxState::Running, now_ms(), None)
+        {
+            Ok(r) => r,
+            Err(e) => {
+                // Never leave a sandbox running that the store does not know as running.
+                let _ = self.runtime.destroy(&id).await;
+                return Err(e.into());
+            }
+        };
+        self.adopt(&record, info.agent_socket);
+        if let Some(key) = request.idempotency_key {
+            self.idempotency
+                .lock()
+                .expect("idempotency")
+                .insert((owner, key), (id, now_ms()));
+        }
+        Ok(record)
+    }
+
+    /// The sandbox an earlier create with the same key made, if it is still alive.
+    fn idempotent_replay(
+        &self,
+        owner: i64,
+        key: &str,
+    ) -> Result<Option<SandboxRecord>, ControlError> {
+        let mut keys = self.idempotency.lock().expect("idempotency");
+        let now = now_ms();
+        keys.retain(|_, (_, at)| now - *at < IDEMPOTENCY_TTL_MS);
+        let Some((id, _)) = keys.get(&(owner, key.to_owned())).cloned() else {
+            return Ok(None);
+        };
+        drop(keys);
+        Ok(self
+            .store
+            .get_sandbox(&id)?
+            .filter(|r| r.state.is_live() && r.owner == owner))
+    }
+
+    fn live_of(&self, owner: i64, id: &SandboxId) -> Result<Arc<Live>, ControlError> {
+        self.live
+            .read()
+            .expect("live index")
+            .get(id)
+            .filter(|l| l.owner == owner)
+            .cloned()
+            .ok_or_else(|| ControlError::SandboxNotFound(id.clone()))
+    }
+
+    /// A live sandbox of `owner` (killed ones and other owners' are not found).
+    pub fn get(&self, owner: i64, id: &SandboxId) -> Result<SandboxRecord, ControlError> {
+        self.store
+            .get_sandbox(id)?
+            .filter(|r| r.owner == owner && r.state.is_live())
+            .ok_or_else(|| ControlError::SandboxNotFound(id.clone()))
+    }
+
+    /// A page of `owner`'s sandboxes.
+    pub fn list(&self, owner: i64, request: &ListRequest) -> Result<Page, ControlError> {
+        request.validate()?;
+        let states = if request.states.is_empty() {
+            vec![SandboxState::Running, SandboxState::Paused]
+        } else {
+            request.states.clone()
+        };
+        Ok(self.store.list_sandboxes(&ListQuery {
+            owner: Some(owner),
+            states,
+            metadata: request.metadata.clone(),
+            template: request.template.clone(),
+            started_after_ms: request.started_after_ms,
+            order: request.order,
+            limit: request.limit,
+            cursor: request.cursor.clone(),
+        })?)
+    }
+
+    /// Kills a sandbox of `owner`. An unknown or already killed sandbox is not found.
+    pub async fn kill(&self, owner: i64, id: &SandboxId) -> Result<(), ControlError> {
+        self.live_of(owner, id)?;
+        self.kill_now(id, "killed").await
+    }
+
+    /// Takes the sandbox out of the index (so only one caller kills it), destroys it and
+    /// records why. If the runtime fails, the sandbox stays indexed and the error is
+    /// returned: nothing is marked killed that may still run.
+    async fn kill_now(&self, id: &SandboxId, reason: &str) -> Result<(), ControlError> {
+        let Some(live) = self.live.write().expect("live index").remove(id) else {
+            return Err(ControlError::SandboxNotFound(id.clone()));
+        };
+        if let Err(e) = self.runtime.destroy(id).await {
+            tracing::error!(sandbox = %id, error = %e, "destroy failed; will retry");
+            live.end_at_ms.store(now_ms() + 30_000, Ordering::Relaxed);
+            self.live
+                .write()
+                .expect("live index")
+                .insert(id.clone(), live);
+            self.deadlines_changed.notify_one();
+            return Err(e.into());
+        }
+        self.metrics.lock().expect("metrics").remove(id);
+        self.store
+            .transition(id, SandboxState::Killed, now_ms(), Some(reason))?;
+        tracing::info!(sandbox = %id, reason, "sandbox killed");
+        Ok(())
+    }
+
+    /// Sets the sandbox to expire `secs` seconds from now (may shorten its life).
+    pub fn set_timeout(
+        &self,
+        owner: i64,
+        id: &SandboxId,
+        secs: u64,
+    ) -> Result<SandboxRecord, ControlError> {
+        let live = self.live_of(owner, id)?;
+        let max = self.config.max_timeout.as_secs();
+        if secs == 0 || secs > max {
+            return Err(ControlError::InvalidInput(format!(
+                "timeout must be between 1 and {max} seconds, got {secs}"
+            )));
+        }
+        self.set_deadline(id, &live, now_ms() + (secs as i64) * 1000)
+    }
+
+    fn set_deadline(
+        &self,
+        id: &SandboxId,
+        live: &Live,
+        end_at_ms: i64,
+    ) -> Result<SandboxRecord, ControlError> {
+        let record = self.store.set_end_at(id, end_at_ms)?;
+        live.end_at_ms.store(end_at_ms, Ordering::Relaxed);
+        self.deadlines_changed.notify_one();
+        Ok(record)
+    }
+
+    /// E2B `connect`: a running sandbox answers at once; its deadline moves to
+    /// `now + timeout` if that is later. Returns the record and whether it was resumed.
+    pub fn connect(
+        &self,
+        owner: i64,
+        id: &SandboxId,
+        timeout_secs: Option<u64>,
+    ) -> Result<(SandboxRecord, bool), ControlError> {
+        let live = self.live_of(owner, id)?;
+        let max = self.config.max_timeout.as_secs();
+        let record = match timeout_secs {
+            Some(t) if t == 0 || t > max => {
+                return Err(ControlError::InvalidInput(format!(
+                    "timeout must be between 1 and {max} seconds, got {t}"
+                )))
+            }
+            Some(t) => {
+                let wanted = now_ms() + (t as i64) * 1000;
+                if wanted > live.end_at_ms.load(Ordering::Relaxed) {
+                    self.set_deadline(id, &live, wanted)?
+                } else {
+                    self.get(owner, id)?
+                }
+            }
+            None => self.get(owner, id)?,
+        };
+        Ok((record, false))
+    }
+
+    /// Samples of the sandbox's resource use between `start` and `end` (ms).
+    pub async fn metrics(
+        &self,
+        owner: i64,
+        id: &SandboxId,
+        start_ms: Option<i64>,
+        end_ms: Option<i64>,
+    ) -> Result<Vec<MetricSample>, ControlError> {
+        let live = self.live_of(owner, id)?;
+        let empty = self
+            .metrics
+            .lock()
+            .expect("metrics")
+            .get(id)
+            .is_none_or(Series::is_empty);
+        if empty {
+            self.sample(id, &live).await?;
+        }
+        Ok(self
+            .metrics
+            .lock()
+            .expect("metrics")
+            .get(id)
+            .map(|s| s.range(start_ms, end_ms))
+            .unwrap_or_default())
+    }
+
+    async fn sample(&self, id: &SandboxId, live: &Live) -> Result<(), ControlError> {
+        let stats = self.runtime.stats(id).await?;
+        if let Some(series) = self.metrics.lock().expect("metrics").get_mut(id) {
+            series.push(&stats, now_ms(), live.cpu_count, live.disk_total);
+        }
+        Ok(())
+    }
+
+    /// Where a running sandbox's traffic goes; `None` for unknown, killed or paused
+    /// sandboxes (no owner check: sandbox traffic is authorised by the sandbox's own
+    /// access token, enforced by its agent).
+    pub fn route(&self, id: &str) -> Option<Route> {
+        let id: SandboxId = id.parse().ok()?;
+        self.live
+            .read()
+            .expect("live index")
+            .get(&id)
+            .map(|l| Route {
+                socket: l.socket.clone(),
+            })
+    }
+
+    /// Built templates.
+    pub fn templates(&self) -> Result<Vec<TemplateSummary>, ControlError> {
+        Ok(self.templates.list()?.into_iter().map(summary).collect())
+    }
+
+    /// One template by name.
+    pub fn template(&self, name: &str) -> Result<TemplateSummary, ControlError> {
+        let parsed: TemplateName = name
+            .parse()
+            .map_err(|_| ControlError::TemplateNotFound(name.to_owned()))?;
+        match self.templates.get(&parsed) {
+            Ok(t) => Ok(summary(t)),
+            Err(TemplateError::NotFound { .. }) => {
+                Err(ControlError::TemplateNotFound(name.to_owned()))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn next_deadline(&self) -> Option<i64> {
+        self.live
+            .read()
+            .expect("live index")
+            .values()
+            .map(|l| l.end_at_ms.load(Ordering::Relaxed))
+            .min()
+    }
+
+    fn expired(&self, now: i64) -> Vec<SandboxId> {
+        self.live
+            .read()
+            .expect("live index")
+            .iter()
+            .filter(|(_, l)| l.end_at_ms.load(Ordering::Relaxed) <= now)
+            .map(|(id, _)| id.clone())
+            .collect()
+    }
+
+    fn live_ids(&self) -> Vec<(SandboxId, Arc<Live>)> {
+        self.live
+            .read()
+            .expect("live index")
+            .iter()
+            .map(|(id, l)| (id.clone(), l.clone()))
+            .collect()
+    }
+}
+
+fn summary(t: cubicle_template::Template) -> TemplateSummary {
+    TemplateSummary {
+        name: t.name.to_string(),
+        built_at_ms: t.meta.built_at_unix().map(|s| s as i64 * 1000).unwrap_or(0),
+        recipe_hash: t.meta.recipe_hash.clone(),
+        size_bytes: t.meta.size_bytes,
+    }
+}
+
+/// 256 random bits as hex: envd access tokens.
+fn random_token() -> String {
+    let mut bytes = [0u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut bytes);
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Kills sandboxes whose deadline passed. Sleeps until the earliest deadline or until
+/// one changes.
+async fn expire_sandboxes(controller: Weak<Controller>) {
+    loop {
+        let (next, notified) = {
+            let Some(c) = controller.upgrade() else {
+                return;
+            };
+            let next = c.next_deadline();
+            // Register interest before releasing the controller, so a change in between
+            // is not missed.
+            let notified = Box::pin(async move { c.deadlines_changed.notified().await });
+            (next, notified)
+        };
+        let sleep = async {
+            match next {
+                Some(at) => {
+                    let wait = (at - now_ms()).max(0) as u64;
+                    tokio::time::sleep(Duration::from_millis(wait)).await
+                }
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = sleep => {}
+            _ = notified => {}
+        }
+        let Some(c) = controller.upgrade() else {
+            return;
+        };
+        for id in c.expired(now_ms()) {
+            if let Err(e) = c.kill_now(&id, "timeout").await {
+                tracing::error!(sandbox = %id, error = %e.chain(), "expiring sandbox");
+            }
+        }
+    }
+}
+
+/// Samples every running sandbox's resource use.
+async fn sample_metrics(controller: Weak<Controller>, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        tick.tick().await;
+        let Some(c) = controller.upgrade() else {
+            return;
+        };
+        for (id, live) in c.live_ids() {
+            if let Err(e) = c.sample(&id, &live).await {
+                tracing::debug!(sandbox = %id, error = %e.chain(), "metrics sample");
+            }
+        }
+    }
+}
+
+/// Deletes killed sandboxes' records once they are older than `keep_killed`.
+async fn purge_history(controller: Weak<Controller>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(3600));
+    loop {
+        tick.tick().await;
+        let Some(c) = controller.upgrade() else {
+            return;
+        };
+        let before = now_ms() - c.config.keep_killed.as_millis() as i64;
+        match c.store.purge_killed(before) {
+            Ok(n) if n > 0 => tracing::info!(purged = n, "old sandbox records removed"),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "purging sandbox history"),
+        }
+    }
+}

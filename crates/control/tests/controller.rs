@@ -1,0 +1,312 @@
+//! The controller against a fake runtime: lifecycle records, ownership, failed creates,
+//! timeouts, reconcile after a restart, idempotent creates.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use cubicle_control::{ControlConfig, ControlError, Controller, CreateRequest, ListRequest};
+use cubicle_core::{uid_map, DataDir, SandboxId, SandboxState};
+use cubicle_runtime::{Runtime, RuntimeError, SandboxInfo, SandboxSpec, SandboxStats};
+use cubicle_store::{SandboxRecord, Store};
+use cubicle_template::TemplateStore;
+
+#[derive(Debug, Default)]
+struct FakeRuntime {
+    running: Mutex<HashMap<SandboxId, SandboxInfo>>,
+    residues: Mutex<HashSet<SandboxId>>,
+    fail_next_create: Mutex<bool>,
+    created: Mutex<Vec<SandboxSpec>>,
+}
+
+#[async_trait::async_trait]
+impl Runtime for FakeRuntime {
+    fn name(&self) -> &'static str {
+        "fake"
+    }
+    async fn create(&self, spec: SandboxSpec) -> Result<SandboxInfo, RuntimeError> {
+        if std::mem::take(&mut *self.fail_next_create.lock().unwrap()) {
+            return Err(RuntimeError::Init {
+                step: "mount /proc".into(),
+                message: "boom".into(),
+            });
+        }
+        let info = SandboxInfo {
+            id: spec.id.clone(),
+            pid: 4242,
+            rootfs: spec.rootfs.clone(),
+            agent_socket: PathBuf::from(format!("/nonexistent/{}.sock", spec.id)),
+        };
+        self.running
+            .lock()
+            .unwrap()
+            .insert(spec.id.clone(), info.clone());
+        self.residues.lock().unwrap().insert(spec.id.clone());
+        self.created.lock().unwrap().push(spec);
+        Ok(info)
+    }
+    async fn destroy(&self, id: &SandboxId) -> Result<(), RuntimeError> {
+        self.running.lock().unwrap().remove(id);
+        self.residues.lock().unwrap().remove(id);
+        Ok(())
+    }
+    async fn list(&self) -> Result<Vec<SandboxInfo>, RuntimeError> {
+        Ok(self.running.lock().unwrap().values().cloned().collect())
+    }
+    async fn residues(&self) -> Result<Vec<SandboxId>, RuntimeError> {
+        Ok(self.residues.lock().unwrap().iter().cloned().collect())
+    }
+    async fn stats(&self, _id: &SandboxId) -> Result<SandboxStats, RuntimeError> {
+        Ok(SandboxStats {
+            cpu_usage_ns: 1_000_000,
+            memory_bytes: 10 << 20,
+            memory_limit_bytes: 2 << 30,
+            memory_cache_bytes: 1 << 20,
+            disk_used_bytes: 4096,
+            pids: 1,
+        })
+    }
+}
+
+/// A data dir with a fake built `base` template (only what the store checks).
+fn templates() -> (tempfile::TempDir, TemplateStore) {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("templates/base");
+    std::fs::create_dir_all(dir.join("rootfs")).unwrap();
+    let meta = serde_json_meta();
+    std::fs::write(dir.join("template.json"), meta).unwrap();
+    let store = TemplateStore::new(DataDir::new(tmp.path()));
+    (tmp, store)
+}
+
+fn serde_json_meta() -> String {
+    format!(
+        r#"{{"format_version":1,"recipe":"base","recipe_hash":"00","uid_shift":{},"built_at":"2026-01-01T00:00:00Z","size_bytes":1,"file_count":1,"build_seconds":1.0,"mirror":"m"}}"#,
+        uid_map::HOST_BASE
+    )
+}
+
+async fn controller(
+    runtime: Arc<FakeRuntime>,
+    store: Store,
+) -> (tempfile::TempDir, Arc<Controller>) {
+    let (tmp, templates) = templates();
+    let config = ControlConfig {
+        max_timeout: Duration::from_secs(3600),
+        ..ControlConfig::default()
+    };
+    let c = Controller::start(config, runtime, store, templates)
+        .await
+        .unwrap();
+    (tmp, c)
+}
+
+fn create(template: &str) -> CreateRequest {
+    CreateRequest {
+        template: template.into(),
+        secure: true,
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn create_records_running_and_routes() {
+    let rt = Arc::new(FakeRuntime::default());
+    let store = Store::open_in_memory().unwrap();
+    let (_t, c) = controller(rt.clone(), store.clone()).await;
+    let mut req = create("base");
+    req.metadata = BTreeMap::from([("k".into(), "v".into())]);
+    req.env_vars = BTreeMap::from([("A".into(), "1".into())]);
+    let r = c.create(7, req).await.unwrap();
+    assert_eq!(r.state, SandboxState::Running);
+    assert_eq!(r.owner, 7);
+    assert!(r.started_at_ms.is_some());
+    assert_eq!(r.envd_access_token.as_ref().map(|t| t.len()), Some(64));
+    assert!(c.route(r.id.as_str()).is_some());
+    // The agent got the env vars and the token.
+    let spec = rt.created.lock().unwrap()[0].clone();
+    assert_eq!(spec.agent.env_vars["A"], "1");
+    assert_eq!(spec.agent.access_token, r.envd_access_token);
+    assert_eq!(spec.agent.default_user, "user");
+    assert_eq!(c.get(7, &r.id).unwrap().metadata["k"], "v");
+}
+
+#[tokio::test]
+async fn other_keys_neither_see_nor_kill() {
+    let rt = Arc::new(FakeRuntime::default());
+    let (_t, c) = controller(rt, Store::open_in_memory().unwrap()).await;
+    let r = c.create(1, create("base")).await.unwrap();
+    assert!(matches!(
+        c.get(2, &r.id),
+        Err(ControlError::SandboxNotFound(_))
+    ));
+    assert!(matches!(
+        c.kill(2, &r.id).await,
+        Err(ControlError::SandboxNotFound(_))
+    ));
+    assert!(matches!(
+        c.set_timeout(2, &r.id, 10),
+        Err(ControlError::SandboxNotFound(_))
+    ));
+    assert!(c.list(2, &ListRequest::default()).unwrap().items.is_empty());
+    assert_eq!(c.list(1, &ListRequest::default()).unwrap().items.len(), 1);
+    c.kill(1, &r.id).await.unwrap();
+    // Killed: gone for the owner too, and killing again is "not found".
+    assert!(matches!(
+        c.get(1, &r.id),
+        Err(ControlError::SandboxNotFound(_))
+    ));
+    assert!(matches!(
+        c.kill(1, &r.id).await,
+        Err(ControlError::SandboxNotFound(_))
+    ));
+    assert!(c.route(r.id.as_str()).is_none());
+}
+
+#[tokio::test]
+async fn bad_input_changes_nothing() {
+    let rt = Arc::new(FakeRuntime::default());
+    let store = Store::open_in_memory().unwrap();
+    let (_t, c) = controller(rt.clone(), store.clone()).await;
+    assert!(matches!(
+        c.create(1, create("nope")).await,
+        Err(ControlError::TemplateNotFound(_))
+    ));
+    let mut too_long = create("base");
+    too_long.timeout_secs = Some(7200);
+    assert!(matches!(
+        c.create(1, too_long).await,
+        Err(ControlError::InvalidInput(_))
+    ));
+    assert!(rt.created.lock().unwrap().is_empty());
+    assert!(store.live_sandboxes().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_failed_create_is_recorded_as_killed_with_its_reason() {
+    let rt = Arc::new(FakeRuntime::default());
+    let store = Store::open_in_memory().unwrap();
+    let (_t, c) = controller(rt.clone(), store.clone()).await;
+    *rt.fail_next_create.lock().unwrap() = true;
+    let err = c.create(1, create("base")).await.unwrap_err();
+    assert!(matches!(err, ControlError::Runtime(_)));
+    assert!(store.live_sandboxes().unwrap().is_empty());
+    let all = store
+        .list_sandboxes(&cubicle_store::ListQuery {
+            states: vec![SandboxState::Killed],
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(all.items.len(), 1);
+    assert!(all.items[0]
+        .end_reason
+        .as_deref()
+        .unwrap()
+        .contains("create failed"));
+}
+
+#[tokio::test]
+async fn timeouts_kill_and_set_timeout_moves_the_deadline() {
+    let rt = Arc::new(FakeRuntime::default());
+    let store = Store::open_in_memory().unwrap();
+    let (_t, c) = controller(rt.clone(), store.clone()).await;
+    let mut short = create("base");
+    short.timeout_secs = Some(1);
+    let a = c.create(1, short.clone()).await.unwrap();
+    let b = c.create(1, short).await.unwrap();
+    c.set_timeout(1, &b.id, 600).unwrap();
+    // Wait (bounded) for the reaper to kill `a`.
+    let killed = async {
+        loop {
+            if store.get_sandbox(&a.id).unwrap().unwrap().state == SandboxState::Killed {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), killed)
+        .await
+        .expect("expired");
+    let a = store.get_sandbox(&a.id).unwrap().unwrap();
+    assert_eq!(a.end_reason.as_deref(), Some("timeout"));
+    assert!(!rt.running.lock().unwrap().contains_key(&a.id));
+    assert_eq!(c.get(1, &b.id).unwrap().state, SandboxState::Running);
+    assert!(matches!(
+        c.set_timeout(1, &b.id, 0),
+        Err(ControlError::InvalidInput(_))
+    ));
+    // connect extends, never shortens.
+    let before = c.get(1, &b.id).unwrap().end_at_ms;
+    let (after, resumed) = c.connect(1, &b.id, Some(5)).unwrap();
+    assert!(!resumed);
+    assert_eq!(after.end_at_ms, before);
+}
+
+#[tokio::test]
+async fn restart_adopts_survivors_and_records_the_dead() {
+    let rt = Arc::new(FakeRuntime::default());
+    let store = Store::open_in_memory().unwrap();
+    let (_t, c) = controller(rt.clone(), store.clone()).await;
+    let alive = c.create(1, create("base")).await.unwrap();
+    let dead = c.create(1, create("base")).await.unwrap();
+    drop(c);
+    // While the daemon is down: one sandbox dies, a stray appears, a create was cut.
+    rt.running.lock().unwrap().remove(&dead.id);
+    let stray: SandboxId = SandboxId::generate();
+    rt.residues.lock().unwrap().insert(stray.clone());
+    let cut = SandboxRecord {
+        state: SandboxState::Creating,
+        id: SandboxId::generate(),
+        started_at_ms: None,
+        ..store.get_sandbox(&alive.id).unwrap().unwrap()
+    };
+    store.insert_sandbox(&cut).unwrap();
+
+    let (_t2, c) = controller(rt.clone(), store.clone()).await;
+    assert!(c.route(alive.id.as_str()).is_some(), "survivor adopted");
+    assert_eq!(c.get(1, &alive.id).unwrap().state, SandboxState::Running);
+    let dead = store.get_sandbox(&dead.id).unwrap().unwrap();
+    assert_eq!(dead.state, SandboxState::Killed);
+    assert!(dead
+        .end_reason
+        .unwrap()
+        .contains("not running when the daemon started"));
+    let cut = store.get_sandbox(&cut.id).unwrap().unwrap();
+    assert_eq!(cut.state, SandboxState::Killed);
+    assert!(
+        !rt.residues.lock().unwrap().contains(&stray),
+        "stray destroyed"
+    );
+    assert!(rt.residues.lock().unwrap().contains(&alive.id));
+}
+
+#[tokio::test]
+async fn idempotency_key_returns_the_same_sandbox() {
+    let rt = Arc::new(FakeRuntime::default());
+    let (_t, c) = controller(rt.clone(), Store::open_in_memory().unwrap()).await;
+    let mut req = create("base");
+    req.idempotency_key = Some("retry-1".into());
+    let a = c.create(1, req.clone()).await.unwrap();
+    let b = c.create(1, req.clone()).await.unwrap();
+    assert_eq!(a.id, b.id);
+    assert_eq!(rt.created.lock().unwrap().len(), 1);
+    // Another key's identical idempotency key is another sandbox.
+    let other = c.create(2, req).await.unwrap();
+    assert_ne!(other.id, a.id);
+}
+
+#[tokio::test]
+async fn metrics_are_sampled_on_demand() {
+    let rt = Arc::new(FakeRuntime::default());
+    let (_t, c) = controller(rt, Store::open_in_memory().unwrap()).await;
+    let r = c.create(1, create("base")).await.unwrap();
+    let m = c.metrics(1, &r.id, None, None).await.unwrap();
+    assert_eq!(m.len(), 1);
+    assert_eq!(m[0].mem_total, 2 << 30);
+    assert_eq!(m[0].disk_used, 4096);
+    assert!(matches!(
+        c.metrics(2, &r.id, None, None).await,
+        Err(ControlError::SandboxNotFound(_))
+    ));
+}
