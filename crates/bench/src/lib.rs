@@ -7,6 +7,7 @@
 
 #![warn(missing_docs)]
 
+pub mod api_create;
 pub mod ns_create;
 pub mod peers;
 pub mod stats;

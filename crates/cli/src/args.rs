@@ -25,8 +25,8 @@ pub enum Command {
     /// Build, list and remove templates.
     #[command(subcommand)]
     Tpl(TplCommand),
-    /// Create, inspect, use and kill sandboxes (directly through the runtime).
-    #[command(subcommand, alias = "sbx")]
+    /// Create, list, inspect, use and kill sandboxes through the daemon's API.
+    #[command(subcommand, alias = "sbx", after_help = API_ENV_HELP)]
     Sandbox(SandboxCommand),
     /// Measure performance (see docs/benchmarks.md).
     #[command(subcommand)]
@@ -83,16 +83,42 @@ pub struct KeyNameArgs {
     pub name: String,
 }
 
+/// How the sandbox commands find the daemon (shown in their `--help`).
+const API_ENV_HELP: &str = "\
+The daemon (`cubicle serve`) is found through the environment, as the E2B SDK finds it:
+  E2B_API_URL      its API (default http://127.0.0.1:3000)
+  E2B_API_KEY      an API key (CUBICLE_API_KEY also works); `cubicle keys create <name>`
+                   makes one, and the daemon's first key is in <data dir>/initial-api-key
+  E2B_SANDBOX_URL  where `exec` reaches sandboxes (default: E2B_API_URL)
+Errors from the daemon print `error: <message>` and exit 1; bad arguments exit 2.";
+
 #[derive(Debug, Subcommand)]
 pub enum SandboxCommand {
-    /// Start a sandbox and print its id; it runs until killed.
+    /// Start a sandbox and print its id. It lives until its timeout or `kill`.
+    #[command(after_help = API_ENV_HELP)]
     Create(SandboxCreateArgs),
-    /// List running sandboxes.
-    #[command(alias = "list")]
-    Ls(JsonFlag),
+    /// List your sandboxes: ID, TEMPLATE, STATE, STARTED, ENDS, METADATA.
+    ///
+    /// Newest first; STARTED is UTC, ENDS is the time left until the daemon kills the
+    /// sandbox. `--json` prints the daemon's objects (E2B's ListedSandbox).
+    #[command(alias = "list", after_help = API_ENV_HELP)]
+    Ls(SandboxLsArgs),
+    /// Show one sandbox.
+    #[command(after_help = API_ENV_HELP)]
+    Get(SandboxGetArgs),
     /// Run a command in a sandbox, streaming its output; exits with its exit code.
+    ///
+    /// The command runs as `bash -l -c '<command...>'`, through the daemon's sandbox
+    /// proxy with the sandbox's envd access token, as the E2B SDK's `commands.run`.
+    /// The exit code is the command's, or 128 + signal if it was killed.
+    #[command(after_help = API_ENV_HELP)]
     Exec(SandboxExecArgs),
-    /// Kill sandboxes (killing one that is gone succeeds).
+    /// Kill sandboxes; missing ones are reported and skipped.
+    ///
+    /// A sandbox that does not exist (any more) is reported on stderr as `sandbox <id>
+    /// not found` and skipped, as E2B's kill answers False for it. The exit code is 1
+    /// only if none of the given sandboxes existed, or the daemon failed for one.
+    #[command(after_help = API_ENV_HELP)]
     Kill(SandboxKillArgs),
 }
 
@@ -101,19 +127,47 @@ pub struct SandboxCreateArgs {
     /// Template to start from.
     #[arg(long, short, default_value = "base")]
     pub template: String,
-    /// CPU limit in whole CPUs.
-    #[arg(long, default_value_t = cubicle_core::Limits::default().cpu_count)]
-    pub cpu: u32,
-    /// Memory limit in MiB.
-    #[arg(long, default_value_t = cubicle_core::Limits::default().memory_mb)]
-    pub memory_mb: u64,
-    /// Process limit.
-    #[arg(long, default_value_t = cubicle_core::Limits::default().pids)]
-    pub pids: u32,
+    /// Seconds until the daemon kills the sandbox (default: the daemon's, 300).
+    #[arg(long, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..))]
+    pub timeout: Option<u64>,
     /// Environment variable for every process in the sandbox (repeatable).
-    #[arg(long = "env", short, value_name = "KEY=VALUE")]
-    pub env: Vec<String>,
-    /// Print JSON instead of the bare id.
+    #[arg(long = "env", short, value_name = "KEY=VALUE", value_parser = key_value)]
+    pub env: Vec<(String, String)>,
+    /// Label, filterable with `ls --metadata` (repeatable).
+    #[arg(long, short, value_name = "KEY=VALUE", value_parser = key_value)]
+    pub metadata: Vec<(String, String)>,
+    /// Print the daemon's JSON (with the envd access token) instead of the bare id.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct SandboxLsArgs {
+    /// Only sandboxes with this label (repeatable; all must match).
+    #[arg(long, short, value_name = "KEY=VALUE", value_parser = key_value)]
+    pub metadata: Vec<(String, String)>,
+    /// Only sandboxes in these states (repeatable or comma-separated; default: all).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub state: Vec<StateArg>,
+    /// Print the daemon's JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// A sandbox state to list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum StateArg {
+    /// Running sandboxes.
+    Running,
+    /// Paused sandboxes.
+    Paused,
+}
+
+#[derive(Debug, Args)]
+pub struct SandboxGetArgs {
+    /// The sandbox.
+    pub id: String,
+    /// Print the daemon's JSON (with the envd access token) instead of a summary.
     #[arg(long)]
     pub json: bool,
 }
@@ -129,8 +183,8 @@ pub struct SandboxExecArgs {
     #[arg(long)]
     pub cwd: Option<String>,
     /// Extra environment variable (repeatable).
-    #[arg(long = "env", short, value_name = "KEY=VALUE")]
-    pub env: Vec<String>,
+    #[arg(long = "env", short, value_name = "KEY=VALUE", value_parser = key_value)]
+    pub env: Vec<(String, String)>,
     /// Kill the command after this many seconds.
     #[arg(long)]
     pub timeout: Option<u64>,
@@ -146,11 +200,51 @@ pub struct SandboxKillArgs {
     pub ids: Vec<String>,
 }
 
+/// `KEY=VALUE` (the value may be empty and contain `=`).
+pub fn key_value(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
+        _ => Err(format!("{s:?} is not KEY=VALUE")),
+    }
+}
+
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
     /// Sandbox start latency of the ns runtime: create until the agent answers
     /// /health, one at a time, next to peers started on the same rootfs.
     NsCreate(BenchNsCreateArgs),
+    /// Sandbox creation through the E2B API of a running `cubicle serve`, like the seed's
+    /// cube-bench: each of C workers creates a sandbox (POST /v2/sandboxes, answered once
+    /// envd is up; timed) and kills it at once (untimed), until N creates are done.
+    #[command(after_help = BENCH_API_HELP)]
+    ApiCreate(BenchApiCreateArgs),
+}
+
+const BENCH_API_HELP: &str = "\
+Reported in milliseconds: n, avg, min, p50, p90, p95, p99, max of the successful creates;
+wall = first create sent -> last sandbox created and killed; per = wall / N. A warm-up
+round is one create+kill per worker, all workers at once, and is not counted.
+Failed creates are counted and listed (success rate); the exit code is 1 if any failed.
+Bad parameters (zero, C > N) or a daemon that cannot be reached or refuses the key exit 2.
+The daemon and key come from E2B_API_URL (default http://127.0.0.1:3000) and E2B_API_KEY.";
+
+#[derive(Debug, Args)]
+pub struct BenchApiCreateArgs {
+    /// Workers creating sandboxes at the same time.
+    #[arg(long, short = 'c', default_value_t = 1)]
+    pub concurrency: usize,
+    /// Sandboxes to create in the measured part.
+    #[arg(long = "requests", short = 'n', default_value_t = 100)]
+    pub requests: usize,
+    /// Warm-up rounds (one create per worker each), not counted.
+    #[arg(long, short = 'w', default_value_t = 3)]
+    pub warmup: usize,
+    /// Template to create sandboxes from.
+    #[arg(long, short, default_value = "base")]
+    pub template: String,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -177,9 +271,13 @@ pub enum TplCommand {
     /// Build a built-in template (only `base` for now). Does nothing when the template
     /// is already built from the current recipe, unless --rebuild is given.
     Build(TplBuildArgs),
-    /// List built templates.
+    /// List templates: those built in the data dir, or with --api the daemon's.
+    ///
+    /// Without --api this reads the data dir and needs no daemon. With --api it asks the
+    /// daemon at E2B_API_URL (GET /templates, with E2B_API_KEY). E2B_API_URL alone never
+    /// switches the source: it is often exported for the SDK.
     #[command(alias = "list")]
-    Ls(JsonFlag),
+    Ls(TplLsArgs),
     /// Delete a built template (sandboxes must not be using it).
     #[command(alias = "remove")]
     Rm(TplRmArgs),
@@ -199,6 +297,16 @@ pub struct TplBuildArgs {
     /// Print every line of build output instead of a summary.
     #[arg(long, short)]
     pub verbose: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct TplLsArgs {
+    /// Ask the daemon (GET /templates) instead of reading the data dir.
+    #[arg(long)]
+    pub api: bool,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]

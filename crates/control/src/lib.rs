@@ -24,6 +24,8 @@ mod controller;
 mod error;
 mod metrics;
 mod request;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 pub use controller::{ControlConfig, Controller, Route, TemplateSummary};
 pub use error::ControlError;

@@ -1,97 +1,20 @@
 //! The controller against a fake runtime: lifecycle records, ownership, failed creates,
 //! timeouts, reconcile after a restart, idempotent creates.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
-use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
+use cubicle_control::testing::{fake_templates, FakeRuntime};
 use cubicle_control::{ControlConfig, ControlError, Controller, CreateRequest, ListRequest};
-use cubicle_core::{uid_map, DataDir, SandboxId, SandboxState};
-use cubicle_runtime::{Runtime, RuntimeError, SandboxInfo, SandboxSpec, SandboxStats};
+use cubicle_core::{SandboxId, SandboxState};
 use cubicle_store::{SandboxRecord, Store};
-use cubicle_template::TemplateStore;
-
-#[derive(Debug, Default)]
-struct FakeRuntime {
-    running: Mutex<HashMap<SandboxId, SandboxInfo>>,
-    residues: Mutex<HashSet<SandboxId>>,
-    fail_next_create: Mutex<bool>,
-    created: Mutex<Vec<SandboxSpec>>,
-}
-
-#[async_trait::async_trait]
-impl Runtime for FakeRuntime {
-    fn name(&self) -> &'static str {
-        "fake"
-    }
-    async fn create(&self, spec: SandboxSpec) -> Result<SandboxInfo, RuntimeError> {
-        if std::mem::take(&mut *self.fail_next_create.lock().unwrap()) {
-            return Err(RuntimeError::Init {
-                step: "mount /proc".into(),
-                message: "boom".into(),
-            });
-        }
-        let info = SandboxInfo {
-            id: spec.id.clone(),
-            pid: 4242,
-            rootfs: spec.rootfs.clone(),
-            agent_socket: PathBuf::from(format!("/nonexistent/{}.sock", spec.id)),
-        };
-        self.running
-            .lock()
-            .unwrap()
-            .insert(spec.id.clone(), info.clone());
-        self.residues.lock().unwrap().insert(spec.id.clone());
-        self.created.lock().unwrap().push(spec);
-        Ok(info)
-    }
-    async fn destroy(&self, id: &SandboxId) -> Result<(), RuntimeError> {
-        self.running.lock().unwrap().remove(id);
-        self.residues.lock().unwrap().remove(id);
-        Ok(())
-    }
-    async fn list(&self) -> Result<Vec<SandboxInfo>, RuntimeError> {
-        Ok(self.running.lock().unwrap().values().cloned().collect())
-    }
-    async fn residues(&self) -> Result<Vec<SandboxId>, RuntimeError> {
-        Ok(self.residues.lock().unwrap().iter().cloned().collect())
-    }
-    async fn stats(&self, _id: &SandboxId) -> Result<SandboxStats, RuntimeError> {
-        Ok(SandboxStats {
-            cpu_usage_ns: 1_000_000,
-            memory_bytes: 10 << 20,
-            memory_limit_bytes: 2 << 30,
-            memory_cache_bytes: 1 << 20,
-            disk_used_bytes: 4096,
-            pids: 1,
-        })
-    }
-}
-
-/// A data dir with a fake built `base` template (only what the store checks).
-fn templates() -> (tempfile::TempDir, TemplateStore) {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("templates/base");
-    std::fs::create_dir_all(dir.join("rootfs")).unwrap();
-    let meta = serde_json_meta();
-    std::fs::write(dir.join("template.json"), meta).unwrap();
-    let store = TemplateStore::new(DataDir::new(tmp.path()));
-    (tmp, store)
-}
-
-fn serde_json_meta() -> String {
-    format!(
-        r#"{{"format_version":1,"recipe":"base","recipe_hash":"00","uid_shift":{},"built_at":"2026-01-01T00:00:00Z","size_bytes":1,"file_count":1,"build_seconds":1.0,"mirror":"m"}}"#,
-        uid_map::HOST_BASE
-    )
-}
 
 async fn controller(
     runtime: Arc<FakeRuntime>,
     store: Store,
 ) -> (tempfile::TempDir, Arc<Controller>) {
-    let (tmp, templates) = templates();
+    let (tmp, templates) = fake_templates();
     let config = ControlConfig {
         max_timeout: Duration::from_secs(3600),
         ..ControlConfig::default()

@@ -1,6 +1,11 @@
-//! A small envd client over the agent's unix socket, speaking the same wire protocol as
-//! the E2B SDK. Used by the CLI, tests and benchmarks; the daemon's proxy forwards raw
-//! HTTP instead.
+//! A small envd client speaking the same wire protocol as the E2B SDK, over one of two
+//! transports:
+//!
+//! - the agent's unix socket ([`EnvdClient::new`]): the runtime, tests and benchmarks,
+//!   on the host that runs the sandbox; a fresh connection per request;
+//! - the daemon's sandbox proxy ([`EnvdClient::via_proxy`]): plain HTTP to
+//!   `E2B_SANDBOX_URL` with the `E2b-Sandbox-Id` / `E2b-Sandbox-Port` headers the SDK
+//!   sends, connections kept alive and pooled. This is what the CLI uses.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -10,7 +15,9 @@ use bytes::Bytes;
 use http::{header, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::net::UnixStream;
@@ -32,6 +39,23 @@ pub enum ClientError {
         /// The error.
         #[source]
         source: std::io::Error,
+    },
+    /// The daemon's proxy could not be reached or broke the connection.
+    #[error("request to the sandbox proxy at {url} failed")]
+    Proxy {
+        /// The request URL.
+        url: String,
+        /// The error.
+        #[source]
+        source: hyper_util::client::legacy::Error,
+    },
+    /// The proxy URL cannot be used.
+    #[error("invalid sandbox URL {url:?}: {reason}")]
+    InvalidUrl {
+        /// The URL as given.
+        url: String,
+        /// What is wrong with it.
+        reason: String,
     },
     /// HTTP-level failure.
     #[error("http")]
@@ -58,11 +82,30 @@ pub enum ClientError {
     Protocol(String),
 }
 
+/// envd's port inside a sandbox (`E2b-Sandbox-Port`).
+pub const ENVD_PORT: u16 = 49983;
+
 /// Client for one sandbox's agent.
 #[derive(Debug, Clone)]
 pub struct EnvdClient {
-    socket: PathBuf,
+    transport: Transport,
     access_token: Option<String>,
+}
+
+/// How requests reach the agent.
+#[derive(Debug, Clone)]
+enum Transport {
+    /// The agent's unix socket, one connection per request.
+    Unix(PathBuf),
+    /// The daemon's proxy over TCP.
+    Proxy {
+        /// `http://host:port` (no trailing `/`).
+        base: String,
+        /// `E2b-Sandbox-Id`.
+        sandbox_id: header::HeaderValue,
+        /// Pooled keep-alive connections.
+        client: Client<HttpConnector, RequestBody>,
+    },
 }
 
 /// The body type of requests this client sends.
@@ -72,9 +115,46 @@ impl EnvdClient {
     /// A client for the agent listening on `socket`.
     pub fn new(socket: impl AsRef<Path>) -> Self {
         EnvdClient {
-            socket: socket.as_ref().to_owned(),
+            transport: Transport::Unix(socket.as_ref().to_owned()),
             access_token: None,
         }
+    }
+
+    /// A client for sandbox `sandbox_id`'s envd behind the daemon's proxy at `base_url`
+    /// (`E2B_SANDBOX_URL`, e.g. `http://127.0.0.1:3000`), sending `X-Access-Token` when
+    /// the sandbox has a token (create, connect and get return it as `envdAccessToken`).
+    pub fn via_proxy(
+        base_url: &str,
+        sandbox_id: &str,
+        access_token: Option<&str>,
+    ) -> Result<Self, ClientError> {
+        let invalid = |reason: &str| ClientError::InvalidUrl {
+            url: base_url.to_owned(),
+            reason: reason.to_owned(),
+        };
+        let base = base_url.trim().trim_end_matches('/');
+        let uri: http::Uri = base
+            .parse()
+            .map_err(|_| invalid("not a URL (expected http://host:port)"))?;
+        if uri.scheme_str() != Some("http") || uri.host().is_none_or(str::is_empty) {
+            return Err(invalid("expected http://host:port (plain http only)"));
+        }
+        let sandbox_id = header::HeaderValue::from_str(sandbox_id)
+            .map_err(|_| ClientError::Protocol(format!("bad sandbox id {sandbox_id:?}")))?;
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(Duration::from_secs(10)));
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(30))
+            .build(connector);
+        Ok(EnvdClient {
+            transport: Transport::Proxy {
+                base: base.to_owned(),
+                sandbox_id,
+                client,
+            },
+            access_token: access_token.map(str::to_owned),
+        })
     }
 
     /// Sends `X-Access-Token` with every request.
@@ -83,7 +163,8 @@ impl EnvdClient {
         self
     }
 
-    /// Opens a fresh HTTP/1.1 connection and sends `req` on it.
+    /// Sends `req` (whose URI is a path such as `/health`): over a fresh HTTP/1.1
+    /// connection to the agent's socket, or through the proxy on a pooled connection.
     pub async fn send(
         &self,
         mut req: Request<RequestBody>,
@@ -96,16 +177,41 @@ impl EnvdClient {
                     .map_err(|_| ClientError::Protocol("bad token".into()))?,
             );
         }
+        let socket = match &self.transport {
+            Transport::Unix(socket) => socket,
+            Transport::Proxy {
+                base,
+                sandbox_id,
+                client,
+            } => {
+                let path = req
+                    .uri()
+                    .path_and_query()
+                    .map_or("/", |p| p.as_str())
+                    .to_owned();
+                let url = format!("{base}{path}");
+                *req.uri_mut() = url.parse().map_err(|_| ClientError::InvalidUrl {
+                    url: url.clone(),
+                    reason: "not a URL".into(),
+                })?;
+                let headers = req.headers_mut();
+                headers.insert("e2b-sandbox-id", sandbox_id.clone());
+                headers.insert("e2b-sandbox-port", header::HeaderValue::from(ENVD_PORT));
+                return client
+                    .request(req)
+                    .await
+                    .map_err(|source| ClientError::Proxy { url, source });
+            }
+        };
         req.headers_mut()
             .entry(header::HOST)
             .or_insert_with(|| header::HeaderValue::from_static("localhost"));
-        let stream =
-            UnixStream::connect(&self.socket)
-                .await
-                .map_err(|source| ClientError::Connect {
-                    path: self.socket.clone(),
-                    source,
-                })?;
+        let stream = UnixStream::connect(socket)
+            .await
+            .map_err(|source| ClientError::Connect {
+                path: socket.clone(),
+                source,
+            })?;
         let (mut sender, conn) =
             hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
         tokio::spawn(async move {
@@ -228,11 +334,17 @@ impl EnvdClient {
     }
 
     /// Opens a TCP byte stream to `port` inside the sandbox (`CONNECT 127.0.0.1:<port>`
-    /// through the agent). Only callers outside the sandbox may do this.
+    /// through the agent). Only callers outside the sandbox may do this, over the unix
+    /// transport; through the proxy, send requests with `E2b-Sandbox-Port` instead.
     pub async fn tunnel(
         &self,
         port: u16,
     ) -> Result<TokioIo<hyper::upgrade::Upgraded>, ClientError> {
+        if matches!(self.transport, Transport::Proxy { .. }) {
+            return Err(ClientError::Protocol(
+                "tunnels need the agent's socket; the proxy routes by E2b-Sandbox-Port".into(),
+            ));
+        }
         let req = Request::connect(format!("127.0.0.1:{port}"))
             .body(Full::default())
             .expect("valid request");
@@ -371,4 +483,127 @@ pub fn basic_auth(user: &str) -> String {
 /// Builds a request with a method and path (for raw calls such as `/files`).
 pub fn request(method: Method, path_and_query: &str) -> http::request::Builder {
     Request::builder().method(method).uri(path_and_query)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+    use crate::proto::EndEvent;
+
+    /// A stand-in for the daemon's proxy: records request headers and answers a
+    /// process stream on `Start`, `/health` with 200, and anything for sandbox `gone`
+    /// with the proxy's 502.
+    async fn fake_proxy() -> (String, Arc<Mutex<Vec<http::HeaderMap>>>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let seen2 = seen.clone();
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = listener.accept().await.unwrap();
+                let seen = seen2.clone();
+                let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                    let seen = seen.clone();
+                    async move {
+                        seen.lock().unwrap().push(req.headers().clone());
+                        let gone = req.headers()["e2b-sandbox-id"] == "gone";
+                        let path = req.uri().path().to_owned();
+                        let _ = req.into_body().collect().await;
+                        let resp = Response::builder();
+                        let resp = if gone {
+                            resp.status(502).body(Full::new(Bytes::from_static(
+                                br#"{"sandboxId":"gone","code":502,"message":"The sandbox was not found"}"#,
+                            )))
+                        } else if path == "/process.Process/Start" {
+                            let mut body = Vec::new();
+                            for event in [
+                                ProcessEvent::Start { pid: 7 },
+                                ProcessEvent::Data(DataEvent::Stdout(b"hi\n".to_vec())),
+                                ProcessEvent::End(EndEvent {
+                                    exit_code: 3,
+                                    exited: true,
+                                    status: "exit status 3".into(),
+                                    error: None,
+                                }),
+                            ] {
+                                let msg = ProcessStreamMessage { event };
+                                body.extend_from_slice(&connect::message_envelope(&msg));
+                            }
+                            body.extend_from_slice(&connect::end_stream_ok());
+                            resp.header(header::CONTENT_TYPE, CONTENT_TYPE_STREAM)
+                                .body(Full::new(Bytes::from(body)))
+                        } else {
+                            resp.body(Full::new(Bytes::from_static(b"{}")))
+                        };
+                        Ok::<_, Infallible>(resp.unwrap())
+                    }
+                });
+                tokio::spawn(async move {
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        (url, seen)
+    }
+
+    #[tokio::test]
+    async fn proxy_transport_sends_the_sdk_headers() {
+        let (url, seen) = fake_proxy().await;
+        let client = EnvdClient::via_proxy(&format!("{url}/"), "abc123", Some("tok")).unwrap();
+        assert_eq!(client.health().await.unwrap(), StatusCode::OK);
+        let out = client.run("echo hi; exit 3", Some("root")).await.unwrap();
+        assert_eq!(
+            (out.pid, out.stdout_text(), out.end.exit_code),
+            (7, "hi\n".into(), 3)
+        );
+        let seen = seen.lock().unwrap();
+        for h in seen.iter() {
+            assert_eq!(h["e2b-sandbox-id"], "abc123");
+            assert_eq!(h["e2b-sandbox-port"], "49983");
+            assert_eq!(h["x-access-token"], "tok");
+            assert!(h.contains_key(header::HOST));
+        }
+        assert_eq!(seen[1][header::AUTHORIZATION], basic_auth("root"));
+        assert_eq!(seen[1][header::CONTENT_TYPE], CONTENT_TYPE_STREAM);
+    }
+
+    #[tokio::test]
+    async fn proxy_errors_are_reported() {
+        let (url, _) = fake_proxy().await;
+        let gone = EnvdClient::via_proxy(&url, "gone", None).unwrap();
+        match gone.run("true", None).await {
+            Err(ClientError::Status { status, body }) => {
+                assert_eq!(status, 502);
+                assert!(body.contains("The sandbox was not found"), "{body}");
+            }
+            other => panic!("expected a 502, got {other:?}"),
+        }
+        assert!(matches!(
+            gone.tunnel(8080).await,
+            Err(ClientError::Protocol(_))
+        ));
+        for bad in ["", "https://x", "localhost:3000", "http://"] {
+            assert!(
+                matches!(
+                    EnvdClient::via_proxy(bad, "a", None),
+                    Err(ClientError::InvalidUrl { .. })
+                ),
+                "{bad}"
+            );
+        }
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let down = EnvdClient::via_proxy(&format!("http://127.0.0.1:{port}"), "a", None).unwrap();
+        assert!(matches!(
+            down.health().await,
+            Err(ClientError::Proxy { .. })
+        ));
+    }
 }

@@ -153,7 +153,7 @@ pub trait Runtime: Send + Sync + std::fmt::Debug {
     /// Short name (`"ns"`).
     fn name(&self) -> &'static str;
 
-    /// Starts a sandbox; returns once its agent accepts connections. A failed create
+    /// Starts a sandbox; returns once its agent answers `GET /health`. A failed create
     /// leaves nothing behind.
     async fn create(&self, spec: SandboxSpec) -> Result<SandboxInfo, RuntimeError>;
 

@@ -21,7 +21,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let agent_bin = cli.agent_bin;
     match cli.command {
         Command::Tpl(cmd) => tpl::run(&data, cmd),
-        Command::Sandbox(cmd) => block_on(sandbox::run(&data, agent_bin, cmd)),
+        Command::Sandbox(cmd) => block_on(sandbox::run(cmd)),
         Command::Bench(cmd) => block_on(bench::run(&data, agent_bin, cmd)),
         Command::Serve(args) => block_on(serve::run(&data, agent_bin, args)),
         Command::Keys(cmd) => keys::run(&data, cmd),
@@ -47,6 +47,19 @@ pub fn ns_runtime(data: &DataDir, agent_bin: Option<PathBuf>) -> anyhow::Result<
             .with_file_name("cubicle-agent"),
     };
     NsRuntime::new(NsConfig::new(data.clone(), agent_bin)).context("starting the ns runtime")
+}
+
+/// An API failure as the CLI prints it: the daemon's message, with a hint for a key the
+/// daemon does not accept (its message is only "Invalid API key").
+pub fn explain(e: anyhow::Error, api: &cubicle_client::ApiClient) -> anyhow::Error {
+    match e.downcast_ref::<cubicle_client::ClientError>() {
+        Some(c) if c.is_unauthorized() => anyhow::anyhow!(
+            "{c}: the daemon at {} does not accept the key in E2B_API_KEY \
+             (`cubicle keys create <name>` makes one)",
+            api.base_url()
+        ),
+        _ => e,
+    }
 }
 
 /// A unix-ms instant as `YYYY-MM-DD HH:MM` UTC.

@@ -1,107 +1,224 @@
-//! `cubicle sandbox ...`: sandboxes driven directly through the `ns` runtime. (The
-//! daemon's API takes over these commands once it exists; the output stays the same.)
+//! `cubicle sandbox ...`: sandboxes through the daemon's E2B API (`cubicle serve` owns
+//! them), found through `E2B_API_URL` / `E2B_API_KEY` like the E2B SDK finds it. `exec`
+//! goes through the daemon's sandbox proxy (`E2B_SANDBOX_URL`), as the SDK's
+//! `commands.run` does.
 
-use std::collections::BTreeMap;
 use std::io::Write;
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::{bail, Context};
-use cubicle_core::{DataDir, Limits, SandboxId, TemplateName};
-use cubicle_envd::client::EnvdClient;
+use anyhow::{anyhow, bail};
+use chrono::{DateTime, Utc};
+use cubicle_client::{
+    ApiClient, ClientError, CreateSandbox, ListParams, SandboxDetail, SandboxState,
+};
+use cubicle_envd::client::{ClientError as EnvdError, EnvdClient};
 use cubicle_envd::proto::{DataEvent, ProcessEvent, StartRequest};
-use cubicle_runtime::{AgentConfig, Runtime, SandboxSpec};
-use cubicle_template::TemplateStore;
 
-use crate::args::{SandboxCommand, SandboxCreateArgs, SandboxExecArgs};
+use crate::args::{SandboxCommand, SandboxCreateArgs, SandboxExecArgs, SandboxLsArgs, StateArg};
 
 /// Runs one `sandbox` subcommand.
-pub async fn run(
-    data: &DataDir,
-    agent_bin: Option<PathBuf>,
-    cmd: SandboxCommand,
-) -> anyhow::Result<ExitCode> {
-    let runtime = super::ns_runtime(data, agent_bin)?;
-    match cmd {
-        SandboxCommand::Create(args) => create(data, &runtime, args).await,
-        SandboxCommand::Ls(flags) => {
-            let sandboxes = runtime.list().await?;
-            if flags.json {
-                println!("{}", serde_json::to_string_pretty(&sandboxes)?);
+pub async fn run(cmd: SandboxCommand) -> anyhow::Result<ExitCode> {
+    let api = ApiClient::from_env()?;
+    let result = match cmd {
+        SandboxCommand::Create(args) => create(&api, args).await,
+        SandboxCommand::Ls(args) => ls(&api, args).await,
+        SandboxCommand::Get(args) => {
+            let detail = api.get(&args.id).await?;
+            let mut out = std::io::stdout().lock();
+            if args.json {
+                writeln!(out, "{}", serde_json::to_string_pretty(&detail)?)?;
             } else {
-                let mut out = std::io::stdout().lock();
-                writeln!(out, "{:<22} {:>8}  TEMPLATE", "ID", "PID")?;
-                for s in sandboxes {
-                    writeln!(out, "{:<22} {:>8}  {}", s.id, s.pid, template_of(&s.rootfs))?;
-                }
+                write!(out, "{}", describe(&detail, Utc::now()))?;
             }
             Ok(ExitCode::SUCCESS)
         }
-        SandboxCommand::Exec(args) => exec(&runtime, args).await,
-        SandboxCommand::Kill(args) => {
-            for id in &args.ids {
-                let id: SandboxId = id.parse()?;
-                runtime
-                    .destroy(&id)
-                    .await
-                    .with_context(|| format!("killing sandbox {id}"))?;
-                eprintln!("killed {id}");
-            }
-            Ok(ExitCode::SUCCESS)
-        }
-    }
+        SandboxCommand::Exec(args) => exec(&api, args).await,
+        SandboxCommand::Kill(args) => kill(&api, &args.ids).await,
+    };
+    result.map_err(|e| super::explain(e, &api))
 }
 
-async fn create(
-    data: &DataDir,
-    runtime: &cubicle_runtime::ns::NsRuntime,
-    args: SandboxCreateArgs,
-) -> anyhow::Result<ExitCode> {
-    let name: TemplateName = args.template.parse()?;
-    let template = TemplateStore::new(data.clone()).get(&name)?;
-    let id = SandboxId::generate();
-    let mut agent = AgentConfig::new(id.to_string());
-    agent.env_vars = parse_env(&args.env)?;
-    let spec = SandboxSpec {
-        id,
-        rootfs: template.rootfs.clone(),
-        uid_shift: template.meta.uid_shift,
-        limits: Limits {
-            cpu_count: args.cpu,
-            memory_mb: args.memory_mb,
-            pids: args.pids,
-        },
-        agent,
-    };
-    let info = runtime.create(spec).await.context("creating the sandbox")?;
+async fn create(api: &ApiClient, args: SandboxCreateArgs) -> anyhow::Result<ExitCode> {
+    let mut request = CreateSandbox::new(args.template);
+    request.timeout = args.timeout;
+    request.env_vars = args.env.into_iter().collect();
+    request.metadata = args.metadata.into_iter().collect();
+    let sandbox = api.create(&request).await?;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&info)?);
+        println!("{}", serde_json::to_string_pretty(&sandbox)?);
     } else {
-        println!("{}", info.id);
+        println!("{}", sandbox.sandbox_id);
     }
     Ok(ExitCode::SUCCESS)
 }
 
-async fn exec(
-    runtime: &cubicle_runtime::ns::NsRuntime,
-    args: SandboxExecArgs,
-) -> anyhow::Result<ExitCode> {
-    let id: SandboxId = args.id.parse()?;
-    let Some(info) = runtime.list().await?.into_iter().find(|s| s.id == id) else {
-        bail!("sandbox {id} is not running");
+async fn ls(api: &ApiClient, args: SandboxLsArgs) -> anyhow::Result<ExitCode> {
+    let params = ListParams {
+        metadata: args.metadata,
+        states: args
+            .state
+            .iter()
+            .map(|s| match s {
+                StateArg::Running => SandboxState::Running,
+                StateArg::Paused => SandboxState::Paused,
+            })
+            .collect(),
+        limit: Some(1000),
+        ..ListParams::default()
     };
-    let client = EnvdClient::new(&info.agent_socket);
+    let sandboxes = api.list_all(&params).await?;
+    let mut out = std::io::stdout().lock();
+    if args.json {
+        writeln!(out, "{}", serde_json::to_string_pretty(&sandboxes)?)?;
+    } else {
+        write!(out, "{}", table(&sandboxes, Utc::now()))?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The `ls` table: a header and one row per sandbox, columns padded to their widest cell.
+fn table(sandboxes: &[SandboxDetail], now: DateTime<Utc>) -> String {
+    let header = ["ID", "TEMPLATE", "STATE", "STARTED", "ENDS", "METADATA"].map(String::from);
+    let rows: Vec<[String; 6]> = sandboxes
+        .iter()
+        .map(|s| {
+            [
+                s.sandbox_id.clone(),
+                s.template_id.clone(),
+                s.state.clone(),
+                clock(s.started_at),
+                until(s.end_at, now),
+                labels(s),
+            ]
+        })
+        .collect();
+    let mut widths = header.clone().map(|h| h.len());
+    for r in &rows {
+        for (w, cell) in widths.iter_mut().zip(r) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for cells in std::iter::once(header).chain(rows) {
+        let line = cells
+            .iter()
+            .zip(widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect::<Vec<_>>()
+            .join("  ");
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+/// `get`'s summary (no access token: that is for `--json`).
+fn describe(s: &SandboxDetail, now: DateTime<Utc>) -> String {
+    let fields = [
+        ("ID", s.sandbox_id.clone()),
+        ("TEMPLATE", s.template_id.clone()),
+        ("STATE", s.state.clone()),
+        ("STARTED", format!("{} UTC", clock(s.started_at))),
+        (
+            "ENDS",
+            format!("{} UTC ({})", clock(s.end_at), until(s.end_at, now)),
+        ),
+        ("CPUS", s.cpu_count.to_string()),
+        ("MEMORY", format!("{} MiB", s.memory_mb)),
+        ("DISK", format!("{} MiB", s.disk_size_mb)),
+        ("ENVD", s.envd_version.clone()),
+        ("METADATA", labels(s)),
+    ];
+    fields
+        .iter()
+        .map(|(k, v)| format!("{k:<10}{v}\n"))
+        .collect()
+}
+
+/// `2026-05-20 14:31:02` (UTC).
+fn clock(t: DateTime<Utc>) -> String {
+    t.format("%Y-%m-%d %H:%M:%S").to_string()
+}
+
+/// How long until `end`: `in 4m 59s`, `in 2h 05m`, or `now` once it has passed.
+fn until(end: DateTime<Utc>, now: DateTime<Utc>) -> String {
+    let secs = (end - now).num_seconds();
+    match secs {
+        ..=0 => "now".into(),
+        1..=59 => format!("in {secs}s"),
+        60..=3599 => format!("in {}m {:02}s", secs / 60, secs % 60),
+        3600..=86_399 => format!("in {}h {:02}m", secs / 3600, secs % 3600 / 60),
+        _ => format!("in {}d {}h", secs / 86_400, secs % 86_400 / 3600),
+    }
+}
+
+/// `k=v,k2=v2`, or `-` without labels.
+fn labels(s: &SandboxDetail) -> String {
+    if s.metadata.is_empty() {
+        return "-".into();
+    }
+    s.metadata
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Kills each sandbox. Missing ones are reported and skipped; the daemon being
+/// unreachable or refusing the key stops at once.
+async fn kill(api: &ApiClient, ids: &[String]) -> anyhow::Result<ExitCode> {
+    let (mut killed, mut failed) = (0, 0);
+    for id in ids {
+        match api.kill(id).await {
+            Ok(true) => {
+                eprintln!("killed {id}");
+                killed += 1;
+            }
+            Ok(false) => eprintln!("sandbox {id} not found"),
+            Err(e @ (ClientError::Unreachable { .. } | ClientError::NoApiKey)) => {
+                return Err(e.into())
+            }
+            Err(e) if e.is_unauthorized() => return Err(e.into()),
+            Err(e) => {
+                eprintln!("error: killing {id}: {e}");
+                failed += 1;
+            }
+        }
+    }
+    Ok(if failed == 0 && killed > 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+async fn exec(api: &ApiClient, args: SandboxExecArgs) -> anyhow::Result<ExitCode> {
+    let sandbox = api.get(&args.id).await?;
+    if sandbox.state != "running" {
+        bail!(
+            "sandbox {} is {}, not running",
+            sandbox.sandbox_id,
+            sandbox.state
+        );
+    }
+    let client = EnvdClient::via_proxy(
+        api.sandbox_url(),
+        &sandbox.sandbox_id,
+        sandbox.envd_access_token.as_deref(),
+    )?;
     let mut request = StartRequest::shell(args.command.join(" "));
-    request.process.envs = parse_env(&args.env)?;
+    request.process.envs = args.env.into_iter().collect();
     request.process.cwd = args.cwd;
     let timeout = args.timeout.map(Duration::from_secs);
+    let id = &sandbox.sandbox_id;
     let mut stream = client
         .start(&request, args.user.as_deref(), timeout)
-        .await?;
+        .await
+        .map_err(|e| envd_error(id, e))?;
     let (mut stdout, mut stderr) = (std::io::stdout(), std::io::stderr());
     while let Some(msg) = stream.next().await {
-        match msg?.event {
+        match msg.map_err(|e| envd_error(id, e))?.event {
             ProcessEvent::Data(DataEvent::Stdout(b)) | ProcessEvent::Data(DataEvent::Pty(b)) => {
                 stdout.write_all(&b)?;
                 stdout.flush()?;
@@ -117,6 +234,27 @@ async fn exec(
     bail!("the command's stream ended without an end event")
 }
 
+/// One readable line for an envd or proxy failure: the agent's own message for Connect
+/// errors, the proxy's `message` for its JSON errors ("The sandbox was not found" once
+/// the sandbox is gone).
+fn envd_error(id: &str, e: EnvdError) -> anyhow::Error {
+    match e {
+        EnvdError::Rpc(e) => anyhow!("{}", e.message),
+        EnvdError::Status { status, body } => {
+            let message = serde_json::from_str::<serde_json::Value>(&body)
+                .ok()
+                .and_then(|v| v.get("message")?.as_str().map(str::to_owned))
+                .unwrap_or_else(|| body.trim().to_owned());
+            if status == 502 && message.contains("was not found") {
+                anyhow!("sandbox {id} was not found (killed or timed out)")
+            } else {
+                anyhow!("the sandbox answered {status}: {message}")
+            }
+        }
+        other => anyhow::Error::new(other).context(format!("running a command in {id}")),
+    }
+}
+
 /// The exit code a shell would report: the process's own, or 128 + signal.
 fn shell_exit_code(end: &cubicle_envd::proto::EndEvent) -> u8 {
     if end.exited {
@@ -130,38 +268,84 @@ fn shell_exit_code(end: &cubicle_envd::proto::EndEvent) -> u8 {
     }
 }
 
-/// `KEY=VALUE` pairs.
-pub fn parse_env(pairs: &[String]) -> anyhow::Result<BTreeMap<String, String>> {
-    pairs
-        .iter()
-        .map(|p| match p.split_once('=') {
-            Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
-            _ => bail!("environment variable {p:?} is not KEY=VALUE"),
-        })
-        .collect()
-}
-
-/// The template name of a rootfs path (`.../templates/<name>/rootfs`).
-fn template_of(rootfs: &std::path::Path) -> String {
-    rootfs
-        .parent()
-        .and_then(|p| p.file_name())
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn detail(id: &str, metadata: &[(&str, &str)]) -> SandboxDetail {
+        serde_json::from_value(serde_json::json!({
+            "templateID": "base", "sandboxID": id, "clientID": "cubicle",
+            "startedAt": "2026-05-20T14:31:02.123Z", "endAt": "2026-05-20T14:36:02.123Z",
+            "envdVersion": "0.6.4", "cpuCount": 2, "memoryMB": 2048, "diskSizeMB": 10240,
+            "state": "running",
+            "metadata": metadata.iter().map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect::<std::collections::BTreeMap<_, _>>(),
+        }))
+        .unwrap()
+    }
+
+    fn at(s: &str) -> DateTime<Utc> {
+        s.parse().unwrap()
+    }
+
     #[test]
-    fn env_pairs() {
-        let env = parse_env(&["A=1".into(), "B=x=y".into(), "C=".into()]).unwrap();
-        assert_eq!(env["A"], "1");
-        assert_eq!(env["B"], "x=y");
-        assert_eq!(env["C"], "");
-        assert!(parse_env(&["NOEQUALS".into()]).is_err());
-        assert!(parse_env(&["=v".into()]).is_err());
+    fn ls_table() {
+        let now = at("2026-05-20T14:31:03.123Z");
+        let rows = [
+            detail("i8f3k2m9q1w7e5r4t6y0", &[("owner", "ci"), ("run", "7")]),
+            detail("abc", &[]),
+        ];
+        assert_eq!(
+            table(&rows, now),
+            "\
+ID                    TEMPLATE  STATE    STARTED              ENDS       METADATA
+i8f3k2m9q1w7e5r4t6y0  base      running  2026-05-20 14:31:02  in 4m 59s  owner=ci,run=7
+abc                   base      running  2026-05-20 14:31:02  in 4m 59s  -
+"
+        );
+        assert_eq!(
+            table(&[], now),
+            "ID  TEMPLATE  STATE  STARTED  ENDS  METADATA\n"
+        );
+    }
+
+    #[test]
+    fn get_summary() {
+        let text = describe(&detail("abc", &[("k", "v")]), at("2026-05-20T14:31:02Z"));
+        assert!(text.starts_with("ID        abc\nTEMPLATE  base\nSTATE     running\n"));
+        assert!(text.contains("ENDS      2026-05-20 14:36:02 UTC (in 5m 00s)\n"));
+        assert!(text.ends_with("METADATA  k=v\n"), "{text}");
+    }
+
+    #[test]
+    fn remaining_time() {
+        let now = at("2026-01-01T00:00:00Z");
+        let plus = |s: i64| now + chrono::Duration::seconds(s);
+        assert_eq!(until(plus(-5), now), "now");
+        assert_eq!(until(plus(42), now), "in 42s");
+        assert_eq!(until(plus(299), now), "in 4m 59s");
+        assert_eq!(until(plus(7500), now), "in 2h 05m");
+        assert_eq!(until(plus(90_000), now), "in 1d 1h");
+    }
+
+    #[test]
+    fn envd_errors_read_well() {
+        let gone = EnvdError::Status {
+            status: 502u16.try_into().unwrap(),
+            body: r#"{"sandboxId":"abc","code":502,"message":"The sandbox was not found"}"#.into(),
+        };
+        assert_eq!(
+            envd_error("abc", gone).to_string(),
+            "sandbox abc was not found (killed or timed out)"
+        );
+        let rpc = EnvdError::Rpc(cubicle_envd::connect::ConnectError::new(
+            cubicle_envd::connect::Code::InvalidArgument,
+            "cwd '/nope' does not exist",
+        ));
+        assert_eq!(
+            envd_error("abc", rpc).to_string(),
+            "cwd '/nope' does not exist"
+        );
     }
 
     #[test]

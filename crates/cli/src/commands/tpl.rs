@@ -16,7 +16,8 @@ pub fn run(data: &DataDir, cmd: TplCommand) -> anyhow::Result<ExitCode> {
     let store = TemplateStore::new(data.clone());
     match cmd {
         TplCommand::Build(args) => build(&store, args),
-        TplCommand::Ls(flags) => ls(&store, flags.json),
+        TplCommand::Ls(args) if args.api => super::block_on(ls_api(args.json)),
+        TplCommand::Ls(args) => ls(&store, args.json),
         TplCommand::Rm(args) => {
             let name: TemplateName = args.name.parse()?;
             store.remove(&name)?;
@@ -71,13 +72,56 @@ fn ls(store: &TemplateStore, json: bool) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     let rows: Vec<[String; 5]> = templates.iter().map(row).collect();
-    let header = ["NAME", "SIZE", "FILES", "BUILT", "RECIPE"];
+    write!(
+        out,
+        "{}",
+        table(["NAME", "SIZE", "FILES", "BUILT", "RECIPE"], rows)
+    )?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `tpl ls --api`: the templates the daemon offers (`GET /templates`).
+async fn ls_api(json: bool) -> anyhow::Result<ExitCode> {
+    let api = cubicle_client::ApiClient::from_env()?;
+    let templates = api
+        .templates()
+        .await
+        .map_err(|e| super::explain(e.into(), &api))?;
+    let mut out = std::io::stdout().lock();
+    if json {
+        serde_json::to_writer_pretty(&mut out, &templates)?;
+        writeln!(out)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let rows: Vec<[String; 6]> = templates
+        .iter()
+        .map(|t| {
+            [
+                t.template_id.clone(),
+                t.build_status.clone(),
+                t.cpu_count.to_string(),
+                format!("{} MiB", t.memory_mb),
+                t.spawn_count.to_string(),
+                t.created_at
+                    .map(|c| format!("{} UTC", c.format("%Y-%m-%d %H:%M")))
+                    .unwrap_or_else(|| "-".into()),
+            ]
+        })
+        .collect();
+    let header = ["NAME", "STATUS", "CPUS", "MEMORY", "SANDBOXES", "BUILT"];
+    write!(out, "{}", table(header, rows))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Rows under a header, columns padded to their widest cell.
+fn table<const N: usize>(header: [&str; N], rows: Vec<[String; N]>) -> String {
     let mut widths = header.map(str::len);
     for r in &rows {
         for (w, cell) in widths.iter_mut().zip(r) {
             *w = (*w).max(cell.chars().count());
         }
     }
+    let mut out = String::new();
     for cells in std::iter::once(header.map(String::from)).chain(rows) {
         let line = cells
             .iter()
@@ -85,9 +129,10 @@ fn ls(store: &TemplateStore, json: bool) -> anyhow::Result<ExitCode> {
             .map(|(c, w)| format!("{c:<w$}"))
             .collect::<Vec<_>>()
             .join("  ");
-        writeln!(out, "{}", line.trim_end())?;
+        out.push_str(line.trim_end());
+        out.push('\n');
     }
-    Ok(ExitCode::SUCCESS)
+    out
 }
 
 fn row(t: &Template) -> [String; 5] {

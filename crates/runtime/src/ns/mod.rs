@@ -294,7 +294,29 @@ impl NsRuntime {
 
         let report = tokio::time::timeout(self.config.ready_timeout, read_report(host)).await;
         match report {
-            Ok(Ok(Some(FromInit::Ready))) => Ok((pid, pidfd)),
+            Ok(Ok(Some(FromInit::Ready))) => {
+                // Ready means the socket listens; one real round trip proves envd answers.
+                match cubicle_envd::client::EnvdClient::new(&paths.socket)
+                    .health()
+                    .await
+                {
+                    Ok(status) if status.is_success() => Ok((pid, pidfd)),
+                    Ok(status) => Err((
+                        RuntimeError::Init {
+                            step: "answer the first health check".into(),
+                            message: format!("agent answered {status}"),
+                        },
+                        Some(pidfd),
+                    )),
+                    Err(e) => Err((
+                        RuntimeError::Init {
+                            step: "answer the first health check".into(),
+                            message: e.to_string(),
+                        },
+                        Some(pidfd),
+                    )),
+                }
+            }
             Ok(Ok(Some(FromInit::Failed { step, message }))) => {
                 Err((RuntimeError::Init { step, message }, Some(pidfd)))
             }

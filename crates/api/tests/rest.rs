@@ -1,0 +1,480 @@
+//! The REST API through the real router, over a controller with a fake runtime: status
+//! codes, E2B's JSON shapes, auth, and `{code, message}` for every kind of bad input.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use cubicle_api::AppState;
+use cubicle_control::testing::{fake_templates, FakeRuntime};
+use cubicle_control::{ControlConfig, Controller};
+use cubicle_store::Store;
+use http::{Method, Request, StatusCode};
+use http_body_util::BodyExt;
+use serde_json::{json, Value};
+use tower::ServiceExt;
+
+struct Api {
+    app: axum::Router,
+    key: String,
+    other_key: String,
+    runtime: Arc<FakeRuntime>,
+    _templates: tempfile::TempDir,
+}
+
+async fn api() -> Api {
+    let store = Store::open_in_memory().unwrap();
+    let (_, key) = store.create_key("main").unwrap();
+    let (_, other_key) = store.create_key("other").unwrap();
+    let runtime = Arc::new(FakeRuntime::default());
+    let (tmp, templates) = fake_templates();
+    let controller = Controller::start(ControlConfig::default(), runtime.clone(), store, templates)
+        .await
+        .unwrap();
+    let app = cubicle_api::app(AppState::new(controller, Some("localhost:3000".into())));
+    Api {
+        app,
+        key,
+        other_key,
+        runtime,
+        _templates: tmp,
+    }
+}
+
+impl Api {
+    async fn call(
+        &self,
+        method: Method,
+        uri: &str,
+        key: Option<&str>,
+        body: &str,
+    ) -> (StatusCode, http::HeaderMap, Value) {
+        let mut req = Request::builder().method(method).uri(uri);
+        if let Some(k) = key {
+            req = req.header("x-api-key", k);
+        }
+        let resp = self
+            .app
+            .clone()
+            .oneshot(req.body(Body::from(body.to_owned())).unwrap())
+            .await
+            .unwrap();
+        let status = resp.status();
+        let headers = resp.headers().clone();
+        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+        let value = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes).unwrap_or_else(|_| {
+                panic!(
+                    "non-JSON body for {uri}: {:?}",
+                    String::from_utf8_lossy(&bytes)
+                )
+            })
+        };
+        (status, headers, value)
+    }
+
+    async fn key(&self, method: Method, uri: &str, body: &str) -> (StatusCode, Value) {
+        let (s, _, v) = self.call(method, uri, Some(&self.key), body).await;
+        (s, v)
+    }
+
+    async fn create(&self, body: Value) -> Value {
+        let (s, v) = self
+            .key(Method::POST, "/v2/sandboxes", &body.to_string())
+            .await;
+        assert_eq!(s, StatusCode::CREATED, "{v}");
+        v
+    }
+}
+
+/// An error must be `{"code": <status>, "message": <non-empty string>}`.
+fn assert_error(status: StatusCode, body: &Value, expected: StatusCode) {
+    assert_eq!(status, expected, "{body}");
+    assert_eq!(body["code"], json!(expected.as_u16()), "{body}");
+    assert!(
+        body["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "{body}"
+    );
+}
+
+#[tokio::test]
+async fn auth_is_required_and_keys_are_isolated() {
+    let api = api().await;
+    let (s, _, v) = api.call(Method::GET, "/health", None, "").await;
+    assert_eq!((s, v["status"].as_str()), (StatusCode::OK, Some("ok")));
+    for key in [
+        None,
+        Some("wrong"),
+        Some("e2b_0000000000000000000000000000000000000000"),
+    ] {
+        let (s, _, v) = api
+            .call(
+                Method::POST,
+                "/v2/sandboxes",
+                key,
+                r#"{"templateID":"base"}"#,
+            )
+            .await;
+        assert_error(s, &v, StatusCode::UNAUTHORIZED);
+        assert_eq!(v["message"], "Invalid API key");
+    }
+    // Bearer works as well as X-API-KEY.
+    let resp = api
+        .app
+        .clone()
+        .oneshot(
+            Request::get("/v2/sandboxes")
+                .header("authorization", format!("Bearer {}", api.key))
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+
+    let sbx = api.create(json!({"templateID": "base"})).await;
+    let id = sbx["sandboxID"].as_str().unwrap();
+    for (m, uri, body) in [
+        (Method::GET, format!("/sandboxes/{id}"), ""),
+        (Method::DELETE, format!("/sandboxes/{id}"), ""),
+        (
+            Method::POST,
+            format!("/sandboxes/{id}/timeout"),
+            r#"{"timeout": 60}"#,
+        ),
+        (Method::POST, format!("/v2/sandboxes/{id}/connect"), "{}"),
+        (Method::GET, format!("/sandboxes/{id}/metrics"), ""),
+    ] {
+        let (s, _, v) = api.call(m.clone(), &uri, Some(&api.other_key), body).await;
+        assert_error(s, &v, StatusCode::NOT_FOUND);
+    }
+    let (_, _, list) = api
+        .call(Method::GET, "/v2/sandboxes", Some(&api.other_key), "")
+        .await;
+    assert_eq!(list, json!([]));
+}
+
+#[tokio::test]
+async fn create_get_list_timeout_kill_shapes() {
+    let api = api().await;
+    let sbx = api
+        .create(json!({"templateID": "base", "timeout": 120, "metadata": {"user": "ana"}, "envVars": {"A": "1"}}))
+        .await;
+    assert_eq!(sbx["templateID"], "base");
+    assert_eq!(sbx["envdVersion"], "0.6.4");
+    assert_eq!(sbx["envdAccessToken"].as_str().map(str::len), Some(64));
+    assert_eq!(sbx["trafficAccessToken"], Value::Null);
+    assert_eq!(sbx["domain"], "localhost:3000");
+    let id = sbx["sandboxID"].as_str().unwrap().to_owned();
+
+    let (s, detail) = api.key(Method::GET, &format!("/sandboxes/{id}"), "").await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(detail["state"], "running");
+    assert_eq!(detail["metadata"], json!({"user": "ana"}));
+    assert_eq!(detail["cpuCount"], 2);
+    assert_eq!(detail["memoryMB"], 2048);
+    assert_eq!(detail["envdAccessToken"], sbx["envdAccessToken"]);
+    let started =
+        chrono::DateTime::parse_from_rfc3339(detail["startedAt"].as_str().unwrap()).unwrap();
+    let end = chrono::DateTime::parse_from_rfc3339(detail["endAt"].as_str().unwrap()).unwrap();
+    assert!((end - started).num_seconds() >= 119);
+
+    let (s, _) = api
+        .key(
+            Method::POST,
+            &format!("/sandboxes/{id}/timeout"),
+            r#"{"timeout": 600}"#,
+        )
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let (_, after) = api.key(Method::GET, &format!("/sandboxes/{id}"), "").await;
+    assert_ne!(after["endAt"], detail["endAt"]);
+
+    // v1 create without `secure` gets no token.
+    let (s, v1) = api
+        .key(Method::POST, "/sandboxes", r#"{"templateID":"base"}"#)
+        .await;
+    assert_eq!(s, StatusCode::CREATED);
+    assert!(v1.get("envdAccessToken").is_none(), "{v1}");
+
+    let (s, list) = api
+        .key(Method::GET, "/v2/sandboxes?metadata=user%3Dana", "")
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(list.as_array().unwrap().len(), 1);
+    assert_eq!(list[0]["sandboxID"], json!(id));
+    assert!(
+        list[0].get("envdAccessToken").is_none(),
+        "list never shows tokens"
+    );
+
+    let (s, _) = api
+        .key(Method::DELETE, &format!("/sandboxes/{id}"), "")
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let (s, v) = api
+        .key(Method::DELETE, &format!("/sandboxes/{id}"), "")
+        .await;
+    assert_error(s, &v, StatusCode::NOT_FOUND);
+    let (s, v) = api.key(Method::GET, &format!("/sandboxes/{id}"), "").await;
+    assert_error(s, &v, StatusCode::NOT_FOUND);
+    assert_eq!(v["message"], format!("sandbox {id} not found"));
+}
+
+#[tokio::test]
+async fn pagination_walks_every_sandbox_once() {
+    let api = api().await;
+    let mut ids = Vec::new();
+    for _ in 0..5 {
+        ids.push(api.create(json!({"templateID": "base"})).await["sandboxID"].clone());
+    }
+    let mut seen = Vec::new();
+    let mut uri = "/v2/sandboxes?limit=2".to_string();
+    loop {
+        let (s, headers, page) = api.call(Method::GET, &uri, Some(&api.key), "").await;
+        assert_eq!(s, StatusCode::OK);
+        seen.extend(
+            page.as_array()
+                .unwrap()
+                .iter()
+                .map(|s| s["sandboxID"].clone()),
+        );
+        match headers.get("x-next-token") {
+            Some(t) => uri = format!("/v2/sandboxes?limit=2&nextToken={}", t.to_str().unwrap()),
+            None => break,
+        }
+    }
+    seen.sort_by_key(|v| v.to_string());
+    ids.sort_by_key(|v| v.to_string());
+    assert_eq!(seen, ids);
+}
+
+#[tokio::test]
+async fn bad_input_is_a_4xx_json_error_and_changes_nothing() {
+    let api = api().await;
+    let cases: Vec<(Method, &str, String, StatusCode)> = vec![
+        (
+            Method::POST,
+            "/v2/sandboxes",
+            "{not json".into(),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            Method::POST,
+            "/v2/sandboxes",
+            "".into(),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            Method::POST,
+            "/v2/sandboxes",
+            r#"{"templateID":"base","tiemout":5}"#.into(),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            Method::POST,
+            "/v2/sandboxes",
+            r#"{"templateID":5}"#.into(),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            Method::POST,
+            "/v2/sandboxes",
+            r#"{"templateID":"nope"}"#.into(),
+            StatusCode::NOT_FOUND,
+        ),
+        (
+            Method::POST,
+            "/v2/sandboxes",
+            r#"{"templateID":"../../etc"}"#.into(),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            Method::POST,
+            "/v2/sandboxes",
+            r#"{"templateID":"base","timeout":-5}"#.into(),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            Method::POST,
+            "/v2/sandboxes",
+            r#"{"templateID":"base","timeout":0}"#.into(),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            Method::POST,
+            "/v2/sandboxes",
+            r#"{"templateID":"base","timeout":99999999999}"#.into(),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            Method::POST,
+            "/v2/sandboxes",
+            r#"{"templateID":"base","timeout":1e400}"#.into(),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            Method::POST,
+            "/v2/sandboxes",
+            r#"{"templateID":"base","envVars":{"A=B":"x"}}"#.into(),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            Method::POST,
+            "/v2/sandboxes",
+            format!(
+                r#"{{"templateID":"base","metadata":{{"k":"{}"}}}}"#,
+                "x".repeat(2 << 20)
+            ),
+            StatusCode::PAYLOAD_TOO_LARGE,
+        ),
+        (
+            Method::POST,
+            "/v2/sandboxes",
+            r#"{"templateID":"base","autoPause":true}"#.into(),
+            StatusCode::NOT_IMPLEMENTED,
+        ),
+        (
+            Method::GET,
+            "/v2/sandboxes?limit=0",
+            String::new(),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            Method::GET,
+            "/v2/sandboxes?state=dead",
+            String::new(),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            Method::GET,
+            "/v2/sandboxes?nextToken=garbage",
+            String::new(),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            Method::GET,
+            "/sandboxes/..%2F..%2Fetc",
+            String::new(),
+            StatusCode::NOT_FOUND,
+        ),
+        (
+            Method::GET,
+            "/sandboxes/UPPER",
+            String::new(),
+            StatusCode::NOT_FOUND,
+        ),
+        (
+            Method::POST,
+            "/sandboxes/abc/timeout",
+            r#"{"timeout":"soon"}"#.into(),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            Method::GET,
+            "/no/such/route",
+            String::new(),
+            StatusCode::NOT_FOUND,
+        ),
+        (
+            Method::PUT,
+            "/v2/sandboxes",
+            String::new(),
+            StatusCode::METHOD_NOT_ALLOWED,
+        ),
+        (
+            Method::POST,
+            "/sandboxes/abc/pause",
+            String::new(),
+            StatusCode::NOT_IMPLEMENTED,
+        ),
+    ];
+    for (method, uri, body, expected) in cases {
+        let (s, v) = api.key(method.clone(), uri, &body).await;
+        assert_error(s, &v, expected);
+        if s.is_server_error() {
+            assert_eq!(s, StatusCode::NOT_IMPLEMENTED, "{method} {uri}");
+        }
+    }
+    assert!(
+        api.runtime.created.lock().unwrap().is_empty(),
+        "bad input created a sandbox"
+    );
+}
+
+#[tokio::test]
+async fn sandbox_traffic_for_unknown_sandboxes_is_e2b_502() {
+    let api = api().await;
+    let req = |headers: &[(&str, &str)]| {
+        let mut b = Request::post("/process.Process/Start");
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        b.body(Body::empty()).unwrap()
+    };
+    let resp = api
+        .app
+        .clone()
+        .oneshot(req(&[("e2b-sandbox-id", "nosuchsandbox")]))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
+    let v: Value =
+        serde_json::from_slice(&resp.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    assert_eq!(v["message"], "The sandbox was not found");
+    assert_eq!(v["sandboxId"], "nosuchsandbox");
+    // Host-based routing reaches the proxy too.
+    let resp = api
+        .app
+        .clone()
+        .oneshot(req(&[("host", "8080-nosuch.localhost:3000")]))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
+    let resp = api
+        .app
+        .clone()
+        .oneshot(req(&[
+            ("e2b-sandbox-id", "x"),
+            ("e2b-sandbox-port", "nope"),
+        ]))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+}
+
+#[tokio::test]
+async fn templates_have_the_fields_the_sdk_requires() {
+    let api = api().await;
+    api.create(json!({"templateID": "base"})).await;
+    let (s, list) = api.key(Method::GET, "/templates", "").await;
+    assert_eq!(s, StatusCode::OK);
+    let t = &list[0];
+    for field in [
+        "templateID",
+        "buildID",
+        "cpuCount",
+        "memoryMB",
+        "diskSizeMB",
+        "public",
+        "aliases",
+        "names",
+        "createdAt",
+        "updatedAt",
+        "createdBy",
+        "lastSpawnedAt",
+        "spawnCount",
+        "buildCount",
+        "envdVersion",
+        "buildStatus",
+    ] {
+        assert!(t.get(field).is_some(), "missing {field}: {t}");
+    }
+    assert_eq!(t["spawnCount"], 1);
+    let (s, one) = api.key(Method::GET, "/templates/base", "").await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(one["builds"][0]["status"], "ready");
+    let (s, v) = api.key(Method::GET, "/templates/nope", "").await;
+    assert_error(s, &v, StatusCode::NOT_FOUND);
+}

@@ -1,0 +1,373 @@
+//! `cubicle sandbox ...`, `tpl ls --api` and `bench api-create` against a real
+//! `cubicle serve`: outputs, JSON, exit codes, and nothing left behind.
+
+mod support;
+
+use support::Daemon;
+
+fn is_sandbox_id(s: &str) -> bool {
+    s.len() == 20
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+}
+
+#[test]
+fn create_ls_get_exec_kill() {
+    let mut d = Daemon::start();
+
+    // create: the bare id, or the daemon's JSON.
+    let a = d
+        .cli(&[
+            "sandbox",
+            "create",
+            "--env",
+            "GREETING=hi",
+            "-m",
+            "suite=cli",
+            "--timeout",
+            "120",
+        ])
+        .ok();
+    let a = a.trim().to_owned();
+    assert!(is_sandbox_id(&a), "{a:?}");
+    assert!(
+        !support::cgroups_of(&a).is_empty(),
+        "a running sandbox has cgroups"
+    );
+    let created = d
+        .cli(&[
+            "sandbox",
+            "create",
+            "--json",
+            "-m",
+            "suite=cli",
+            "-m",
+            "n=2",
+        ])
+        .code(0)
+        .json();
+    let b = created["sandboxID"].as_str().unwrap().to_owned();
+    assert_eq!(created["templateID"], "base");
+    assert_eq!(created["envdVersion"], "0.6.4");
+    assert!(created["envdAccessToken"]
+        .as_str()
+        .is_some_and(|t| !t.is_empty()));
+
+    // ls: a table by default, JSON on request, filters.
+    let table = d.cli(&["sandbox", "ls"]).ok();
+    let lines: Vec<&str> = table.lines().collect();
+    assert_eq!(lines.len(), 3, "{table}");
+    assert!(lines[0].starts_with("ID "), "{table}");
+    for col in ["TEMPLATE", "STATE", "STARTED", "ENDS", "METADATA"] {
+        assert!(lines[0].contains(col), "{table}");
+    }
+    let row_a = lines.iter().find(|l| l.starts_with(&a)).expect("row of a");
+    assert!(
+        row_a.contains(" base ") && row_a.contains(" running "),
+        "{row_a}"
+    );
+    assert!(row_a.trim_end().ends_with("suite=cli"), "{row_a}");
+    assert!(
+        row_a.contains(" in 1m 5") || row_a.contains(" in 2m 00s"),
+        "{row_a}"
+    );
+    let all = d.cli(&["sandbox", "ls", "--json"]).code(0).json();
+    let mut ids: Vec<&str> = all
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["sandboxID"].as_str().unwrap())
+        .collect();
+    ids.sort();
+    let mut expected = vec![a.as_str(), b.as_str()];
+    expected.sort();
+    assert_eq!(ids, expected);
+    let only_b = d
+        .cli(&[
+            "sandbox",
+            "ls",
+            "--json",
+            "--metadata",
+            "n=2",
+            "--state",
+            "running",
+        ])
+        .code(0)
+        .json();
+    assert_eq!(only_b.as_array().unwrap().len(), 1);
+    assert_eq!(only_b[0]["sandboxID"], b.as_str());
+    assert_eq!(only_b[0]["metadata"]["suite"], "cli");
+    let paused = d
+        .cli(&["sandbox", "ls", "--json", "--state", "paused"])
+        .code(0)
+        .json();
+    assert_eq!(paused, serde_json::json!([]));
+
+    // get.
+    let text = d.cli(&["sandbox", "get", &a]).ok();
+    assert!(text.starts_with(&format!("ID        {a}\n")), "{text}");
+    assert!(text.contains("STATE     running\n"), "{text}");
+    assert!(text.contains("METADATA  suite=cli\n"), "{text}");
+    assert!(!text.contains(created["envdAccessToken"].as_str().unwrap()));
+    let detail = d.cli(&["sandbox", "get", "--json", &b]).code(0).json();
+    assert_eq!(detail["sandboxID"], b.as_str());
+    assert_eq!(detail["envdAccessToken"], created["envdAccessToken"]);
+    assert_eq!(detail["state"], "running");
+
+    // exec through the proxy: output, env, user, cwd, exit codes.
+    let hello = d
+        .cli(&[
+            "sandbox",
+            "exec",
+            &a,
+            "--",
+            "echo",
+            "$GREETING",
+            "from",
+            "$(hostname)",
+        ])
+        .ok();
+    assert_eq!(hello, format!("hi from {a}\n"));
+    let failing = d
+        .cli(&["sandbox", "exec", &a, "echo out; echo err >&2; exit 7"])
+        .code(7);
+    assert_eq!(
+        (failing.stdout.as_str(), failing.stderr.as_str()),
+        ("out\n", "err\n")
+    );
+    let root = d
+        .cli(&[
+            "sandbox",
+            "exec",
+            "--user",
+            "root",
+            "--cwd",
+            "/tmp",
+            "-e",
+            "X=1",
+            &a,
+            "echo $X $(id -u) $(pwd)",
+        ])
+        .ok();
+    assert_eq!(root, "1 0 /tmp\n");
+    d.cli(&["sandbox", "exec", &a, "kill -9 $$"]).code(137);
+    let bad_cwd = d
+        .cli(&["sandbox", "exec", "--cwd", "/nope", &a, "true"])
+        .code(1);
+    assert_eq!(bad_cwd.stderr, "error: cwd '/nope' does not exist\n");
+
+    // kill: both, then a killed sandbox is an error for exec and "not found" for kill.
+    let killed = d.cli(&["sandbox", "kill", &a, &b]).code(0);
+    assert_eq!(killed.stderr, format!("killed {a}\nkilled {b}\n"));
+    let gone = d.cli(&["sandbox", "exec", &a, "true"]).code(1);
+    assert_eq!(gone.stderr, format!("error: sandbox {a} not found\n"));
+    let again = d.cli(&["sandbox", "kill", &a]).code(1);
+    assert_eq!(again.stderr, format!("sandbox {a} not found\n"));
+    // Killing a mix of gone and live sandboxes succeeds.
+    let c = d.cli(&["sandbox", "create"]).ok().trim().to_owned();
+    let mixed = d.cli(&["sandbox", "kill", &a, &c]).code(0);
+    assert_eq!(mixed.stderr, format!("sandbox {a} not found\nkilled {c}\n"));
+
+    let empty = d.cli(&["sandbox", "ls"]).ok();
+    assert_eq!(empty.lines().count(), 1, "{empty}");
+    assert_eq!(
+        d.cli(&["sandbox", "ls", "--json"]).code(0).json(),
+        serde_json::json!([])
+    );
+
+    for id in [&a, &b, &c] {
+        assert_eq!(support::cgroups_of(id), Vec::<std::path::PathBuf>::new());
+    }
+    d.stop();
+    assert_eq!(
+        d.sandbox_dirs(),
+        Vec::<String>::new(),
+        "sandboxes left behind"
+    );
+}
+
+#[test]
+fn errors_are_clear_and_exit_codes_distinguish_them() {
+    let mut d = Daemon::start();
+
+    let unknown = d.cli(&["sandbox", "get", "nosuchsandbox"]).code(1);
+    assert_eq!(unknown.stderr, "error: sandbox nosuchsandbox not found\n");
+    assert_eq!(unknown.stdout, "");
+    let unknown = d.cli(&["sandbox", "exec", "nosuchsandbox", "true"]).code(1);
+    assert_eq!(unknown.stderr, "error: sandbox nosuchsandbox not found\n");
+    let unknown = d.cli(&["sandbox", "kill", "nosuch1", "nosuch2"]).code(1);
+    assert_eq!(
+        unknown.stderr,
+        "sandbox nosuch1 not found\nsandbox nosuch2 not found\n"
+    );
+    let template = d.cli(&["sandbox", "create", "-t", "nope"]).code(1);
+    assert_eq!(template.stderr, "error: template 'nope' not found\n");
+
+    // No key, a wrong key, no daemon.
+    let no_key = d
+        .cli_env(&["sandbox", "ls"], &[("E2B_API_URL", &d.url)])
+        .code(1);
+    assert_eq!(
+        no_key.stderr,
+        "error: no API key: set E2B_API_KEY; `cubicle keys create <name>` makes one\n"
+    );
+    let alt_key = d.cli_env(
+        &["sandbox", "ls", "--json"],
+        &[("E2B_API_URL", &d.url), ("CUBICLE_API_KEY", &d.key)],
+    );
+    assert_eq!(alt_key.code(0).json(), serde_json::json!([]));
+    let wrong = d
+        .cli_env(
+            &["sandbox", "ls"],
+            &[("E2B_API_URL", &d.url), ("E2B_API_KEY", "e2b_wrong")],
+        )
+        .code(1);
+    assert!(
+        wrong
+            .stderr
+            .starts_with("error: Invalid API key: the daemon at "),
+        "{}",
+        wrong.stderr
+    );
+    let nobody = format!("http://{}", support::free_addr());
+    let down = d
+        .cli_env(
+            &["sandbox", "ls"],
+            &[("E2B_API_URL", &nobody), ("E2B_API_KEY", "k")],
+        )
+        .code(1);
+    assert_eq!(
+        down.stderr,
+        format!(
+            "error: cannot reach the Cubicle API at {nobody} (connection refused): \
+             is `cubicle serve` running at {nobody}?\n"
+        )
+    );
+
+    // Bad arguments are clap's: exit 2.
+    d.cli(&["sandbox", "create", "--env", "NOEQUALS"]).code(2);
+    d.cli(&["sandbox", "ls", "--state", "dead"]).code(2);
+    d.cli(&["sandbox", "create", "--timeout", "0"]).code(2);
+    d.cli(&["sandbox", "exec", "abc"]).code(2);
+    d.cli(&["sandbox", "kill"]).code(2);
+
+    // Templates: the data dir by default, the daemon with --api.
+    let api = d.cli(&["tpl", "ls", "--api"]).ok();
+    assert!(api.starts_with("NAME "), "{api}");
+    assert!(api.lines().any(|l| l.starts_with("base ")), "{api}");
+    let api = d.cli(&["tpl", "ls", "--api", "--json"]).code(0).json();
+    assert_eq!(api[0]["templateID"], "base");
+    assert_eq!(api[0]["buildStatus"], "ready");
+    let local = d.cli(&["tpl", "ls", "--json"]).code(0).json();
+    assert_eq!(local[0]["name"], "base");
+
+    d.stop();
+    assert_eq!(
+        d.sandbox_dirs(),
+        Vec::<String>::new(),
+        "sandboxes left behind"
+    );
+}
+
+#[test]
+fn bench_api_create() {
+    let mut d = Daemon::start();
+    let run = d
+        .cli(&[
+            "bench",
+            "api-create",
+            "-c",
+            "2",
+            "-n",
+            "6",
+            "-w",
+            "1",
+            "--json",
+        ])
+        .code(0);
+    let r = run.json();
+    assert_eq!(
+        r["plan"],
+        serde_json::json!({"concurrency": 2, "requests": 6, "warmup_rounds": 1})
+    );
+    assert_eq!((r["ok"].as_u64(), r["failed"].as_u64()), (Some(6), Some(0)));
+    assert_eq!(r["success_pct"], 100.0);
+    assert_eq!(r["create_ms"]["n"], 6);
+    let (min, p50, max) = (
+        r["create_ms"]["min"].as_f64().unwrap(),
+        r["create_ms"]["p50"].as_f64().unwrap(),
+        r["create_ms"]["max"].as_f64().unwrap(),
+    );
+    assert!(0.0 < min && min <= p50 && p50 <= max, "{r}");
+    let (wall, per) = (
+        r["wall_ms"].as_f64().unwrap(),
+        r["per_ms"].as_f64().unwrap(),
+    );
+    assert!((per * 6.0 - wall).abs() < 1e-6 && wall >= max, "{r}");
+    assert_eq!(r["template"], "base");
+
+    let table = d
+        .cli(&["bench", "api-create", "-c", "1", "-n", "2", "-w", "0"])
+        .ok();
+    let lines: Vec<&str> = table.lines().collect();
+    assert!(
+        lines[1].split_whitespace().eq([
+            "concurrency",
+            "requests",
+            "avg",
+            "min",
+            "p50",
+            "p90",
+            "p95",
+            "p99",
+            "max",
+            "wall",
+            "per"
+        ]),
+        "{table}"
+    );
+    assert!(lines[2].trim_start().starts_with("1        2 "), "{table}");
+    assert!(lines[3].starts_with("success 2/2 (100.0%)"), "{table}");
+
+    // Bad parameters and set-up problems: exit 2 with a message.
+    let too_many = d
+        .cli(&["bench", "api-create", "-c", "3", "-n", "2"])
+        .code(2);
+    assert_eq!(
+        too_many.stderr,
+        "error: concurrency (-c 3) must not exceed the number of requests (-n 2)\n"
+    );
+    d.cli(&["bench", "api-create", "-c", "0"]).code(2);
+    d.cli(&["bench", "api-create", "-n", "0", "-c", "0"])
+        .code(2);
+    let nobody = format!("http://{}", support::free_addr());
+    let down = d
+        .cli_env(
+            &["bench", "api-create"],
+            &[("E2B_API_URL", &nobody), ("E2B_API_KEY", "k")],
+        )
+        .code(2);
+    assert!(
+        down.stderr.contains("is `cubicle serve` running"),
+        "{}",
+        down.stderr
+    );
+    let tpl = d.cli(&["bench", "api-create", "-t", "nope"]).code(2);
+    assert!(
+        tpl.stderr.contains("has no template \"nope\""),
+        "{}",
+        tpl.stderr
+    );
+
+    // Every benchmark sandbox was killed.
+    assert_eq!(
+        d.cli(&["sandbox", "ls", "--json"]).code(0).json(),
+        serde_json::json!([])
+    );
+    d.stop();
+    assert_eq!(
+        d.sandbox_dirs(),
+        Vec::<String>::new(),
+        "sandboxes left behind"
+    );
+}

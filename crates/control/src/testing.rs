@@ -1,0 +1,99 @@
+//! Test doubles for code built on the controller (enabled by the `testing` feature): a
+//! runtime that records what it is asked and never starts a process, and a data dir with
+//! a fake built `base` template.
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::Mutex;
+
+use cubicle_core::{uid_map, DataDir, SandboxId};
+use cubicle_runtime::{Runtime, RuntimeError, SandboxInfo, SandboxSpec, SandboxStats};
+use cubicle_template::TemplateStore;
+
+/// A runtime that keeps sandboxes as records only.
+#[derive(Debug, Default)]
+pub struct FakeRuntime {
+    /// Sandboxes it "runs".
+    pub running: Mutex<HashMap<SandboxId, SandboxInfo>>,
+    /// Sandboxes it holds state for.
+    pub residues: Mutex<HashSet<SandboxId>>,
+    /// Makes the next create fail (in init, like a broken template).
+    pub fail_next_create: Mutex<bool>,
+    /// Every spec it was given.
+    pub created: Mutex<Vec<SandboxSpec>>,
+}
+
+#[async_trait::async_trait]
+impl Runtime for FakeRuntime {
+    fn name(&self) -> &'static str {
+        "fake"
+    }
+    async fn create(&self, spec: SandboxSpec) -> Result<SandboxInfo, RuntimeError> {
+        if std::mem::take(&mut *self.fail_next_create.lock().expect("lock")) {
+            return Err(RuntimeError::Init {
+                step: "mount /proc".into(),
+                message: "boom".into(),
+            });
+        }
+        let info = SandboxInfo {
+            id: spec.id.clone(),
+            pid: 4242,
+            rootfs: spec.rootfs.clone(),
+            agent_socket: PathBuf::from(format!("/nonexistent/{}.sock", spec.id)),
+        };
+        self.running
+            .lock()
+            .expect("lock")
+            .insert(spec.id.clone(), info.clone());
+        self.residues.lock().expect("lock").insert(spec.id.clone());
+        self.created.lock().expect("lock").push(spec);
+        Ok(info)
+    }
+    async fn destroy(&self, id: &SandboxId) -> Result<(), RuntimeError> {
+        self.running.lock().expect("lock").remove(id);
+        self.residues.lock().expect("lock").remove(id);
+        Ok(())
+    }
+    async fn list(&self) -> Result<Vec<SandboxInfo>, RuntimeError> {
+        Ok(self
+            .running
+            .lock()
+            .expect("lock")
+            .values()
+            .cloned()
+            .collect())
+    }
+    async fn residues(&self) -> Result<Vec<SandboxId>, RuntimeError> {
+        Ok(self
+            .residues
+            .lock()
+            .expect("lock")
+            .iter()
+            .cloned()
+            .collect())
+    }
+    async fn stats(&self, _id: &SandboxId) -> Result<SandboxStats, RuntimeError> {
+        Ok(SandboxStats {
+            cpu_usage_ns: 1_000_000,
+            memory_bytes: 10 << 20,
+            memory_limit_bytes: 2 << 30,
+            memory_cache_bytes: 1 << 20,
+            disk_used_bytes: 4096,
+            pids: 1,
+        })
+    }
+}
+
+/// A temporary data dir with a fake built `base` template (only what the store checks).
+pub fn fake_templates() -> (tempfile::TempDir, TemplateStore) {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("templates/base");
+    std::fs::create_dir_all(dir.join("rootfs")).expect("mkdir");
+    let meta = format!(
+        r#"{{"format_version":1,"recipe":"base","recipe_hash":"00","uid_shift":{},"built_at":"2026-01-01T00:00:00Z","size_bytes":1,"file_count":1,"build_seconds":1.0,"mirror":"m"}}"#,
+        uid_map::HOST_BASE
+    );
+    std::fs::write(dir.join("template.json"), meta).expect("write");
+    let store = TemplateStore::new(DataDir::new(tmp.path()));
+    (tmp, store)
+}
