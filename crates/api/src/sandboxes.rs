@@ -45,6 +45,13 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
         } else {
             &bytes
         };
+        // Objects only: serde would also read a JSON array as a struct's fields in order.
+        // (Checked on the bytes: going through `Value` would hide duplicate keys.)
+        if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+            return Err(ApiError::bad_request(
+                "the request body must be a JSON object",
+            ));
+        }
         serde_json::from_slice(bytes)
             .map(JsonBody)
             .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
@@ -216,8 +223,11 @@ pub async fn metrics(
     for (k, v) in form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
         let secs = || {
             v.parse::<i64>()
-                .map(|s| s * 1000)
-                .map_err(|_| ApiError::bad_request(format!("{k} must be unix seconds, got {v:?}")))
+                .ok()
+                .and_then(|s| s.checked_mul(1000))
+                .ok_or_else(|| {
+                    ApiError::bad_request(format!("{k} must be unix seconds, got {v:?}"))
+                })
         };
         match k.as_ref() {
             "start" => start = Some(secs()?),
@@ -285,8 +295,10 @@ pub fn list_request(query: &str) -> Result<ListRequest, ApiError> {
     for (key, value) in form_urlencoded::parse(query.as_bytes()) {
         match key.as_ref() {
             "metadata" => {
+                // The SDK quotes each key and value, url-encodes the pairs, and its HTTP
+                // client encodes the parameter: three layers (E2B's API decodes three).
                 req.metadata = form_urlencoded::parse(value.as_bytes())
-                    .map(|(k, v)| (k.into_owned(), v.into_owned()))
+                    .map(|(k, v)| (percent_decode(&k), percent_decode(&v)))
                     .collect()
             }
             "state" => {
@@ -331,6 +343,13 @@ pub fn list_request(query: &str) -> Result<ListRequest, ApiError> {
     Ok(req)
 }
 
+/// One percent-decoding (`%20` → space); malformed escapes stay as they are.
+fn percent_decode(s: &str) -> String {
+    percent_encoding::percent_decode_str(s)
+        .decode_utf8_lossy()
+        .into_owned()
+}
+
 /// Endpoints of the E2B API that need pause and snapshots, which Cubicle does not have
 /// yet: a clear 501 instead of a 404 that the SDK would misread.
 pub async fn not_yet(
@@ -349,12 +368,17 @@ mod tests {
 
     #[test]
     fn list_query_as_the_sdk_sends_it() {
-        // metadata={"acc": "x", "role": "b c"}, state=[running, paused], limit=5
-        let q = "metadata=acc%3Dx%26role%3Db%2520c&state=running%2Cpaused&limit=5&nextToken=abc&order=asc&startedAfter=2025-01-01T00%3A00%3A00%2B00%3A00";
+        // What SDK 2.63 sends for metadata={"acc": "x", "role": "b c", "k.1": "a&b=c"},
+        // state=[running, paused], limit=5 (quote, then urlencode, then httpx).
+        let q = "metadata=acc%3Dx%26role%3Db%252520c%26k.1%3Da%252526b%25253Dc&state=running%2Cpaused&limit=5&nextToken=abc&order=asc&startedAfter=2025-01-01T00%3A00%3A00%2B00%3A00";
         let r = list_request(q).unwrap();
         assert_eq!(
             r.metadata,
-            vec![("acc".into(), "x".into()), ("role".into(), "b c".into())]
+            vec![
+                ("acc".into(), "x".into()),
+                ("role".into(), "b c".into()),
+                ("k.1".into(), "a&b=c".into())
+            ]
         );
         assert_eq!(r.states, vec![SandboxState::Running, SandboxState::Paused]);
         assert_eq!(

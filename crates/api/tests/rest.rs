@@ -397,6 +397,38 @@ async fn bad_input_is_a_4xx_json_error_and_changes_nothing() {
             assert_eq!(s, StatusCode::NOT_IMPLEMENTED, "{method} {uri}");
         }
     }
+    // Regressions found by the SDK suite's fuzzing.
+    let many_pairs = (0..1000)
+        .map(|i| format!("k{i}%3Dv"))
+        .collect::<Vec<_>>()
+        .join("%26");
+    let regressions = [
+        // serde reads a JSON array as a struct's fields in order.
+        (Method::POST, "/v2/sandboxes".to_string(), r#"["base", 30]"#),
+        (Method::POST, "/v2/sandboxes".to_string(), r#""base""#),
+        (
+            Method::POST,
+            "/v2/sandboxes".to_string(),
+            r#"{"templateID":"base","templateID":"base"}"#,
+        ),
+        // 1000 metadata pairs overflowed SQLite's expression depth (was a 500).
+        (
+            Method::GET,
+            format!("/v2/sandboxes?metadata={many_pairs}"),
+            "",
+        ),
+        (Method::GET, format!("/sandboxes?metadata={many_pairs}"), ""),
+        // start * 1000 overflowed.
+        (
+            Method::GET,
+            "/sandboxes/abc/metrics?start=9223372036854775807".to_string(),
+            "",
+        ),
+    ];
+    for (method, uri, body) in regressions {
+        let (s, v) = api.key(method, &uri, body).await;
+        assert_error(s, &v, StatusCode::BAD_REQUEST);
+    }
     assert!(
         api.runtime.created.lock().unwrap().is_empty(),
         "bad input created a sandbox"

@@ -90,8 +90,12 @@ pub struct Controller {
     live: RwLock<HashMap<SandboxId, Arc<Live>>>,
     deadlines_changed: Notify,
     metrics: Mutex<HashMap<SandboxId, Series>>,
-    idempotency: Mutex<HashMap<(i64, String), (SandboxId, i64)>>,
+    idempotency: Mutex<HashMap<(i64, String), (IdempotencySlot, i64)>>,
 }
+
+/// The sandbox made by the first create with one idempotency key (locked while that
+/// create runs).
+type IdempotencySlot = Arc<tokio::sync::Mutex<Option<SandboxId>>>;
 
 /// How long an `Idempotency-Key` is remembered.
 const IDEMPOTENCY_TTL_MS: i64 = 10 * 60 * 1000;
@@ -148,6 +152,7 @@ impl Controller {
             .map(|s| (s.id.clone(), s))
             .collect();
         let mut kept = HashSet::new();
+        let mut known = HashSet::new();
         for record in self.store.live_sandboxes()? {
             let now = now_ms();
             match (record.state, running.get(&record.id)) {
@@ -177,10 +182,15 @@ impl Controller {
                     tracing::warn!(sandbox = %record.id, %state, "sandbox did not survive");
                 }
             }
+            if !kept.contains(&record.id) {
+                // Whatever it left behind (directory, cgroup) goes with its record.
+                self.runtime.destroy(&record.id).await?;
+                known.insert(record.id.clone());
+            }
         }
         // Whatever the runtime still has that the store does not claim goes away.
         for id in self.runtime.residues().await? {
-            if !kept.contains(&id) {
+            if !kept.contains(&id) && !known.contains(&id) {
                 tracing::warn!(sandbox = %id, "destroying a sandbox the store does not know");
                 self.runtime.destroy(&id).await?;
             }
@@ -215,8 +225,21 @@ impl Controller {
     ) -> Result<SandboxRecord, ControlError> {
         let max_timeout = self.config.max_timeout.as_secs();
         let template_name = request.validate(max_timeout)?;
-        if let Some(key) = &request.idempotency_key {
-            if let Some(existing) = self.idempotent_replay(owner, key)? {
+        // One create per idempotency key: concurrent retries wait for the first.
+        let slot = request
+            .idempotency_key
+            .as_ref()
+            .map(|key| self.idempotency_slot(owner, key));
+        let mut slot_guard = match slot {
+            Some(slot) => Some(slot.lock_owned().await),
+            None => None,
+        };
+        if let Some(Some(id)) = slot_guard.as_deref() {
+            if let Some(existing) = self
+                .store
+                .get_sandbox(id)?
+                .filter(|r| r.state.is_live() && r.owner == owner)
+            {
                 return Ok(existing);
             }
         }
@@ -292,32 +315,22 @@ impl Controller {
             }
         };
         self.adopt(&record, info.agent_socket);
-        if let Some(key) = request.idempotency_key {
-            self.idempotency
-                .lock()
-                .expect("idempotency")
-                .insert((owner, key), (id, now_ms()));
+        if let Some(guard) = slot_guard.as_deref_mut() {
+            *guard = Some(id);
         }
         Ok(record)
     }
 
-    /// The sandbox an earlier create with the same key made, if it is still alive.
-    fn idempotent_replay(
-        &self,
-        owner: i64,
-        key: &str,
-    ) -> Result<Option<SandboxRecord>, ControlError> {
+    /// The slot of an idempotency key: holds the sandbox the first create with that key
+    /// made. Slots older than [`IDEMPOTENCY_TTL_MS`] are forgotten.
+    fn idempotency_slot(&self, owner: i64, key: &str) -> IdempotencySlot {
         let mut keys = self.idempotency.lock().expect("idempotency");
         let now = now_ms();
         keys.retain(|_, (_, at)| now - *at < IDEMPOTENCY_TTL_MS);
-        let Some((id, _)) = keys.get(&(owner, key.to_owned())).cloned() else {
-            return Ok(None);
-        };
-        drop(keys);
-        Ok(self
-            .store
-            .get_sandbox(&id)?
-            .filter(|r| r.state.is_live() && r.owner == owner))
+        keys.entry((owner, key.to_owned()))
+            .or_insert_with(|| (Arc::new(tokio::sync::Mutex::new(None)), now))
+            .0
+            .clone()
     }
 
     fn live_of(&self, owner: i64, id: &SandboxId) -> Result<Arc<Live>, ControlError> {

@@ -18,6 +18,9 @@ pub const MAX_METADATA_VALUE: usize = 4096;
 pub const MAX_ENV_VARS: usize = 1000;
 /// Most bytes of environment variables per sandbox (names and values).
 pub const MAX_ENV_BYTES: usize = 1 << 20;
+/// Longest single `NAME=value` (Linux refuses longer strings at `execve`: MAX_ARG_STRLEN
+/// is 32 pages, including the terminating NUL).
+pub const MAX_ENV_ENTRY: usize = 32 * 4096 - 1;
 
 /// `POST /sandboxes`, already decoded from JSON.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -82,6 +85,14 @@ impl CreateRequest {
                     "envVars name {:?} is invalid: names are non-empty without '=' or NUL, \
                      values without NUL",
                     truncate(k)
+                )));
+            }
+            if k.len() + 1 + v.len() > MAX_ENV_ENTRY {
+                return Err(ControlError::InvalidInput(format!(
+                    "envVars {:?} is {} bytes as NAME=value; Linux runs no program with an \
+                     environment entry over {MAX_ENV_ENTRY} bytes",
+                    truncate(k),
+                    k.len() + 1 + v.len()
                 )));
             }
             bytes += k.len() + v.len();
@@ -161,6 +172,12 @@ impl ListRequest {
                 "limit must be between 1 and {}, got {}",
                 Self::MAX_LIMIT,
                 self.limit
+            )));
+        }
+        if self.metadata.len() > MAX_METADATA {
+            return Err(ControlError::InvalidInput(format!(
+                "at most {MAX_METADATA} metadata pairs can be filtered on, got {}",
+                self.metadata.len()
             )));
         }
         if self.states.contains(&SandboxState::Killed)
@@ -260,6 +277,21 @@ mod tests {
     }
 
     #[test]
+    fn single_env_entries_fit_execve() {
+        let mut big = req();
+        big.env_vars.insert("BIG".into(), "x".repeat(140_000));
+        assert!(matches!(
+            big.validate(3600),
+            Err(ControlError::InvalidInput(_))
+        ));
+        let mut at_limit = req();
+        at_limit
+            .env_vars
+            .insert("B".into(), "x".repeat(MAX_ENV_ENTRY - 2));
+        at_limit.validate(3600).unwrap();
+    }
+
+    #[test]
     fn list_limits() {
         let mut l = ListRequest::default();
         l.validate().unwrap();
@@ -269,6 +301,11 @@ mod tests {
         assert!(l.validate().is_err());
         l.limit = 5;
         l.states = vec![SandboxState::Killed];
+        assert!(l.validate().is_err());
+        l.states = Vec::new();
+        l.metadata = (0..=MAX_METADATA)
+            .map(|i| (i.to_string(), String::new()))
+            .collect();
         assert!(l.validate().is_err());
     }
 }

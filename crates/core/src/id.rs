@@ -26,6 +26,14 @@ pub enum IdError {
         /// The maximum.
         max: usize,
     },
+    /// The first character may not start an identifier of this kind.
+    #[error("{what} {value:?} must start with a lowercase letter or digit")]
+    BadStart {
+        /// Which kind of identifier was being parsed.
+        what: &'static str,
+        /// The whole offending value.
+        value: String,
+    },
     /// A character outside the kind's alphabet.
     #[error("{what} {value:?} has the character {ch:?}; allowed are {allowed}")]
     BadChar {
@@ -115,13 +123,18 @@ impl FromStr for TemplateName {
         const WHAT: &str = "template name";
         check_len(WHAT, s, Self::MAX_LEN)?;
         let allowed = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || "._-".contains(c);
-        let bad_first = s.chars().next().filter(|c| !c.is_ascii_alphanumeric());
-        if let Some(ch) = bad_first.or_else(|| s.chars().find(|c| !allowed(*c))) {
+        if let Some(ch) = s.chars().find(|c| !allowed(*c)) {
             return Err(IdError::BadChar {
                 what: WHAT,
                 value: s.to_owned(),
                 ch,
-                allowed: "lowercase ASCII letters, digits, '.', '_' and '-' (not first)",
+                allowed: "lowercase ASCII letters, digits, '.', '_' and '-'",
+            });
+        }
+        if !s.starts_with(|c: char| c.is_ascii_alphanumeric()) {
+            return Err(IdError::BadStart {
+                what: WHAT,
+                value: s.to_owned(),
             });
         }
         Ok(TemplateName(s.to_owned()))
@@ -210,17 +223,17 @@ mod tests {
         assert!("base".parse::<TemplateName>().is_ok());
         assert!("code-interpreter-v1".parse::<TemplateName>().is_ok());
         assert!("my_tpl.2".parse::<TemplateName>().is_ok());
-        assert!(matches!(
-            "-x".parse::<TemplateName>(),
-            Err(IdError::BadChar { ch: '-', .. })
-        ));
+        assert_eq!(
+            "-x".parse::<TemplateName>().unwrap_err().to_string(),
+            "template name \"-x\" must start with a lowercase letter or digit"
+        );
         assert!(matches!(
             "a/b".parse::<TemplateName>(),
             Err(IdError::BadChar { ch: '/', .. })
         ));
         assert!(matches!(
             "..".parse::<TemplateName>(),
-            Err(IdError::BadChar { ch: '.', .. })
+            Err(IdError::BadStart { .. })
         ));
     }
 

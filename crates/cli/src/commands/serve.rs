@@ -17,6 +17,9 @@ use cubicle_template::TemplateStore;
 
 use crate::args::ServeArgs;
 
+/// How long open requests may run on after a stop signal.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
 /// File holding the key created on first start (0600), for the admin's set-up script.
 pub const INITIAL_KEY_FILE: &str = "initial-api-key";
 
@@ -62,9 +65,25 @@ pub async fn run(
     tracing::info!(listen = %args.listen, %domain, data_dir = %data.root().display(), "cubicle serve ready");
     eprintln!("cubicle serve listening on http://{}", args.listen);
     let state = cubicle_api::AppState::new(controller, Some(domain));
-    cubicle_api::serve(listener, state, shutdown_signal())
-        .await
-        .context("serving")?;
+    // On SIGTERM/SIGINT stop accepting, let open requests finish for a while, then go:
+    // a client streaming a long command must not keep the daemon alive forever (the
+    // sandbox and its command keep running either way).
+    let stopping = Arc::new(tokio::sync::Notify::new());
+    let signalled = stopping.clone();
+    let shutdown = async move {
+        shutdown_signal().await;
+        signalled.notify_one();
+    };
+    let server = cubicle_api::serve(listener, state, shutdown);
+    tokio::select! {
+        served = server => served.context("serving")?,
+        _ = async {
+            stopping.notified().await;
+            tokio::time::sleep(SHUTDOWN_GRACE).await;
+        } => {
+            tracing::warn!(grace = ?SHUTDOWN_GRACE, "requests still open after the grace period; stopping anyway");
+        }
+    }
     tracing::info!("stopped; sandboxes keep running and are adopted by the next start");
     Ok(ExitCode::SUCCESS)
 }

@@ -270,22 +270,29 @@ fn health(addr: &str) -> bool {
     buf.starts_with("HTTP/1.1 200")
 }
 
-/// Cgroup directories still named after sandbox `id` (v1 controllers and v2), under the
-/// runtime's default parent `cubicle`.
+/// Cgroup directories still named after sandbox `id` (v1 controllers and v2).
 pub fn cgroups_of(id: &str) -> Vec<PathBuf> {
+    // Each data dir has its own parent (`cubicle` or `cubicle-<hash>`), in every v1
+    // hierarchy or in the v2 root.
     let root = Path::new("/sys/fs/cgroup");
-    let mut found: Vec<PathBuf> = std::fs::read_dir(root)
-        .map(|entries| {
-            entries
-                .flatten()
-                .map(|e| e.path().join("cubicle").join(id))
-                .filter(|p| p.exists())
-                .collect()
-        })
-        .unwrap_or_default();
-    let v2 = root.join("cubicle").join(id);
-    if v2.exists() {
-        found.push(v2);
+    let mut hierarchies = vec![root.to_owned()];
+    if let Ok(entries) = std::fs::read_dir(root) {
+        hierarchies.extend(entries.flatten().map(|e| e.path()));
     }
+    let mut found = Vec::new();
+    for h in hierarchies {
+        let Ok(parents) = std::fs::read_dir(&h) else {
+            continue;
+        };
+        for parent in parents.flatten() {
+            let name = parent.file_name().to_string_lossy().into_owned();
+            let dir = parent.path().join(id);
+            if (name == "cubicle" || name.starts_with("cubicle-")) && dir.exists() {
+                found.push(dir);
+            }
+        }
+    }
+    found.sort();
+    found.dedup();
     found
 }

@@ -54,15 +54,36 @@ pub struct NsConfig {
 }
 
 impl NsConfig {
-    /// Defaults for a data dir and agent binary: cgroup parent `cubicle`, 10 s timeout.
+    /// Defaults for a data dir and agent binary: the data dir's own cgroup parent
+    /// ([`cgroup_parent_for`]), 10 s ready timeout.
     pub fn new(data_dir: DataDir, agent_bin: PathBuf) -> Self {
         NsConfig {
+            cgroup_parent: cgroup_parent_for(&data_dir),
             data_dir,
             agent_bin,
-            cgroup_parent: "cubicle".into(),
             ready_timeout: Duration::from_secs(10),
         }
     }
+}
+
+/// The cgroup parent of a data dir's sandboxes: `cubicle` for the default data dir,
+/// `cubicle-<8 hex digits of a hash of its path>` for any other. Each data dir gets its
+/// own, so a runtime reconciling one data dir never mistakes another's sandboxes for
+/// strays.
+pub fn cgroup_parent_for(data_dir: &DataDir) -> String {
+    let root = data_dir.root();
+    if root == Path::new(DataDir::DEFAULT) {
+        return "cubicle".into();
+    }
+    // FNV-1a: stable across builds and platforms (std's hasher is not).
+    let hash = root
+        .as_os_str()
+        .as_encoded_bytes()
+        .iter()
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+        });
+    format!("cubicle-{:08x}", hash as u32)
 }
 
 /// Namespaces a sandbox gets at clone time (the cgroup namespace is created by init,
@@ -665,6 +686,22 @@ mod tests {
         let used = disk_usage(tmp.path());
         assert!((64 * 1024..64 * 1024 + 16 * 1024).contains(&used), "{used}");
         assert_eq!(disk_usage(&tmp.path().join("missing")), 0);
+    }
+
+    #[test]
+    fn every_data_dir_has_its_own_cgroup_parent() {
+        assert_eq!(
+            cgroup_parent_for(&DataDir::new(DataDir::DEFAULT)),
+            "cubicle"
+        );
+        let a = cgroup_parent_for(&DataDir::new("/tmp/a"));
+        let b = cgroup_parent_for(&DataDir::new("/tmp/b"));
+        assert_ne!(a, b);
+        assert_eq!(a, cgroup_parent_for(&DataDir::new("/tmp/a")), "stable");
+        assert!(
+            a.starts_with("cubicle-") && a.len() == "cubicle-".len() + 8,
+            "{a}"
+        );
     }
 
     #[test]
