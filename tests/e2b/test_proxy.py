@@ -109,3 +109,73 @@ def test_host_that_is_not_a_sandbox_goes_to_the_api(daemon):
     for host in (f"localhost:{daemon.port}", f"api.localhost:{daemon.port}", "8080-abc.evil.example"):
         r = httpx.get(daemon.url + "/health", headers={"Host": host})
         assert r.status_code == 200 and r.json()["status"] == "ok", (host, r.text)
+
+
+UPGRADE_SERVER = r'''
+import socket, sys
+srv = socket.socket()
+srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("127.0.0.1", int(sys.argv[1])))
+srv.listen()
+while True:
+    conn, _ = srv.accept()
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += conn.recv(1024)
+    ok = b"upgrade: echo" in head.lower()
+    conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n"
+                 if ok else b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+    while ok:
+        data = conn.recv(65536)
+        if not data:
+            break
+        conn.sendall(data.upper())
+    conn.close()
+'''
+
+
+def test_upgraded_connections_are_spliced_both_ways(daemon, sandbox):
+    """A protocol upgrade (as WebSocket does) through the proxy: after `101` the client
+    and the server in the sandbox talk directly, bytes flowing both ways."""
+    import socket
+
+    port = 8765
+    sandbox.files.write("/home/user/upgrade_server.py", UPGRADE_SERVER)
+    handle = sandbox.commands.run(f"exec python3 /home/user/upgrade_server.py {port}", background=True)
+    try:
+        def handshake() -> tuple[socket.socket, bytes]:
+            s = socket.create_connection(("127.0.0.1", daemon.port), timeout=10)
+            s.sendall(
+                (
+                    f"GET /stream HTTP/1.1\r\nHost: 127.0.0.1\r\nE2b-Sandbox-Id: {sandbox.sandbox_id}\r\n"
+                    f"E2b-Sandbox-Port: {port}\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n"
+                ).encode()
+            )
+            head = b""
+            while b"\r\n\r\n" not in head:
+                chunk = s.recv(1024)
+                if not chunk:
+                    break
+                head += chunk
+            return s, head
+
+        # Ready when the server answers the upgrade (a closed port answers 502 first).
+        def ready():
+            s, head = handshake()
+            s.close()
+            return head.startswith(b"HTTP/1.1 101")
+
+        harness.wait_until(ready, 20, interval=0.1, what="the upgrade server to listen")
+        s, head = handshake()
+        assert head.startswith(b"HTTP/1.1 101"), head
+        for message in (b"hello", b"x" * 200_000):
+            s.sendall(message)
+            got = b""
+            while len(got) < len(message):
+                chunk = s.recv(65536)
+                assert chunk, "connection closed mid-echo"
+                got += chunk
+            assert got == message.upper()
+        s.close()
+    finally:
+        handle.kill()

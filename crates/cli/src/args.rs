@@ -271,11 +271,11 @@ pub enum TplCommand {
     /// Build a built-in template (only `base` for now). Does nothing when the template
     /// is already built from the current recipe, unless --rebuild is given.
     Build(TplBuildArgs),
-    /// List templates: those built in the data dir, or with --api the daemon's.
+    /// List templates: the daemon's, or with --local those built in the data dir.
     ///
-    /// Without --api this reads the data dir and needs no daemon. With --api it asks the
-    /// daemon at E2B_API_URL (GET /templates, with E2B_API_KEY). E2B_API_URL alone never
-    /// switches the source: it is often exported for the SDK.
+    /// With an API key in the environment (E2B_API_KEY or CUBICLE_API_KEY) this asks the
+    /// daemon at E2B_API_URL (GET /templates), like every other client command. Without
+    /// one, or with --local, it reads the data dir and needs no daemon.
     #[command(alias = "list")]
     Ls(TplLsArgs),
     /// Delete a built template (sandboxes must not be using it).
@@ -301,9 +301,10 @@ pub struct TplBuildArgs {
 
 #[derive(Debug, Args)]
 pub struct TplLsArgs {
-    /// Ask the daemon (GET /templates) instead of reading the data dir.
+    /// Read the data dir instead of asking the daemon (`GET /templates`), which is what
+    /// happens whenever E2B_API_KEY (or CUBICLE_API_KEY) is set.
     #[arg(long)]
-    pub api: bool,
+    pub local: bool,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,

@@ -1,4 +1,4 @@
-//! `cubicle sandbox ...`, `tpl ls --api` and `bench api-create` against a real
+//! `cubicle sandbox ...`, `tpl ls` and `bench api-create` against a real
 //! `cubicle serve`: outputs, JSON, exit codes, and nothing left behind.
 
 mod support;
@@ -251,14 +251,14 @@ fn errors_are_clear_and_exit_codes_distinguish_them() {
     d.cli(&["sandbox", "exec", "abc"]).code(2);
     d.cli(&["sandbox", "kill"]).code(2);
 
-    // Templates: the data dir by default, the daemon with --api.
-    let api = d.cli(&["tpl", "ls", "--api"]).ok();
+    // Templates: the daemon's when a key is set, the data dir's with --local.
+    let api = d.cli(&["tpl", "ls"]).ok();
     assert!(api.starts_with("NAME "), "{api}");
     assert!(api.lines().any(|l| l.starts_with("base ")), "{api}");
-    let api = d.cli(&["tpl", "ls", "--api", "--json"]).code(0).json();
+    let api = d.cli(&["tpl", "ls", "--json"]).code(0).json();
     assert_eq!(api[0]["templateID"], "base");
     assert_eq!(api[0]["buildStatus"], "ready");
-    let local = d.cli(&["tpl", "ls", "--json"]).code(0).json();
+    let local = d.cli(&["tpl", "ls", "--local", "--json"]).code(0).json();
     assert_eq!(local[0]["name"], "base");
 
     d.stop();

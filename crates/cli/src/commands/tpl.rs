@@ -16,7 +16,9 @@ pub fn run(data: &DataDir, cmd: TplCommand) -> anyhow::Result<ExitCode> {
     let store = TemplateStore::new(data.clone());
     match cmd {
         TplCommand::Build(args) => build(&store, args),
-        TplCommand::Ls(args) if args.api => super::block_on(ls_api(args.json)),
+        TplCommand::Ls(args) if !args.local && api_key_in_env() => {
+            super::block_on(ls_api(args.json))
+        }
         TplCommand::Ls(args) => ls(&store, args.json),
         TplCommand::Rm(args) => {
             let name: TemplateName = args.name.parse()?;
@@ -80,7 +82,14 @@ fn ls(store: &TemplateStore, json: bool) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// `tpl ls --api`: the templates the daemon offers (`GET /templates`).
+/// Whether the environment names an API key, i.e. the caller talks to a daemon.
+fn api_key_in_env() -> bool {
+    ["E2B_API_KEY", "CUBICLE_API_KEY"]
+        .iter()
+        .any(|k| std::env::var(k).is_ok_and(|v| !v.is_empty()))
+}
+
+/// `tpl ls` with an API key: the templates the daemon offers (`GET /templates`).
 async fn ls_api(json: bool) -> anyhow::Result<ExitCode> {
     let api = cubicle_client::ApiClient::from_env()?;
     let templates = api

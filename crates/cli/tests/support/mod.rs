@@ -141,7 +141,7 @@ impl Daemon {
         ] {
             cmd.env_remove(var);
         }
-        // The data dir is only for `tpl ls` without --api; never the real one.
+        // The data dir is only for `tpl ls --local`; never the real one.
         cmd.env("CUBICLE_DATA_DIR", self.dir.path());
         for (k, v) in env {
             cmd.env(k, v);
