@@ -38,7 +38,7 @@ async fn bad_specs_are_refused_before_anything_is_created() {
 
     let mut spec = env.spec();
     ids.push(spec.id.to_string());
-    spec.rootfs = "/nonexistent/template/rootfs".into();
+    spec.layers = vec!["/nonexistent/template/rootfs".into()];
     let err = env.runtime.create(spec).await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::NotFound, "{err:?}");
 
@@ -68,7 +68,7 @@ async fn a_create_that_fails_inside_the_sandbox_leaves_nothing_behind() {
     let broken = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(broken.path().join("etc")).unwrap();
     let mut spec = env.spec();
-    spec.rootfs = broken.path().to_owned();
+    spec.layers = vec![broken.path().to_owned()];
     let id = spec.id.clone();
     let err = env.runtime.create(spec).await.unwrap_err();
     match &err {

@@ -278,6 +278,11 @@ impl Template {
     ) -> Self {
         let built = rfc3339(t.built_at_ms);
         let build_id = build_id(&t.recipe_hash);
+        // The id is the name, so the name is an alias as well, then the template's own.
+        let aliases: Vec<String> = std::iter::once(&t.name)
+            .chain(&t.aliases)
+            .cloned()
+            .collect();
         Template {
             template_id: t.name.clone(),
             build_id: build_id.clone(),
@@ -285,8 +290,8 @@ impl Template {
             memory_mb: limits.1,
             disk_size_mb: limits.2,
             public: false,
-            aliases: vec![t.name.clone()],
-            names: vec![t.name.clone()],
+            names: aliases.clone(),
+            aliases,
             created_at: built.clone(),
             updated_at: built.clone(),
             created_by: None,

@@ -510,3 +510,34 @@ async fn templates_have_the_fields_the_sdk_requires() {
     let (s, v) = api.key(Method::GET, "/templates/nope", "").await;
     assert_error(s, &v, StatusCode::NOT_FOUND);
 }
+
+#[tokio::test]
+async fn templates_list_their_aliases_and_are_found_by_them() {
+    let api = api().await;
+    let created = api
+        .create(json!({"templateID": "code-interpreter-v1"}))
+        .await;
+    assert_eq!(created["templateID"], "code-interpreter");
+    assert_eq!(created["alias"], "code-interpreter-v1");
+    let (s, list) = api.key(Method::GET, "/templates", "").await;
+    assert_eq!(s, StatusCode::OK);
+    let ids: Vec<&str> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["templateID"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["base", "code-interpreter"]);
+    assert_eq!(list[0]["aliases"], json!(["base"]));
+    assert_eq!(
+        list[1]["aliases"],
+        json!(["code-interpreter", "code-interpreter-v1"])
+    );
+    assert_eq!(list[1]["names"], list[1]["aliases"]);
+    assert_eq!(list[1]["spawnCount"], 1);
+    let (s, one) = api
+        .key(Method::GET, "/templates/code-interpreter-v1", "")
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(one["templateID"], "code-interpreter");
+}

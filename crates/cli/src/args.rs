@@ -268,8 +268,10 @@ pub struct BenchNsCreateArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum TplCommand {
-    /// Build a built-in template (only `base` for now). Does nothing when the template
-    /// is already built from the current recipe, unless --rebuild is given.
+    /// Build a built-in template: `base`, or `code-interpreter` (alias
+    /// `code-interpreter-v1`), a layer on `base`. Does nothing when the template is
+    /// already built from the current recipe, unless --rebuild is given. A layer's
+    /// parent is built first when it is missing or outdated.
     Build(TplBuildArgs),
     /// List templates: the daemon's, or with --local those built in the data dir.
     ///
@@ -278,17 +280,19 @@ pub enum TplCommand {
     /// one, or with --local, it reads the data dir and needs no daemon.
     #[command(alias = "list")]
     Ls(TplLsArgs),
-    /// Delete a built template (sandboxes must not be using it).
+    /// Delete a built template (sandboxes must not be using it, nor templates built on
+    /// it).
     #[command(alias = "remove")]
     Rm(TplRmArgs),
 }
 
 #[derive(Debug, Args)]
 pub struct TplBuildArgs {
-    /// Which built-in template.
+    /// Which built-in template (name or alias).
     #[arg(default_value = "base")]
     pub name: String,
-    /// Build again even if the recipe did not change.
+    /// Build again even if the recipe did not change (only this template, not its
+    /// parent).
     #[arg(long)]
     pub rebuild: bool,
     /// Debian mirror URL (default: the host's apt sources).

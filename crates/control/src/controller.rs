@@ -62,6 +62,10 @@ pub struct Route {
 pub struct TemplateSummary {
     /// Its name (the E2B template id).
     pub name: String,
+    /// Other names it is found by (e.g. `code-interpreter-v1`), not including `name`.
+    pub aliases: Vec<String>,
+    /// The template it is a layer on, if any.
+    pub parent: Option<String>,
     /// When it was built, ms since the epoch.
     pub built_at_ms: i64,
     /// Hash of the recipe it was built from.
@@ -243,12 +247,15 @@ impl Controller {
                 return Ok(existing);
             }
         }
+        // By name or alias; then every layer it stacks on (a missing or rebuilt parent
+        // fails here, before anything is recorded).
         let template = self.templates.get(&template_name).map_err(|e| match e {
             TemplateError::NotFound { .. } => {
                 ControlError::TemplateNotFound(request.template.clone())
             }
             other => other.into(),
         })?;
+        let layers = template.layers(&self.templates)?;
         let id = SandboxId::generate();
         let token = request.secure.then(random_token);
         let now = now_ms();
@@ -259,7 +266,9 @@ impl Controller {
         let record = SandboxRecord {
             id: id.clone(),
             owner,
-            template: template_name.to_string(),
+            // The template's own name, whatever the request called it; the name asked
+            // for (possibly an alias) is the alias, as in E2B.
+            template: template.name.to_string(),
             alias: Some(template_name.to_string()),
             state: SandboxState::Creating,
             created_at_ms: now,
@@ -279,7 +288,7 @@ impl Controller {
         self.store.insert_sandbox(&record)?;
         let spec = SandboxSpec {
             id: id.clone(),
-            rootfs: template.rootfs.clone(),
+            layers,
             uid_shift: template.meta.uid_shift,
             limits,
             agent: AgentConfig {
@@ -288,6 +297,7 @@ impl Controller {
                 default_user: "user".into(),
                 access_token: token,
                 max_upload_bytes: self.config.max_upload_bytes,
+                code_interpreter: template.meta.code_interpreter,
             },
         };
         let info = match self.runtime.create(spec).await {
@@ -513,7 +523,7 @@ impl Controller {
         Ok(self.templates.list()?.into_iter().map(summary).collect())
     }
 
-    /// One template by name.
+    /// One template by name or alias.
     pub fn template(&self, name: &str) -> Result<TemplateSummary, ControlError> {
         let parsed: TemplateName = name
             .parse()
@@ -559,6 +569,8 @@ impl Controller {
 fn summary(t: cubicle_template::Template) -> TemplateSummary {
     TemplateSummary {
         name: t.name.to_string(),
+        aliases: t.meta.aliases.clone(),
+        parent: t.meta.parent.clone(),
         built_at_ms: t.meta.built_at_unix().map(|s| s as i64 * 1000).unwrap_or(0),
         recipe_hash: t.meta.recipe_hash.clone(),
         size_bytes: t.meta.size_bytes,

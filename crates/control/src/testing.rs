@@ -1,6 +1,6 @@
 //! Test doubles for code built on the controller (enabled by the `testing` feature): a
 //! runtime that records what it is asked and never starts a process, and a data dir with
-//! a fake built `base` template.
+//! fake built `base` and `code-interpreter` templates.
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
@@ -38,7 +38,7 @@ impl Runtime for FakeRuntime {
         let info = SandboxInfo {
             id: spec.id.clone(),
             pid: 4242,
-            rootfs: spec.rootfs.clone(),
+            layers: spec.layers.clone(),
             agent_socket: PathBuf::from(format!("/nonexistent/{}.sock", spec.id)),
         };
         self.running
@@ -84,16 +84,30 @@ impl Runtime for FakeRuntime {
     }
 }
 
-/// A temporary data dir with a fake built `base` template (only what the store checks).
+/// A temporary data dir with fake built templates (only what the store checks): `base`,
+/// and `code-interpreter` (alias `code-interpreter-v1`, with the code interpreter), a
+/// layer on `base`.
 pub fn fake_templates() -> (tempfile::TempDir, TemplateStore) {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let dir = tmp.path().join("templates/base");
-    std::fs::create_dir_all(dir.join("rootfs")).expect("mkdir");
-    let meta = format!(
-        r#"{{"format_version":1,"recipe":"base","recipe_hash":"00","uid_shift":{},"built_at":"2026-01-01T00:00:00Z","size_bytes":1,"file_count":1,"build_seconds":1.0,"mirror":"m"}}"#,
-        uid_map::HOST_BASE
+    let put = |name: &str, meta: String| {
+        let dir = tmp.path().join("templates").join(name);
+        std::fs::create_dir_all(dir.join("rootfs")).expect("mkdir");
+        std::fs::write(dir.join("template.json"), meta).expect("write");
+    };
+    put(
+        "base",
+        format!(
+            r#"{{"format_version":1,"recipe":"base","recipe_hash":"00","uid_shift":{},"built_at":"2026-01-01T00:00:00Z","size_bytes":1,"file_count":1,"build_seconds":1.0,"mirror":"m"}}"#,
+            uid_map::HOST_BASE
+        ),
     );
-    std::fs::write(dir.join("template.json"), meta).expect("write");
+    put(
+        "code-interpreter",
+        format!(
+            r#"{{"format_version":2,"recipe":"code-interpreter","recipe_hash":"01","uid_shift":{},"built_at":"2026-01-02T00:00:00Z","size_bytes":1,"file_count":1,"build_seconds":1.0,"mirror":"m","parent":"base","parent_built_at":"2026-01-01T00:00:00Z","aliases":["code-interpreter-v1"],"code_interpreter":true}}"#,
+            uid_map::HOST_BASE
+        ),
+    );
     let store = TemplateStore::new(DataDir::new(tmp.path()));
     (tmp, store)
 }

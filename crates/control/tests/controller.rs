@@ -233,3 +233,62 @@ async fn metrics_are_sampled_on_demand() {
         Err(ControlError::SandboxNotFound(_))
     ));
 }
+
+#[tokio::test]
+async fn layered_templates_pass_every_layer_and_the_interpreter_flag() {
+    let rt = Arc::new(FakeRuntime::default());
+    let store = Store::open_in_memory().unwrap();
+    let (tmp, c) = controller(rt.clone(), store.clone()).await;
+    let rootfs = |n: &str| tmp.path().join("templates").join(n).join("rootfs");
+
+    let base = c.create(1, create("base")).await.unwrap();
+    assert_eq!(base.template, "base");
+    // By alias: recorded under the template's name, the alias as asked.
+    let ci = c.create(1, create("code-interpreter-v1")).await.unwrap();
+    assert_eq!(ci.template, "code-interpreter");
+    assert_eq!(ci.alias.as_deref(), Some("code-interpreter-v1"));
+    let by_name = c.create(1, create("code-interpreter")).await.unwrap();
+    assert_eq!(by_name.template, "code-interpreter");
+
+    let specs = rt.created.lock().unwrap().clone();
+    assert_eq!(specs[0].layers, [rootfs("base")]);
+    assert!(!specs[0].agent.code_interpreter);
+    for spec in &specs[1..] {
+        assert_eq!(spec.layers, [rootfs("code-interpreter"), rootfs("base")]);
+        assert!(spec.agent.code_interpreter);
+    }
+    // The runtime's view keeps every layer (what template removal must respect).
+    let running = rt.running.lock().unwrap();
+    assert_eq!(running[&ci.id].layers.len(), 2);
+    drop(running);
+
+    // Listing shows aliases and parents; lookup by alias works.
+    let list = c.templates().unwrap();
+    let names: Vec<&str> = list.iter().map(|t| t.name.as_str()).collect();
+    assert_eq!(names, ["base", "code-interpreter"]);
+    assert_eq!(list[1].aliases, ["code-interpreter-v1"]);
+    assert_eq!(list[1].parent.as_deref(), Some("base"));
+    assert!(list[0].aliases.is_empty() && list[0].parent.is_none());
+    assert_eq!(
+        c.template("code-interpreter-v1").unwrap().name,
+        "code-interpreter"
+    );
+}
+
+#[tokio::test]
+async fn a_layer_whose_parent_is_gone_is_refused_before_anything_is_recorded() {
+    let rt = Arc::new(FakeRuntime::default());
+    let store = Store::open_in_memory().unwrap();
+    let (tmp, c) = controller(rt.clone(), store.clone()).await;
+    std::fs::remove_dir_all(tmp.path().join("templates/base")).unwrap();
+    let err = c.create(1, create("code-interpreter")).await.unwrap_err();
+    assert!(
+        err.chain().contains("its parent 'base': it is not built"),
+        "{}",
+        err.chain()
+    );
+    assert_eq!(err.kind(), cubicle_core::ErrorKind::NotFound);
+    assert!(rt.created.lock().unwrap().is_empty());
+    let page = c.list(1, &ListRequest::default()).unwrap();
+    assert!(page.items.is_empty());
+}

@@ -1,4 +1,4 @@
-//! Sandbox runtimes: what turns a template rootfs and a [`SandboxSpec`] into an isolated,
+//! Sandbox runtimes: what turns template layers and a [`SandboxSpec`] into an isolated,
 //! running sandbox with an agent inside, and tears it down again.
 //!
 //! Callers (the CLI, the daemon, tests, benchmarks) only use the [`Runtime`] trait, so a
@@ -24,8 +24,9 @@ pub use ns::message::AgentConfig;
 pub struct SandboxSpec {
     /// The new sandbox's id (also its host name).
     pub id: SandboxId,
-    /// The template's root filesystem (read-only lower layer).
-    pub rootfs: PathBuf,
+    /// The template's read-only layers, top first (overlayfs `lowerdir` order): the
+    /// template's own root filesystem, then its parent's layers. At least one.
+    pub layers: Vec<PathBuf>,
     /// Host uid that the template's root files are owned by (see
     /// [`cubicle_core::uid_map`]); must match the runtime's mapping.
     pub uid_shift: u32,
@@ -43,8 +44,9 @@ pub struct SandboxInfo {
     pub id: SandboxId,
     /// Host pid of its first process (the agent).
     pub pid: i32,
-    /// The template rootfs it runs on.
-    pub rootfs: PathBuf,
+    /// The template layers it runs on, top first (the first is the template's own
+    /// `rootfs/`); every one of them must stay while the sandbox exists.
+    pub layers: Vec<PathBuf>,
     /// The agent's envd socket on the host.
     pub agent_socket: PathBuf,
 }
@@ -73,8 +75,8 @@ pub enum RuntimeError {
     /// The limits are out of range.
     #[error("invalid limits")]
     InvalidLimits(#[from] LimitsError),
-    /// The template's rootfs does not exist.
-    #[error("template rootfs {0} does not exist")]
+    /// A template layer does not exist (or none was given).
+    #[error("template layer {0} does not exist")]
     TemplateMissing(PathBuf),
     /// The template was prepared for another uid mapping.
     #[error("template files are owned by uid {template}, but sandboxes map root to uid {runtime}; rebuild the template")]

@@ -1,5 +1,6 @@
 //! Building a template from a [`Recipe`]: debootstrap, configure and trim in a chroot,
-//! shift the owners, install atomically.
+//! shift the owners, install atomically. Layered recipes (with a parent) are built by
+//! [`crate::layer`] instead, after their parent.
 
 use std::collections::VecDeque;
 use std::fs::File;
@@ -25,7 +26,7 @@ pub const BUILD_STEPS: usize = 6;
 const TAIL_LINES: usize = 20;
 
 /// `PATH` for every program the build runs (the caller's may lack the sbin dirs).
-const CHILD_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+pub(crate) const CHILD_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 /// Options of one build.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -96,14 +97,22 @@ pub fn build_base(
 /// Builds the template of `recipe` into `store`, unless it is already built from the
 /// same recipe and uid shift (and `opts.rebuild` is false), which returns at once.
 ///
-/// Needs root, `debootstrap`, `chroot` and `unshare`. Every program runs in a private
-/// mount namespace, so nothing mounted during the build can stay mounted on the host.
+/// A recipe with a parent is built as a layer on the parent's template, and the parent
+/// first (recursively) if it is missing or outdated; `opts.rebuild` forces only the
+/// template asked for.
+///
+/// Needs root, `chroot` and `unshare`, and `debootstrap` or `mount` (layers). Every
+/// program runs in a private mount namespace, so nothing mounted during the build can
+/// stay mounted on the host.
 pub fn build(
     store: &TemplateStore,
     recipe: &Recipe,
     opts: &BuildOptions,
     on_event: &mut dyn FnMut(BuildEvent),
 ) -> Result<BuildOutcome, TemplateError> {
+    if let Some(parent) = recipe.parent {
+        return crate::layer::build_layer(store, recipe, parent, opts, on_event);
+    }
     let name = recipe.template_name()?;
     let hash = recipe.hash(opts.uid_shift);
     if !opts.rebuild {
@@ -114,6 +123,7 @@ pub fn build(
     let started = Instant::now();
     step(on_event, 1, "checking requirements");
     let tools = Tools::find()?;
+    let debootstrap_bin = tools.debootstrap()?;
     let mirror = match &opts.mirror {
         Some(m) => validate_mirror(m)?,
         None => host_mirror(recipe.suite)?,
@@ -135,7 +145,15 @@ pub fn build(
                 2,
                 &format!("installing packages (debootstrap {})", recipe.suite),
             );
-            debootstrap(&tools, recipe, &rootfs, &mirror, &cache, on_event)?;
+            debootstrap(
+                &tools,
+                &debootstrap_bin,
+                recipe,
+                &rootfs,
+                &mirror,
+                &cache,
+                on_event,
+            )?;
             step(on_event, 3, "configuring");
             tools.run_in_chroot(&rootfs, recipe.configure_script, "configuring", on_event)?;
             step(on_event, 4, "trimming");
@@ -148,7 +166,7 @@ pub fn build(
             let stats = shift_ownership(&rootfs, opts.uid_shift)?;
             step(on_event, 6, "installing");
             Ok(TemplateMeta {
-                format_version: TemplateMeta::FORMAT_VERSION,
+                format_version: TemplateMeta::format_version_for(None),
                 recipe: recipe.name.to_owned(),
                 recipe_hash: hash.clone(),
                 uid_shift: opts.uid_shift,
@@ -157,12 +175,16 @@ pub fn build(
                 file_count: stats.entries,
                 build_seconds: (started.elapsed().as_secs_f64() * 10.0).round() / 10.0,
                 mirror: mirror.clone(),
+                parent: None,
+                parent_built_at: None,
+                aliases: recipe.aliases.iter().map(|a| a.to_string()).collect(),
+                code_interpreter: recipe.code_interpreter,
             })
         },
     )
 }
 
-fn step(on_event: &mut dyn FnMut(BuildEvent), index: usize, title: &str) {
+pub(crate) fn step(on_event: &mut dyn FnMut(BuildEvent), index: usize, title: &str) {
     tracing::info!("[{index}/{BUILD_STEPS}] {title}");
     on_event(BuildEvent::Step {
         index,
@@ -173,24 +195,27 @@ fn step(on_event: &mut dyn FnMut(BuildEvent), index: usize, title: &str) {
 
 /// The programs a build runs, found on the host.
 #[derive(Debug)]
-struct Tools {
-    debootstrap: PathBuf,
-    chroot: PathBuf,
-    unshare: PathBuf,
+pub(crate) struct Tools {
+    pub(crate) chroot: PathBuf,
+    pub(crate) unshare: PathBuf,
 }
 
 impl Tools {
-    /// Checks that the build can run at all: root, and the programs installed.
-    fn find() -> Result<Tools, TemplateError> {
+    /// Checks that the build can run at all: root, and the programs every build needs.
+    pub(crate) fn find() -> Result<Tools, TemplateError> {
         let uid = nix::unistd::geteuid();
         if !uid.is_root() {
             return Err(TemplateError::NotRoot { uid: uid.as_raw() });
         }
         Ok(Tools {
-            debootstrap: find_tool("debootstrap", "debootstrap")?,
             chroot: find_tool("chroot", "coreutils")?,
             unshare: find_tool("unshare", "util-linux")?,
         })
+    }
+
+    /// `debootstrap`, which builds root filesystems.
+    fn debootstrap(&self) -> Result<PathBuf, TemplateError> {
+        find_tool("debootstrap", "debootstrap")
     }
 
     /// `unshare --mount --propagation private -- sh -c 'umask 022 && exec "$@"' sh
@@ -235,7 +260,10 @@ impl Tools {
     }
 }
 
-fn find_tool(tool: &'static str, package: &'static str) -> Result<PathBuf, TemplateError> {
+pub(crate) fn find_tool(
+    tool: &'static str,
+    package: &'static str,
+) -> Result<PathBuf, TemplateError> {
     let path = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path)
         .chain(std::env::split_paths(CHILD_PATH))
@@ -251,13 +279,14 @@ fn is_executable(p: &Path) -> bool {
 
 fn debootstrap(
     tools: &Tools,
+    debootstrap_bin: &Path,
     recipe: &Recipe,
     rootfs: &Path,
     mirror: &str,
     cache: &Path,
     on_event: &mut dyn FnMut(BuildEvent),
 ) -> Result<(), TemplateError> {
-    let mut cmd = tools.isolated(&tools.debootstrap);
+    let mut cmd = tools.isolated(debootstrap_bin);
     cmd.arg(format!("--variant={}", recipe.variant))
         .arg(format!("--include={}", recipe.packages.join(",")))
         .arg("--cache-dir")
@@ -265,7 +294,7 @@ fn debootstrap(
         .arg(recipe.suite)
         .arg(rootfs)
         .arg(mirror);
-    let run = run_streamed(cmd, on_event).ctx("run", &tools.debootstrap)?;
+    let run = run_streamed(cmd, on_event).ctx("run", debootstrap_bin)?;
     if run.status.success() {
         return Ok(());
     }
@@ -285,7 +314,7 @@ fn debootstrap(
     })
 }
 
-fn join_tail(tail: &VecDeque<String>) -> String {
+pub(crate) fn join_tail(tail: &VecDeque<String>) -> String {
     tail.iter()
         .map(|l| format!("  {l}"))
         .collect::<Vec<_>>()
@@ -294,15 +323,15 @@ fn join_tail(tail: &VecDeque<String>) -> String {
 
 /// How a streamed program ended.
 #[derive(Debug)]
-struct Finished {
-    status: ExitStatus,
+pub(crate) struct Finished {
+    pub(crate) status: ExitStatus,
     /// Its last [`TAIL_LINES`] lines of output.
-    tail: VecDeque<String>,
+    pub(crate) tail: VecDeque<String>,
 }
 
 /// Runs `cmd` with stdin from /dev/null and stdout and stderr merged into one pipe,
 /// passing each output line to `on_event` as it comes.
-fn run_streamed(
+pub(crate) fn run_streamed(
     mut cmd: Command,
     on_event: &mut dyn FnMut(BuildEvent),
 ) -> std::io::Result<Finished> {
@@ -411,6 +440,10 @@ mod tests {
             file_count: 1,
             build_seconds: 1.0,
             mirror: "http://m/debian".into(),
+            parent: None,
+            parent_built_at: None,
+            aliases: Vec::new(),
+            code_interpreter: false,
         };
         std::fs::write(
             dir.join("template.json"),
@@ -435,6 +468,84 @@ mod tests {
                     | TemplateError::MissingTool { .. }
             ),
             "{err}"
+        );
+    }
+
+    fn write_meta(dir: &Path, meta: &TemplateMeta) {
+        std::fs::create_dir_all(dir.join("rootfs")).unwrap();
+        std::fs::write(dir.join("template.json"), serde_json::to_vec(meta).unwrap()).unwrap();
+    }
+
+    #[test]
+    fn layered_template_is_up_to_date_only_on_its_parent_build() {
+        use crate::recipe::CODE_INTERPRETER;
+        let tmp = tempfile::tempdir().unwrap();
+        let store = TemplateStore::new(cubicle_core::DataDir::new(tmp.path()));
+        let opts = BuildOptions {
+            mirror: Some("not a url".into()),
+            ..BuildOptions::default()
+        };
+        let base = TemplateMeta {
+            format_version: 1,
+            recipe: "base".into(),
+            recipe_hash: BASE.hash(opts.uid_shift),
+            uid_shift: opts.uid_shift,
+            built_at: rfc3339_utc(100),
+            size_bytes: 1,
+            file_count: 1,
+            build_seconds: 1.0,
+            mirror: "http://m/debian".into(),
+            parent: None,
+            parent_built_at: None,
+            aliases: Vec::new(),
+            code_interpreter: false,
+        };
+        write_meta(&tmp.path().join("templates/base"), &base);
+        let child = TemplateMeta {
+            format_version: 2,
+            recipe: CODE_INTERPRETER.name.into(),
+            recipe_hash: CODE_INTERPRETER.hash(opts.uid_shift),
+            parent: Some("base".into()),
+            parent_built_at: Some(base.built_at.clone()),
+            aliases: vec!["code-interpreter-v1".into()],
+            code_interpreter: true,
+            ..base.clone()
+        };
+        let child_dir = tmp.path().join("templates/code-interpreter");
+        write_meta(&child_dir, &child);
+        let mut events = Vec::new();
+        // By name or by alias, nothing to do.
+        for name in ["code-interpreter", "code-interpreter-v1"] {
+            let recipe = Recipe::builtin(name).unwrap();
+            let out = build(&store, recipe, &opts, &mut |e| events.push(e)).unwrap();
+            assert!(matches!(out, BuildOutcome::UpToDate(ref t) if t.meta == child));
+        }
+        assert!(events.is_empty());
+
+        // The parent was rebuilt since: the child is built again (here it fails early on
+        // the mirror, after finding the parent up to date).
+        write_meta(
+            &child_dir,
+            &TemplateMeta {
+                parent_built_at: Some(rfc3339_utc(50)),
+                ..child.clone()
+            },
+        );
+        let err = build(&store, &CODE_INTERPRETER, &opts, &mut |e| events.push(e)).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                TemplateError::InvalidMirror { .. }
+                    | TemplateError::NotRoot { .. }
+                    | TemplateError::MissingTool { .. }
+            ),
+            "{err}"
+        );
+        assert!(
+            !events
+                .iter()
+                .any(|e| matches!(e, BuildEvent::Log(l) if l.starts_with("building 'base' first"))),
+            "the current parent was not rebuilt: {events:?}"
         );
     }
 }

@@ -25,6 +25,26 @@ pub enum TemplateError {
         reason: String,
     },
 
+    /// A layered template cannot be used because of its parent chain.
+    #[error("template '{name}' cannot be used: its parent '{parent}': {reason}; rebuild it with `cubicle tpl build {name}`")]
+    BrokenParent {
+        /// The template asked for.
+        name: String,
+        /// The parent (or further ancestor) at fault.
+        parent: String,
+        /// What is wrong.
+        reason: String,
+    },
+
+    /// Refusing to remove a template other templates are layers on.
+    #[error("template '{name}' is the parent of {children}; remove {} first", if .children.contains(',') { "them" } else { "it" })]
+    HasChildren {
+        /// The template to remove.
+        name: String,
+        /// The templates built on it, comma separated.
+        children: String,
+    },
+
     /// There is no built-in recipe of this name.
     #[error("unknown template '{name}'; built-in templates: {known}")]
     UnknownRecipe {
@@ -105,6 +125,20 @@ pub enum TemplateError {
         shift: u32,
     },
 
+    /// An owner in a freshly built layer is neither a sandbox id (below the range size)
+    /// nor an already shifted one, so it cannot be mapped into sandboxes.
+    #[error("{path} is owned by id {id}, which is neither below {range} nor in the shifted range {shift}..{}", u64::from(*.shift) + u64::from(*.range))]
+    IdOutOfRange {
+        /// The file.
+        path: PathBuf,
+        /// Its uid or gid.
+        id: u32,
+        /// The uid shift.
+        shift: u32,
+        /// How many ids sandboxes map.
+        range: u32,
+    },
+
     /// Refusing to delete a directory that has something mounted inside it.
     #[error("refusing to delete {path}: {mount} is mounted inside it; unmount it first")]
     MountedInside {
@@ -134,7 +168,9 @@ impl TemplateError {
     /// usable `template.json` is not a template.
     pub fn kind(&self) -> ErrorKind {
         match self {
-            TemplateError::NotFound { .. } | TemplateError::Corrupt { .. } => ErrorKind::NotFound,
+            TemplateError::NotFound { .. }
+            | TemplateError::Corrupt { .. }
+            | TemplateError::BrokenParent { .. } => ErrorKind::NotFound,
             TemplateError::UnknownRecipe { .. }
             | TemplateError::InvalidName(_)
             | TemplateError::InvalidMirror { .. } => ErrorKind::InvalidInput,
@@ -142,9 +178,12 @@ impl TemplateError {
             | TemplateError::MissingTool { .. }
             | TemplateError::NoMirror { .. }
             | TemplateError::Debootstrap { .. } => ErrorKind::Unavailable,
-            TemplateError::MountedInside { .. } => ErrorKind::Conflict,
+            TemplateError::MountedInside { .. } | TemplateError::HasChildren { .. } => {
+                ErrorKind::Conflict
+            }
             TemplateError::StepFailed { .. }
             | TemplateError::UidOverflow { .. }
+            | TemplateError::IdOutOfRange { .. }
             | TemplateError::Io { .. } => ErrorKind::Internal,
         }
     }

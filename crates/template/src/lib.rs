@@ -2,11 +2,17 @@
 //!
 //! This crate owns two things:
 //!
-//! - **Building** a template from a built-in [`Recipe`] (for now only [`recipe::BASE`]):
-//!   `debootstrap` a Debian root filesystem from the host's mirror, configure and trim
-//!   it in a chroot, shift every owner into the sandboxes' user-namespace range
-//!   ([`shift_ownership`]), and install it atomically ([`build`], [`build_base`]).
-//! - **Storing** templates on disk and finding them again ([`TemplateStore`]).
+//! - **Building** a template from a built-in [`Recipe`] ([`recipe::BASE`],
+//!   [`recipe::CODE_INTERPRETER`]): `debootstrap` a Debian root filesystem from the host's
+//!   mirror, configure and trim it in a chroot, shift every owner into the sandboxes'
+//!   user-namespace range ([`shift_ownership`]), and install it atomically ([`build`],
+//!   [`build_base`]).
+//! - **Layers**: a recipe with a parent is built as a delta on the parent's template
+//!   (`apt-get install` in an overlay of the parent's layers; see the `layer` module and
+//!   [`shift_layer_ownership`]). Sandboxes mount all layers of a template, top first
+//!   ([`Template::layers`]).
+//! - **Storing** templates on disk and finding them again, by name or alias
+//!   ([`TemplateStore`]).
 //!
 //! On-disk layout, inside the data directory (see [`cubicle_core::DataDir`]):
 //!
@@ -15,19 +21,26 @@
 //!   .lock                          flock(2)ed by builds and removals (one at a time)
 //!   <name>/                        an installed template (renamed into place whole)
 //!     template.json                TemplateMeta; written last, its absence means "not a template"
-//!     rootfs/                      the root filesystem, every uid/gid shifted by uid_shift
+//!     rootfs/                      the root filesystem, every uid/gid shifted by uid_shift;
+//!                                  for a layered template only its delta (with whiteouts
+//!                                  and user.overlay.* attributes) on its parent's layers
 //!   .build-<name>-<random>/        a build in progress; removed on failure, or by the
 //!     rootfs/                      next build if the process died
+//!     work/ merged/                (layers) the overlay's work dir and mount point
 //!   .old-<name>-<random>/          a replaced or removed template being deleted
 //! <data>/cache/debootstrap/        downloaded .debs, reused by later builds
+//! <data>/cache/apt/<suite>/        .debs downloaded by layer builds, reused likewise
 //! ```
 //!
 //! A template is current when its `template.json` has the recipe's
-//! [`hash`](Recipe::hash) and the uid shift asked for; building a current template
-//! returns [`BuildOutcome::UpToDate`] at once.
+//! [`hash`](Recipe::hash) and the uid shift asked for, and, for a layer, its parent is
+//! still the build it was made on; building a current template returns
+//! [`BuildOutcome::UpToDate`] at once. A layered recipe's hash includes its parent's, so
+//! a changed parent recipe makes its children outdated too.
 
 mod build;
 mod error;
+mod layer;
 mod meta;
 pub mod mirror;
 pub mod recipe;
@@ -38,5 +51,7 @@ pub use build::{build, build_base, BuildEvent, BuildOptions, BuildOutcome, BUILD
 pub use error::TemplateError;
 pub use meta::{parse_rfc3339_utc, rfc3339_utc, Template, TemplateMeta};
 pub use recipe::Recipe;
-pub use shift::{measure, shift_ownership, TreeStats};
+pub use shift::{
+    is_opaque, layer_id, measure, shift_layer_ownership, shift_ownership, LayerStats, TreeStats,
+};
 pub use store::{TemplateStore, META_FILE, ROOTFS_DIR};

@@ -6,7 +6,15 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use cubicle_core::TemplateName;
 use serde::{Deserialize, Serialize};
 
+use crate::error::TemplateError;
+use crate::recipe::MAX_LAYERS;
+use crate::store::TemplateStore;
+
 /// The contents of `templates/<name>/template.json`, written last by a build.
+///
+/// Fields added after format 1 (`parent`, `parent_built_at`, `aliases`,
+/// `code_interpreter`) default when absent, so every format-1 file still loads, and are
+/// left out when they have their default value.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TemplateMeta {
     /// Version of this file's format; see [`TemplateMeta::FORMAT_VERSION`].
@@ -27,11 +35,60 @@ pub struct TemplateMeta {
     pub build_seconds: f64,
     /// The Debian mirror the packages came from.
     pub mirror: String,
+    /// The template this one is a layer on (by name), if any: then `rootfs/` holds only
+    /// the difference to the parent's layers, and sandboxes mount them all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
+    /// The parent's [`TemplateMeta::built_at`] when this layer was built on it. A parent
+    /// rebuilt since then is another file system; this layer no longer fits it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent_built_at: Option<String>,
+    /// Other names [`TemplateStore::get`] finds this template by (e.g.
+    /// `code-interpreter-v1`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub aliases: Vec<String>,
+    /// Whether sandboxes of this template run the code interpreter.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub code_interpreter: bool,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 impl TemplateMeta {
-    /// The only format this crate reads and writes.
-    pub const FORMAT_VERSION: u32 = 1;
+    /// The newest format this crate reads and writes. Format 1: a single root
+    /// filesystem. Format 2: may be a layer on a parent ([`TemplateMeta::parent`]).
+    pub const FORMAT_VERSION: u32 = 2;
+    /// The oldest format this crate reads.
+    pub const MIN_FORMAT_VERSION: u32 = 1;
+
+    /// The format a build writes: 1 for a template without a parent, which every
+    /// version of cubicle reads; 2 for a layer, so that a cubicle that does not know
+    /// layers refuses it instead of starting sandboxes on a bare delta.
+    pub fn format_version_for(parent: Option<&str>) -> u32 {
+        if parent.is_some() {
+            2
+        } else {
+            1
+        }
+    }
+
+    /// Why this metadata cannot be used by this crate, if it cannot.
+    pub(crate) fn unsupported(&self) -> Option<String> {
+        if !(Self::MIN_FORMAT_VERSION..=Self::FORMAT_VERSION).contains(&self.format_version) {
+            return Some(format!(
+                "has format version {}, this build of cubicle reads versions {} to {}",
+                self.format_version,
+                Self::MIN_FORMAT_VERSION,
+                Self::FORMAT_VERSION
+            ));
+        }
+        if self.format_version < 2 && self.parent.is_some() {
+            return Some("names a parent, which format version 1 cannot".into());
+        }
+        None
+    }
 
     /// [`TemplateMeta::built_at`] as Unix seconds, if it is in the format this crate
     /// writes.
@@ -47,11 +104,84 @@ pub struct Template {
     pub name: TemplateName,
     /// `templates/<name>/`.
     pub dir: PathBuf,
-    /// `templates/<name>/rootfs/`: the read-only lower layer of its sandboxes.
+    /// `templates/<name>/rootfs/`: its own layer, the topmost read-only layer of its
+    /// sandboxes (the only one unless it has a parent; see [`Template::layers`]).
     pub rootfs: PathBuf,
     /// What `template.json` says.
     #[serde(flatten)]
     pub meta: TemplateMeta,
+}
+
+impl Template {
+    /// The template it is a layer on, by name.
+    pub fn parent(&self) -> Option<&str> {
+        self.meta.parent.as_deref()
+    }
+
+    /// Every layer a sandbox of this template mounts, top first: its own `rootfs/`, then
+    /// its parent's layers, down to a template without parent. This is overlayfs'
+    /// `lowerdir` order.
+    ///
+    /// Parents are looked up by name in `store` (never by alias). Fails with
+    /// [`TemplateError::BrokenParent`] if a parent is missing or corrupt, was rebuilt
+    /// after the layer above it, has another uid shift, or the chain loops or is deeper
+    /// than [`MAX_LAYERS`].
+    pub fn layers(&self, store: &TemplateStore) -> Result<Vec<PathBuf>, TemplateError> {
+        let broken = |parent: &str, reason: String| TemplateError::BrokenParent {
+            name: self.name.to_string(),
+            parent: parent.to_owned(),
+            reason,
+        };
+        let mut layers = vec![self.rootfs.clone()];
+        let mut chain = vec![self.name.to_string()];
+        let mut child = self.clone();
+        while let Some(parent_name) = child.meta.parent.clone() {
+            if chain.contains(&parent_name) {
+                chain.push(parent_name.clone());
+                return Err(broken(
+                    &parent_name,
+                    format!("the parent chain loops: {}", chain.join(" -> ")),
+                ));
+            }
+            if layers.len() >= MAX_LAYERS {
+                return Err(broken(
+                    &parent_name,
+                    format!("more than {MAX_LAYERS} layers: {}", chain.join(" -> ")),
+                ));
+            }
+            let name: TemplateName = parent_name
+                .parse()
+                .map_err(|e| broken(&parent_name, format!("invalid name: {e}")))?;
+            let parent = store.get_by_name(&name).map_err(|e| match e {
+                TemplateError::NotFound { .. } => broken(&parent_name, "it is not built".into()),
+                other => broken(&parent_name, other.to_string()),
+            })?;
+            if parent.meta.uid_shift != child.meta.uid_shift {
+                return Err(broken(
+                    &parent_name,
+                    format!(
+                        "its uid shift is {}, '{}' was built with {}",
+                        parent.meta.uid_shift, child.name, child.meta.uid_shift
+                    ),
+                ));
+            }
+            if child.meta.parent_built_at.as_deref() != Some(parent.meta.built_at.as_str()) {
+                return Err(broken(
+                    &parent_name,
+                    format!(
+                        "'{}' was built on the '{parent_name}' of {}, which has been rebuilt since ({})",
+                        child.name,
+                        child.meta.parent_built_at.as_deref().unwrap_or("an unknown time"),
+                        parent.meta.built_at
+                    ),
+                ));
+            }
+            layers.push(parent.rootfs.clone());
+            chain.push(parent_name);
+            child = parent;
+        }
+        Ok(layers)
+    }
 }
 
 /// The current time as Unix seconds.
@@ -150,7 +280,7 @@ mod tests {
 
     fn sample() -> TemplateMeta {
         TemplateMeta {
-            format_version: TemplateMeta::FORMAT_VERSION,
+            format_version: 1,
             recipe: "base".into(),
             recipe_hash: "ab".repeat(32),
             uid_shift: 1_000_000_000,
@@ -159,6 +289,10 @@ mod tests {
             file_count: 8241,
             build_seconds: 41.5,
             mirror: "http://deb.debian.org/debian".into(),
+            parent: None,
+            parent_built_at: None,
+            aliases: Vec::new(),
+            code_interpreter: false,
         }
     }
 
@@ -169,6 +303,82 @@ mod tests {
         assert!(json.contains("\"recipe_hash\""));
         let back: TemplateMeta = serde_json::from_str(&json).unwrap();
         assert_eq!(back, meta);
+    }
+
+    /// A `template.json` exactly as cubicle wrote it before layers existed.
+    const FORMAT_1: &str = r#"{
+  "format_version": 1,
+  "recipe": "base",
+  "recipe_hash": "e4bc29c3ec0f1b5e2998c3f1541daddc7bd1f77d3747bd15509cff0b9e6886b2",
+  "uid_shift": 1000000000,
+  "built_at": "2026-11-25T14:58:27Z",
+  "size_bytes": 137392128,
+  "file_count": 6263,
+  "build_seconds": 39.6,
+  "mirror": "http://deb.debian.org/debian"
+}"#;
+
+    #[test]
+    fn format_1_metas_still_load_and_single_layers_still_write_format_1() {
+        let old: TemplateMeta = serde_json::from_str(FORMAT_1).unwrap();
+        assert_eq!(old.format_version, 1);
+        assert_eq!(old.parent, None);
+        assert_eq!(old.parent_built_at, None);
+        assert!(old.aliases.is_empty());
+        assert!(!old.code_interpreter);
+        assert_eq!(old.unsupported(), None);
+        // Written back, a single-layer meta has exactly the old fields: a cubicle that
+        // predates layers reads it as before.
+        let again: serde_json::Value = serde_json::to_value(&old).unwrap();
+        let before: serde_json::Value = serde_json::from_str(FORMAT_1).unwrap();
+        assert_eq!(again, before);
+        assert_eq!(TemplateMeta::format_version_for(None), 1);
+    }
+
+    #[test]
+    fn layered_metas_are_format_2_and_round_trip() {
+        let meta = TemplateMeta {
+            format_version: TemplateMeta::format_version_for(Some("base")),
+            recipe: "code-interpreter".into(),
+            parent: Some("base".into()),
+            parent_built_at: Some("2026-11-25T14:58:27Z".into()),
+            aliases: vec!["code-interpreter-v1".into()],
+            code_interpreter: true,
+            ..sample()
+        };
+        assert_eq!(meta.format_version, 2);
+        assert_eq!(meta.unsupported(), None);
+        let v = serde_json::to_value(&meta).unwrap();
+        assert_eq!(v["parent"], "base");
+        assert_eq!(v["aliases"][0], "code-interpreter-v1");
+        assert_eq!(v["code_interpreter"], true);
+        let back: TemplateMeta = serde_json::from_value(v).unwrap();
+        assert_eq!(back, meta);
+    }
+
+    #[test]
+    fn unsupported_formats_are_named() {
+        for version in [0, 3, 99] {
+            let m = TemplateMeta {
+                format_version: version,
+                ..sample()
+            };
+            let why = m.unsupported().unwrap();
+            assert!(why.contains(&format!("format version {version}")), "{why}");
+            assert!(why.contains("versions 1 to 2"), "{why}");
+        }
+        // Format 1 cannot describe a layer: such a file did not come from any cubicle.
+        let m = TemplateMeta {
+            format_version: 1,
+            parent: Some("base".into()),
+            ..sample()
+        };
+        assert!(m.unsupported().unwrap().contains("parent"));
+        let m = TemplateMeta {
+            format_version: 2,
+            ..sample()
+        };
+        assert_eq!(m.unsupported(), None);
     }
 
     #[test]

@@ -51,12 +51,42 @@ impl TemplateStore {
         self.data.templates()
     }
 
-    /// The installed template `name`.
+    /// The installed template called `name`, or else the one that lists `name` among
+    /// its aliases. Names take precedence: an alias never hides a template of that name,
+    /// not even a corrupt one. If several templates claim the alias, the first by name
+    /// wins.
+    ///
+    /// [`TemplateError::NotFound`] if neither exists; [`TemplateError::Corrupt`] as for
+    /// [`TemplateStore::get_by_name`].
+    pub fn get(&self, name: &TemplateName) -> Result<Template, TemplateError> {
+        match self.get_by_name(name) {
+            Err(TemplateError::NotFound { .. }) => {}
+            found => return found,
+        }
+        let mut claims = self
+            .list()?
+            .into_iter()
+            .filter(|t| t.meta.aliases.iter().any(|a| a == name.as_str()));
+        let found = claims.next().ok_or_else(|| TemplateError::NotFound {
+            name: name.to_string(),
+        })?;
+        if let Some(other) = claims.next() {
+            tracing::warn!(
+                alias = %name,
+                "templates '{}' and '{}' both claim the alias; using the first",
+                found.name,
+                other.name
+            );
+        }
+        Ok(found)
+    }
+
+    /// The installed template `name`, by name only (aliases are not considered).
     ///
     /// [`TemplateError::NotFound`] if there is no such directory or it has no
     /// `template.json`; [`TemplateError::Corrupt`] if `template.json` is unreadable,
-    /// of another format version, or the root filesystem is missing.
-    pub fn get(&self, name: &TemplateName) -> Result<Template, TemplateError> {
+    /// of a format version this crate does not read, or the root filesystem is missing.
+    pub fn get_by_name(&self, name: &TemplateName) -> Result<Template, TemplateError> {
         let dir = self.data.template(name);
         let not_found = || TemplateError::NotFound {
             name: name.to_string(),
@@ -73,13 +103,8 @@ impl TemplateStore {
         };
         let meta: TemplateMeta = serde_json::from_str(&text)
             .map_err(|e| corrupt(format!("{} is not valid: {e}", meta_path.display())))?;
-        if meta.format_version != TemplateMeta::FORMAT_VERSION {
-            return Err(corrupt(format!(
-                "{} has format version {}, this build of cubicle reads version {}",
-                meta_path.display(),
-                meta.format_version,
-                TemplateMeta::FORMAT_VERSION
-            )));
+        if let Some(why) = meta.unsupported() {
+            return Err(corrupt(format!("{} {why}", meta_path.display())));
         }
         let rootfs = dir.join(ROOTFS_DIR);
         if !fs::symlink_metadata(&rootfs).is_ok_and(|m| m.is_dir()) {
@@ -119,7 +144,7 @@ impl TemplateStore {
                     continue;
                 }
             };
-            match self.get(&name) {
+            match self.get_by_name(&name) {
                 Ok(t) => out.push(t),
                 Err(e) => tracing::warn!("ignoring {}: {e}", entry.path().display()),
             }
@@ -128,10 +153,12 @@ impl TemplateStore {
         Ok(out)
     }
 
-    /// Deletes the template `name`, valid or not. Waits for a build in progress.
+    /// Deletes the template `name` (by name, not alias), valid or not. Waits for a build
+    /// in progress. Refuses ([`TemplateError::HasChildren`]) while other installed
+    /// templates are layers on it.
     ///
     /// The template disappears atomically (renamed aside, then deleted). Sandboxes still
-    /// using it as their lower layer must be gone first; that is the caller's concern.
+    /// using it as one of their layers must be gone first; that is the caller's concern.
     pub fn remove(&self, name: &TemplateName) -> Result<(), TemplateError> {
         let dir = self.data.template(name);
         if fs::symlink_metadata(&dir).is_err() {
@@ -140,6 +167,18 @@ impl TemplateStore {
             });
         }
         let _lock = self.lock(&mut |_| {})?;
+        let children: Vec<String> = self
+            .list()?
+            .into_iter()
+            .filter(|t| t.parent() == Some(name.as_str()))
+            .map(|t| format!("'{}'", t.name))
+            .collect();
+        if !children.is_empty() {
+            return Err(TemplateError::HasChildren {
+                name: name.to_string(),
+                children: children.join(", "),
+            });
+        }
         let aside = self
             .dir()
             .join(format!("{OLD_PREFIX}{name}-{}", random_suffix()));
@@ -185,16 +224,19 @@ impl TemplateStore {
     }
 
     /// The installed template `name` if it was built with `recipe_hash` and
-    /// `uid_shift`; `None` if it is missing, corrupt or from another recipe.
+    /// `uid_shift` and, for a layer, still fits its parents ([`Template::layers`]);
+    /// `None` if it is missing, corrupt, from another recipe or on a rebuilt parent.
     pub(crate) fn current(
         &self,
         name: &TemplateName,
         recipe_hash: &str,
         uid_shift: u32,
     ) -> Option<Template> {
-        self.get(name)
-            .ok()
-            .filter(|t| t.meta.recipe_hash == recipe_hash && t.meta.uid_shift == uid_shift)
+        self.get_by_name(name).ok().filter(|t| {
+            t.meta.recipe_hash == recipe_hash
+                && t.meta.uid_shift == uid_shift
+                && (t.parent().is_none() || t.layers(self).is_ok())
+        })
     }
 
     /// Builds and installs the template `name` atomically.
@@ -275,7 +317,7 @@ impl TemplateStore {
                 tracing::warn!("cannot delete the previous template: {e}");
             }
         }
-        self.get(name).map(BuildOutcome::Built)
+        self.get_by_name(name).map(BuildOutcome::Built)
     }
 
     /// Deletes `.build-*` and `.old-*` directories. Only call with the lock held: then
@@ -459,6 +501,10 @@ mod tests {
             file_count: 2,
             build_seconds: 0.1,
             mirror: "http://deb.debian.org/debian".into(),
+            parent: None,
+            parent_built_at: None,
+            aliases: Vec::new(),
+            code_interpreter: false,
         }
     }
 
@@ -766,6 +812,209 @@ mod tests {
         let (built, calls) = waiter.join().unwrap();
         assert!(built.unwrap());
         assert_eq!(calls, 1);
+    }
+
+    /// Installs a hand-made template from `meta` (with an empty rootfs/).
+    fn put_meta(store: &TemplateStore, n: &str, meta: &TemplateMeta) -> PathBuf {
+        put(store, n, Some(&serde_json::to_string(meta).unwrap()), true)
+    }
+
+    /// Metadata of a layer on `parent`, built on the parent's build of `parent_built_at`.
+    fn layer_meta(parent: &str, parent_built_at: &str) -> TemplateMeta {
+        TemplateMeta {
+            format_version: 2,
+            parent: Some(parent.into()),
+            parent_built_at: Some(parent_built_at.into()),
+            ..meta("layer")
+        }
+    }
+
+    const BUILT: &str = "2026-05-20T14:31:02Z";
+
+    #[test]
+    fn layers_are_resolved_top_first() {
+        let (_tmp, store) = store();
+        put_meta(&store, "base", &meta("b"));
+        put_meta(&store, "mid", &layer_meta("base", BUILT));
+        put_meta(&store, "top", &layer_meta("mid", BUILT));
+        let rootfs = |n: &str| store.dir().join(n).join(ROOTFS_DIR);
+
+        let base = store.get(&name("base")).unwrap();
+        assert_eq!(base.parent(), None);
+        assert_eq!(base.layers(&store).unwrap(), [rootfs("base")]);
+        let mid = store.get(&name("mid")).unwrap();
+        assert_eq!(mid.parent(), Some("base"));
+        assert_eq!(mid.layers(&store).unwrap(), [rootfs("mid"), rootfs("base")]);
+        let top = store.get(&name("top")).unwrap();
+        assert_eq!(
+            top.layers(&store).unwrap(),
+            [rootfs("top"), rootfs("mid"), rootfs("base")]
+        );
+    }
+
+    #[test]
+    fn broken_parents_are_clear_errors() {
+        let (_tmp, store) = store();
+        let broken = |n: &str| {
+            let err = store.get(&name(n)).unwrap().layers(&store).unwrap_err();
+            assert!(matches!(err, TemplateError::BrokenParent { .. }), "{err}");
+            assert_eq!(err.kind(), cubicle_core::ErrorKind::NotFound);
+            err.to_string()
+        };
+
+        put_meta(&store, "orphan", &layer_meta("gone", BUILT));
+        assert_eq!(
+            broken("orphan"),
+            "template 'orphan' cannot be used: its parent 'gone': it is not built; \
+             rebuild it with `cubicle tpl build orphan`"
+        );
+
+        put(&store, "garbage", Some("{"), true);
+        put_meta(&store, "on-garbage", &layer_meta("garbage", BUILT));
+        let msg = broken("on-garbage");
+        assert!(
+            msg.contains("its parent 'garbage'") && msg.contains("corrupt"),
+            "{msg}"
+        );
+
+        put_meta(&store, "base", &meta("b"));
+        put_meta(&store, "stale", &layer_meta("base", "2026-01-01T00:00:00Z"));
+        let msg = broken("stale");
+        assert!(
+            msg.contains("has been rebuilt since (2026-05-20T14:31:02Z)"),
+            "{msg}"
+        );
+        put_meta(
+            &store,
+            "unknown-build",
+            &TemplateMeta {
+                parent_built_at: None,
+                ..layer_meta("base", BUILT)
+            },
+        );
+        assert!(broken("unknown-build").contains("an unknown time"));
+
+        put_meta(
+            &store,
+            "shifted",
+            &TemplateMeta {
+                uid_shift: 8,
+                ..layer_meta("base", BUILT)
+            },
+        );
+        assert!(broken("shifted").contains("uid shift is 7"));
+
+        // Loops cannot come from built-in recipes, but template.json files can say so.
+        put_meta(&store, "a", &layer_meta("b", BUILT));
+        put_meta(&store, "b", &layer_meta("a", BUILT));
+        assert!(broken("a").contains("the parent chain loops: a -> b -> a"));
+        put_meta(&store, "self", &layer_meta("self", BUILT));
+        assert!(broken("self").contains("self -> self"));
+
+        // Too deep: l0 <- l1 <- ... <- l9.
+        put_meta(&store, "l0", &meta("b"));
+        for i in 1..=crate::recipe::MAX_LAYERS + 1 {
+            put_meta(
+                &store,
+                &format!("l{i}"),
+                &layer_meta(&format!("l{}", i - 1), BUILT),
+            );
+        }
+        let deepest = format!("l{}", crate::recipe::MAX_LAYERS - 1);
+        assert_eq!(
+            store
+                .get(&name(&deepest))
+                .unwrap()
+                .layers(&store)
+                .unwrap()
+                .len(),
+            crate::recipe::MAX_LAYERS
+        );
+        let too_deep = format!("l{}", crate::recipe::MAX_LAYERS);
+        assert!(broken(&too_deep).contains("more than 8 layers"));
+    }
+
+    #[test]
+    fn aliases_find_templates_but_names_come_first() {
+        let (_tmp, store) = store();
+        let with_aliases = |aliases: &[&str]| TemplateMeta {
+            aliases: aliases.iter().map(|a| a.to_string()).collect(),
+            ..meta("h")
+        };
+        put_meta(
+            &store,
+            "code-interpreter",
+            &with_aliases(&["code-interpreter-v1"]),
+        );
+        let t = store.get(&name("code-interpreter-v1")).unwrap();
+        assert_eq!(t.name.as_str(), "code-interpreter");
+        assert_eq!(t.dir, store.dir().join("code-interpreter"));
+        // Only by name: aliases are not names.
+        assert!(matches!(
+            store.get_by_name(&name("code-interpreter-v1")),
+            Err(TemplateError::NotFound { .. })
+        ));
+        assert!(matches!(
+            store.get(&name("nope")),
+            Err(TemplateError::NotFound { .. })
+        ));
+
+        // A template named like another's alias wins.
+        put_meta(&store, "alpha", &with_aliases(&["beta", "shared"]));
+        put_meta(&store, "beta", &meta("h"));
+        assert_eq!(store.get(&name("beta")).unwrap().name.as_str(), "beta");
+        // Even a corrupt one: the alias does not paper over it.
+        put_meta(&store, "zeta", &with_aliases(&["gamma", "shared"]));
+        put(&store, "gamma", Some("{"), true);
+        assert!(matches!(
+            store.get(&name("gamma")),
+            Err(TemplateError::Corrupt { .. })
+        ));
+        // Claimed twice: the first by name.
+        assert_eq!(store.get(&name("shared")).unwrap().name.as_str(), "alpha");
+        // Removal is by name only.
+        assert!(matches!(
+            store.remove(&name("code-interpreter-v1")),
+            Err(TemplateError::NotFound { .. })
+        ));
+    }
+
+    #[test]
+    fn a_layer_is_current_only_on_the_parent_it_was_built_on() {
+        let (_tmp, store) = store();
+        put_meta(&store, "base", &meta("b"));
+        put_meta(&store, "child", &layer_meta("base", BUILT));
+        assert!(store.current(&name("child"), "layer", 7).is_some());
+        assert!(store.current(&name("child"), "other", 7).is_none());
+        // The parent is rebuilt: same recipe, another build.
+        put_meta(
+            &store,
+            "base",
+            &TemplateMeta {
+                built_at: "2026-06-01T00:00:00Z".into(),
+                ..meta("b")
+            },
+        );
+        assert!(store.current(&name("child"), "layer", 7).is_none());
+        // Without its parent it is not current either.
+        fs::remove_dir_all(store.dir().join("base")).unwrap();
+        assert!(store.current(&name("child"), "layer", 7).is_none());
+    }
+
+    #[test]
+    fn a_parent_is_not_removed_under_its_children() {
+        let (_tmp, store) = store();
+        put_meta(&store, "base", &meta("b"));
+        put_meta(&store, "child", &layer_meta("base", BUILT));
+        let err = store.remove(&name("base")).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "template 'base' is the parent of 'child'; remove it first"
+        );
+        assert_eq!(err.kind(), cubicle_core::ErrorKind::Conflict);
+        assert!(store.get(&name("base")).is_ok());
+        store.remove(&name("child")).unwrap();
+        store.remove(&name("base")).unwrap();
     }
 
     #[test]

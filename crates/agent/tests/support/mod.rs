@@ -25,7 +25,10 @@ pub fn template_data_dir() -> DataDir {
 /// A runtime whose sandboxes live in a private temporary data dir.
 pub struct TestEnv {
     pub runtime: Arc<NsRuntime>,
+    /// The template's own layer (the top one).
     pub rootfs: PathBuf,
+    /// Every layer of the template, top first.
+    pub layers: Vec<PathBuf>,
     pub uid_shift: u32,
     pub data: tempfile::TempDir,
 }
@@ -35,8 +38,17 @@ impl TestEnv {
         Self::with_cgroup_parent("cubicle-test")
     }
 
+    /// An environment whose sandboxes start from the built template `template`.
+    pub fn with_template(template: &str) -> TestEnv {
+        Self::build("cubicle-test", template)
+    }
+
     /// An environment whose sandbox cgroups live under `parent`.
     pub fn with_cgroup_parent(parent: &str) -> TestEnv {
+        Self::build(parent, "base")
+    }
+
+    fn build(parent: &str, template_name: &str) -> TestEnv {
         assert_eq!(
             // SAFETY: geteuid has no preconditions.
             unsafe { libc::geteuid() },
@@ -44,10 +56,13 @@ impl TestEnv {
             "sandbox tests need root (namespaces, cgroups); run them as root like CI does"
         );
         let store = TemplateStore::new(template_data_dir());
-        let name: TemplateName = "base".parse().unwrap();
+        let name: TemplateName = template_name.parse().unwrap();
         let template = store.get(&name).unwrap_or_else(|e| {
-            panic!("base template not built: run `cubicle tpl build base` ({e})")
+            panic!("{name} template not built: run `cubicle tpl build {name}` ({e})")
         });
+        let layers = template
+            .layers(&store)
+            .unwrap_or_else(|e| panic!("{name} template not usable: {e}"));
         let data = tempfile::Builder::new()
             .prefix("cubicle-test-")
             .tempdir_in("/tmp")
@@ -62,18 +77,19 @@ impl TestEnv {
         TestEnv {
             runtime,
             rootfs: template.rootfs.clone(),
+            layers,
             uid_shift: template.meta.uid_shift,
             data,
         }
     }
 
-    /// A spec for a new sandbox of the base template with default settings.
+    /// A spec for a new sandbox of the environment's template with default settings.
     pub fn spec(&self) -> SandboxSpec {
         let id = SandboxId::generate();
         SandboxSpec {
             agent: AgentConfig::new(id.to_string()),
             id,
-            rootfs: self.rootfs.clone(),
+            layers: self.layers.clone(),
             uid_shift: self.uid_shift,
             limits: Limits::default(),
         }

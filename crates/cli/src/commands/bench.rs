@@ -168,7 +168,9 @@ async fn ns_create(
         bail!("--runs must be at least 1");
     }
     let name: TemplateName = args.template.parse()?;
-    let template = TemplateStore::new(data.clone()).get(&name)?;
+    let store = TemplateStore::new(data.clone());
+    let template = store.get(&name)?;
+    let layers = template.layers(&store)?;
     let runtime = super::ns_runtime(data, agent_bin)?;
     let peers = args
         .peers
@@ -180,7 +182,7 @@ async fn ns_create(
         SandboxSpec {
             agent: AgentConfig::new(id.to_string()),
             id,
-            rootfs: template.rootfs.clone(),
+            layers: layers.clone(),
             uid_shift: template.meta.uid_shift,
             limits: Limits::default(),
         }

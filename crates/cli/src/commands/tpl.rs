@@ -45,8 +45,12 @@ fn build(store: &TemplateStore, args: TplBuildArgs) -> anyhow::Result<ExitCode> 
             println!("{} is up to date (built {})", t.name, built_when(&t.meta));
         }
         BuildOutcome::Built(t) => {
+            let layer = t
+                .parent()
+                .map(|p| format!(" (a layer on {p})"))
+                .unwrap_or_default();
             println!(
-                "built {} in {:.1} s: {}, {} files, in {}",
+                "built {} in {:.1} s: {}, {} files{layer}, in {}",
                 t.name,
                 t.meta.build_seconds,
                 human_bytes(t.meta.size_bytes),
@@ -73,11 +77,14 @@ fn ls(store: &TemplateStore, json: bool) -> anyhow::Result<ExitCode> {
         );
         return Ok(ExitCode::SUCCESS);
     }
-    let rows: Vec<[String; 5]> = templates.iter().map(row).collect();
+    let rows: Vec<[String; 7]> = templates.iter().map(|t| row(store, t)).collect();
     write!(
         out,
         "{}",
-        table(["NAME", "SIZE", "FILES", "BUILT", "RECIPE"], rows)
+        table(
+            ["NAME", "PARENT", "ALIASES", "SIZE", "FILES", "BUILT", "RECIPE"],
+            rows
+        )
     )?;
     Ok(ExitCode::SUCCESS)
 }
@@ -102,11 +109,19 @@ async fn ls_api(json: bool) -> anyhow::Result<ExitCode> {
         writeln!(out)?;
         return Ok(ExitCode::SUCCESS);
     }
-    let rows: Vec<[String; 6]> = templates
+    let rows: Vec<[String; 7]> = templates
         .iter()
         .map(|t| {
             [
                 t.template_id.clone(),
+                dash_if_empty(
+                    t.aliases
+                        .iter()
+                        .filter(|a| **a != t.template_id)
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .join(","),
+                ),
                 t.build_status.clone(),
                 t.cpu_count.to_string(),
                 format!("{} MiB", t.memory_mb),
@@ -117,7 +132,15 @@ async fn ls_api(json: bool) -> anyhow::Result<ExitCode> {
             ]
         })
         .collect();
-    let header = ["NAME", "STATUS", "CPUS", "MEMORY", "SANDBOXES", "BUILT"];
+    let header = [
+        "NAME",
+        "ALIASES",
+        "STATUS",
+        "CPUS",
+        "MEMORY",
+        "SANDBOXES",
+        "BUILT",
+    ];
     write!(out, "{}", table(header, rows))?;
     Ok(ExitCode::SUCCESS)
 }
@@ -144,12 +167,25 @@ fn table<const N: usize>(header: [&str; N], rows: Vec<[String; N]>) -> String {
     out
 }
 
-fn row(t: &Template) -> [String; 5] {
+fn dash_if_empty(s: String) -> String {
+    if s.is_empty() {
+        "-".into()
+    } else {
+        s
+    }
+}
+
+/// One `tpl ls` row. SIZE and FILES are the template's own layer. A template is
+/// outdated when its recipe changed, or (a layer) its parent was rebuilt or is missing.
+fn row(store: &TemplateStore, t: &Template) -> [String; 7] {
     let short: String = t.meta.recipe_hash.chars().take(12).collect();
     let outdated = Recipe::builtin(&t.meta.recipe)
-        .is_ok_and(|r| r.hash(t.meta.uid_shift) != t.meta.recipe_hash);
+        .is_ok_and(|r| r.hash(t.meta.uid_shift) != t.meta.recipe_hash)
+        || (t.parent().is_some() && t.layers(store).is_err());
     [
         t.name.to_string(),
+        t.parent().unwrap_or("-").to_owned(),
+        dash_if_empty(t.meta.aliases.join(",")),
         human_bytes(t.meta.size_bytes),
         t.meta.file_count.to_string(),
         t.meta
@@ -314,6 +350,8 @@ mod tests {
 
     #[test]
     fn table_rows() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = TemplateStore::new(DataDir::new(tmp.path()));
         let t = Template {
             name: "base".parse().unwrap(),
             dir: "/d/templates/base".into(),
@@ -328,17 +366,42 @@ mod tests {
                 file_count: 7000,
                 build_seconds: 40.0,
                 mirror: "http://deb.debian.org/debian".into(),
+                parent: None,
+                parent_built_at: None,
+                aliases: Vec::new(),
+                code_interpreter: false,
             },
         };
         assert_eq!(
-            row(&t),
+            row(&store, &t),
             [
                 "base",
+                "-",
+                "-",
                 "150.0 MiB",
                 "7000",
                 "2026-05-20 14:31 UTC",
                 "base:0123456789ab (outdated)"
             ]
         );
+        // A layer whose parent is not there is outdated whatever its recipe hash.
+        let recipe = Recipe::builtin("code-interpreter").unwrap();
+        let layer = Template {
+            name: "code-interpreter".parse().unwrap(),
+            meta: TemplateMeta {
+                format_version: 2,
+                recipe: recipe.name.into(),
+                recipe_hash: recipe.hash(uid_map::HOST_BASE),
+                parent: Some("base".into()),
+                parent_built_at: Some("2026-05-20T14:31:02Z".into()),
+                aliases: vec!["code-interpreter-v1".into()],
+                code_interpreter: true,
+                ..t.meta.clone()
+            },
+            ..t.clone()
+        };
+        let r = row(&store, &layer);
+        assert_eq!(&r[..3], ["code-interpreter", "base", "code-interpreter-v1"]);
+        assert!(r[6].ends_with("(outdated)"), "{}", r[6]);
     }
 }

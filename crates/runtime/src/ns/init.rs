@@ -7,7 +7,7 @@
 //! with one [`Step`] per action so a failure names what broke:
 //!
 //! 1. cgroup namespace (after the runtime moved us into the sandbox's cgroup)
-//! 2. private mount propagation, overlay root, /proc (before `pivot_root`: in a user
+//! 2. private mount propagation, overlay root (template layers + the sandbox's upper), /proc (before `pivot_root`: in a user
 //!    namespace it cannot be mounted afterwards), read-only /sys, minimal /dev, /run
 //! 3. `pivot_root` and detach the host's tree
 //! 4. masked and read-only paths (as runc), host name, loopback up, rlimits
@@ -50,7 +50,7 @@ pub enum Step {
     /// Make every mount private so nothing propagates back to the host.
     #[error("make mounts private")]
     PrivateMounts,
-    /// Mount the overlay root (template lower + sandbox upper).
+    /// Mount the overlay root (template layers below, the sandbox's upper on top).
     #[error("mount the overlay root")]
     Overlay,
     /// Mount a fresh procfs.
@@ -219,14 +219,7 @@ fn redirect_stdio(stdin: &Path, log: Option<&Path>) -> io::Result<()> {
 }
 
 fn mount_overlay(spec: &InitSpec) -> io::Result<()> {
-    // userxattr: in a user namespace overlayfs cannot set trusted.* xattrs; without it
-    // removing a template directory fails with EIO and renaming any directory with EXDEV.
-    let opts = format!(
-        "lowerdir={},upperdir={},workdir={},userxattr",
-        spec.lower.display(),
-        spec.upper.display(),
-        spec.work.display()
-    );
+    let opts = overlay_options(spec)?;
     mount(
         Some("overlay"),
         &spec.merged,
@@ -235,6 +228,32 @@ fn mount_overlay(spec: &InitSpec) -> io::Result<()> {
         Some(opts.as_str()),
     )
     .map_err(|e| io_err(&opts, e))
+}
+
+/// The overlay's mount options: every template layer as a lower layer, top first.
+///
+/// userxattr: in a user namespace overlayfs cannot set trusted.* xattrs; without it
+/// removing a template directory fails with EIO and renaming any directory with EXDEV.
+/// It also makes overlayfs read the `user.overlay.*` marks (opaque directories) that
+/// layered templates were built with.
+fn overlay_options(spec: &InitSpec) -> io::Result<String> {
+    if spec.lower.is_empty() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "no template layer",
+        ));
+    }
+    let lower = spec
+        .lower
+        .iter()
+        .map(|l| l.display().to_string())
+        .collect::<Vec<_>>()
+        .join(":");
+    Ok(format!(
+        "lowerdir={lower},upperdir={},workdir={},userxattr",
+        spec.upper.display(),
+        spec.work.display()
+    ))
 }
 
 fn mount_proc(root: &Path) -> io::Result<()> {
@@ -497,4 +516,42 @@ pub fn report_ready() -> io::Result<()> {
 /// The host directory that appears as [`SANDBOX_RUN_DIR`] in a sandbox, given its dir.
 pub fn host_run_dir(sandbox_dir: &Path) -> PathBuf {
     sandbox_dir.join("run")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ns::message::AgentConfig;
+
+    fn spec(lower: &[&str]) -> InitSpec {
+        InitSpec {
+            hostname: "h".into(),
+            lower: lower.iter().map(PathBuf::from).collect(),
+            upper: "/d/sandboxes/x/upper".into(),
+            work: "/d/sandboxes/x/work".into(),
+            merged: "/d/sandboxes/x/rootfs".into(),
+            run_dir: "/d/sandboxes/x/run".into(),
+            agent_bin: "/usr/local/bin/cubicle-agent".into(),
+            agent: AgentConfig::new("x"),
+        }
+    }
+
+    #[test]
+    fn overlay_lower_layers_are_joined_top_first() {
+        assert_eq!(
+            overlay_options(&spec(&["/d/templates/base/rootfs"])).unwrap(),
+            "lowerdir=/d/templates/base/rootfs,upperdir=/d/sandboxes/x/upper,\
+             workdir=/d/sandboxes/x/work,userxattr"
+        );
+        assert_eq!(
+            overlay_options(&spec(&[
+                "/d/templates/code-interpreter/rootfs",
+                "/d/templates/base/rootfs"
+            ]))
+            .unwrap(),
+            "lowerdir=/d/templates/code-interpreter/rootfs:/d/templates/base/rootfs,\
+             upperdir=/d/sandboxes/x/upper,workdir=/d/sandboxes/x/work,userxattr"
+        );
+        assert!(overlay_options(&spec(&[])).is_err());
+    }
 }

@@ -39,6 +39,9 @@ pub struct AgentConfig {
     pub access_token: Option<String>,
     /// Largest accepted upload (`POST /files`) in bytes.
     pub max_upload_bytes: u64,
+    /// Serve E2B's code interpreter on port 49999 (templates that have its runtime).
+    #[serde(default)]
+    pub code_interpreter: bool,
 }
 
 impl AgentConfig {
@@ -50,6 +53,7 @@ impl AgentConfig {
             default_user: "user".into(),
             access_token: None,
             max_upload_bytes: 1 << 30,
+            code_interpreter: false,
         }
     }
 }
@@ -61,8 +65,9 @@ impl AgentConfig {
 pub struct InitSpec {
     /// Host name inside the sandbox (the sandbox id).
     pub hostname: String,
-    /// Template rootfs (overlay lower layer, read-only).
-    pub lower: PathBuf,
+    /// Template layers, top first (overlay lower layers, read-only): joined with `:`
+    /// into `lowerdir`. The runtime checked that none contains `:`, `,` or a newline.
+    pub lower: Vec<PathBuf>,
     /// Overlay upper layer (the sandbox's writable state).
     pub upper: PathBuf,
     /// Overlay work dir (same filesystem as `upper`).

@@ -1,6 +1,7 @@
 //! The `ns` runtime: sandboxes made of Linux namespaces (user, mount, pid, uts, ipc,
 //! network, cgroup), a cgroup with limits, a seccomp filter, a reduced capability set and
-//! an overlayfs root whose lower layer is the template.
+//! an overlayfs root whose lower layers are the template's (top first; one unless the
+//! template is a layer on a parent).
 //!
 //! **Create** (this module, host side) → [`NsRuntime::create`]:
 //! 1. directories: `sandboxes/<id>/{upper,work,rootfs,run}`, owned by the sandbox's root;
@@ -104,12 +105,63 @@ const MAX_SOCKET_PATH: usize = 107;
 #[serde(rename_all = "camelCase")]
 struct RuntimeRecord {
     pid: i32,
-    /// The template rootfs the sandbox runs on (so templates in use are not deleted).
+    /// The top template layer (the template's own rootfs). Kept so records stay
+    /// readable by runtimes that predate layers.
     rootfs: PathBuf,
+    /// Every template layer the sandbox runs on, top first (so templates in use are not
+    /// deleted). Absent in records written before layers: then `[rootfs]`.
+    #[serde(default)]
+    layers: Vec<PathBuf>,
     /// Start time of `pid` in clock ticks since boot (`/proc/<pid>/stat` field 22), so a
     /// recycled pid is never mistaken for the sandbox.
     start_time: u64,
 }
+
+impl RuntimeRecord {
+    /// The layers, top first, whichever format the record has.
+    fn layers(&self) -> Vec<PathBuf> {
+        if self.layers.is_empty() {
+            vec![self.rootfs.clone()]
+        } else {
+            self.layers.clone()
+        }
+    }
+}
+
+/// Checks the template layers of a spec: at least one, each an existing directory whose
+/// path overlayfs' options can carry (absolute, UTF-8, no `:` `,` or newline).
+fn check_layers(layers: &[PathBuf]) -> Result<(), RuntimeError> {
+    let Some(top) = layers.first() else {
+        return Err(RuntimeError::TemplateMissing(PathBuf::new()));
+    };
+    if layers.len() > MAX_LAYERS {
+        return Err(RuntimeError::Config(format!(
+            "{} template layers on {}, at most {MAX_LAYERS} are supported",
+            layers.len(),
+            top.display()
+        )));
+    }
+    for layer in layers {
+        let usable = layer.is_absolute()
+            && layer
+                .to_str()
+                .is_some_and(|s| !s.contains([':', ',', '\n', '\\']));
+        if !usable {
+            return Err(RuntimeError::Config(format!(
+                "template layer {:?} must be an absolute UTF-8 path without ':', ',', '\\' or newlines (overlayfs options)",
+                layer
+            )));
+        }
+        if !layer.is_dir() {
+            return Err(RuntimeError::TemplateMissing(layer.clone()));
+        }
+    }
+    Ok(())
+}
+
+/// Most template layers one sandbox may stack (overlayfs allows far more; the mount
+/// options must fit in a page).
+const MAX_LAYERS: usize = 16;
 
 /// A sandbox this process started: its pidfd lets us kill and reap it without races.
 #[derive(Debug)]
@@ -292,14 +344,15 @@ impl NsRuntime {
             }
             let record = RuntimeRecord {
                 pid,
-                rootfs: spec.rootfs.clone(),
+                rootfs: spec.layers[0].clone(),
+                layers: spec.layers.clone(),
                 start_time: process_start_time(pid)
                     .map_err(io_error("read start time of", Path::new("/proc")))?,
             };
             write_json(&paths.record, &record)?;
             let go = ToInit::Go(Box::new(InitSpec {
                 hostname: spec.id.to_string(),
-                lower: spec.rootfs.clone(),
+                lower: spec.layers.clone(),
                 upper: paths.upper.clone(),
                 work: paths.work.clone(),
                 merged: paths.merged.clone(),
@@ -444,9 +497,7 @@ impl Runtime for NsRuntime {
                 runtime: uid_map::HOST_BASE,
             });
         }
-        if !spec.rootfs.is_dir() {
-            return Err(RuntimeError::TemplateMissing(spec.rootfs.clone()));
-        }
+        check_layers(&spec.layers)?;
         let paths = SandboxPaths::new(&self.config.data_dir, &spec.id);
         self.prepare_dirs(&spec, &paths)?;
         let started = match self.cgroups.create(spec.id.as_str(), &spec.limits) {
@@ -462,7 +513,7 @@ impl Runtime for NsRuntime {
                 Ok(SandboxInfo {
                     id: spec.id,
                     pid,
-                    rootfs: spec.rootfs,
+                    layers: spec.layers,
                     agent_socket: paths.socket,
                 })
             }
@@ -502,9 +553,9 @@ impl Runtime for NsRuntime {
             };
             if process_start_time(record.pid).ok() == Some(record.start_time) {
                 out.push(SandboxInfo {
+                    layers: record.layers(),
                     id,
                     pid: record.pid,
-                    rootfs: record.rootfs,
                     agent_socket: paths.socket,
                 });
             }
@@ -702,6 +753,53 @@ mod tests {
             a.starts_with("cubicle-") && a.len() == "cubicle-".len() + 8,
             "{a}"
         );
+    }
+
+    #[test]
+    fn layers_are_checked() {
+        let tmp = tempfile::tempdir().unwrap();
+        let a = tmp.path().join("a");
+        let b = tmp.path().join("b");
+        std::fs::create_dir(&a).unwrap();
+        std::fs::create_dir(&b).unwrap();
+        check_layers(std::slice::from_ref(&a)).unwrap();
+        check_layers(&[a.clone(), b.clone()]).unwrap();
+        assert!(matches!(
+            check_layers(&[]),
+            Err(RuntimeError::TemplateMissing(_))
+        ));
+        let missing = tmp.path().join("missing");
+        assert!(matches!(
+            check_layers(&[a.clone(), missing.clone()]),
+            Err(RuntimeError::TemplateMissing(p)) if p == missing
+        ));
+        for bad in ["relative", "/x:y", "/x,y", "/x\ny"] {
+            let err = check_layers(&[a.clone(), PathBuf::from(bad)]).unwrap_err();
+            assert!(
+                matches!(&err, RuntimeError::Config(m) if m.contains("overlayfs")),
+                "{err:?}"
+            );
+        }
+        assert!(check_layers(&vec![a; MAX_LAYERS + 1]).is_err());
+    }
+
+    #[test]
+    fn runtime_records_of_before_layers_still_read() {
+        let old: RuntimeRecord =
+            serde_json::from_str(r#"{"pid":42,"rootfs":"/d/templates/base/rootfs","startTime":7}"#)
+                .unwrap();
+        assert_eq!(old.layers(), [PathBuf::from("/d/templates/base/rootfs")]);
+        let new = RuntimeRecord {
+            pid: 1,
+            rootfs: "/t/ci/rootfs".into(),
+            layers: vec!["/t/ci/rootfs".into(), "/t/base/rootfs".into()],
+            start_time: 2,
+        };
+        let json = serde_json::to_value(&new).unwrap();
+        assert_eq!(json["rootfs"], "/t/ci/rootfs");
+        assert_eq!(json["layers"][1], "/t/base/rootfs");
+        let back: RuntimeRecord = serde_json::from_value(json).unwrap();
+        assert_eq!(back.layers(), new.layers);
     }
 
     #[test]
