@@ -9,6 +9,9 @@
 //! - `CONNECT 127.0.0.1:<port>` tunnels to any TCP port inside the sandbox, for the
 //!   host only ([`tunnel`]).
 //!
+//! In templates that enable it, it also serves E2B's code interpreter on
+//! `127.0.0.1:49999` ([`interpreter`]).
+//!
 //! It runs on a single-threaded tokio runtime and never needs a new thread, so a fork
 //! bomb that exhausts the sandbox's pids limit cannot take it down; as pid 1 it reaps
 //! every orphan ([`reaper`]).
@@ -16,6 +19,7 @@
 pub mod auth;
 pub mod files;
 pub mod filesystem;
+pub mod interpreter;
 pub mod paths;
 pub mod process;
 pub mod reaper;

@@ -68,9 +68,41 @@ pub async fn run(config: AgentConfig) -> io::Result<()> {
     let listener = UnixListener::bind(&path)?;
     let agent = Arc::new(Agent::new(config));
     agent.processes.reaper().spawn()?;
+    if agent.config.code_interpreter {
+        start_interpreter(&agent).await;
+    }
     cubicle_runtime::ns::init::report_ready()?;
     tracing::info!(sandbox = %agent.config.sandbox_id, "agent ready");
     serve(listener, agent).await
+}
+
+/// Starts the code interpreter (warm: the sandbox is reported ready only once its
+/// default Python context is). A failure is logged, not fatal: envd still serves.
+async fn start_interpreter(agent: &Arc<Agent>) {
+    let user = match agent.user(None) {
+        Ok(u) => u,
+        Err(e) => {
+            tracing::error!(error = %e, "code interpreter: no default user");
+            return;
+        }
+    };
+    let env = crate::interpreter::kernel::KernelEnv {
+        user,
+        env_vars: agent.config.env_vars.clone(),
+        reaper: agent.processes.reaper().clone(),
+    };
+    let started = std::time::Instant::now();
+    match crate::interpreter::Interpreter::start(env, agent.config.access_token.clone()).await {
+        Ok(interpreter) => {
+            tracing::info!(took = ?started.elapsed(), "code interpreter ready");
+            tokio::spawn(async move {
+                if let Err(e) = crate::interpreter::serve(interpreter).await {
+                    tracing::error!(error = %e, "code interpreter server stopped");
+                }
+            });
+        }
+        Err(e) => tracing::error!(error = %e, "code interpreter failed to start"),
+    }
 }
 
 /// Serves connections from `listener` until it fails.

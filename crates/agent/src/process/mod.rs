@@ -8,7 +8,7 @@
 //! down (pipe back-pressure) rather than losing output.
 
 mod pty;
-mod spawn;
+pub(crate) mod spawn;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

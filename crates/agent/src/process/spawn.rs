@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::ffi::CString;
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -21,6 +21,9 @@ pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bi
 /// `oom_score_adj` of user processes. The agent keeps 0 (or -1000 where the runtime may
 /// set it), so in a memory-cgroup OOM the kernel kills user code, not the agent.
 pub const USER_OOM_SCORE_ADJ: &[u8] = b"500";
+
+/// Where extra descriptors are staged in the child before moving into place.
+const EXTRA_FD_STAGING: RawFd = 900;
 
 /// What a started process's I/O ends are on the agent side.
 #[derive(Debug)]
@@ -88,6 +91,23 @@ struct ChildSetup {
     groups: Vec<libc::gid_t>,
     cwd: CString,
     controlling_tty: bool,
+    /// Descriptors to install at fixed numbers above 2: (number in the child, source fd
+    /// in the parent). The parent keeps the sources open until `spawn` returns.
+    extra_fds: Vec<(RawFd, RawFd)>,
+}
+
+impl ChildSetup {
+    fn new(user: &User, cwd: &Path, controlling_tty: bool) -> Result<Self, ConnectError> {
+        Ok(ChildSetup {
+            uid: user.uid,
+            gid: user.gid,
+            groups: user.groups.clone(),
+            cwd: CString::new(cwd.as_os_str().as_encoded_bytes())
+                .map_err(|_| ConnectError::new(Code::InvalidArgument, "cwd contains a NUL byte"))?,
+            controlling_tty,
+            extra_fds: Vec::new(),
+        })
+    }
 }
 
 /// Starts `config` as `user`.
@@ -99,14 +119,7 @@ pub fn spawn(
     pty: Option<PtySize>,
     with_stdin: bool,
 ) -> Result<(Child, ChildIo), ConnectError> {
-    let setup = ChildSetup {
-        uid: user.uid,
-        gid: user.gid,
-        groups: user.groups.clone(),
-        cwd: CString::new(cwd.as_os_str().as_encoded_bytes())
-            .map_err(|_| ConnectError::new(Code::InvalidArgument, "cwd contains a NUL byte"))?,
-        controlling_tty: pty.is_some(),
-    };
+    let setup = ChildSetup::new(user, cwd, pty.is_some())?;
     let mut cmd = Command::new(&config.cmd);
     cmd.args(&config.args).env_clear().envs(env);
     let io = match pty {
@@ -154,10 +167,54 @@ pub fn spawn(
     Ok((child, child_io))
 }
 
+/// Starts `program args` as `user` with the given descriptors: `stdio` becomes fds 0, 1
+/// and 2, `extra` is installed at the given numbers (3, 4, ...). Returns the pid; the
+/// caller watches it through the reaper.
+pub fn spawn_with_fds(
+    program: &str,
+    args: &[&str],
+    user: &User,
+    env: &BTreeMap<String, String>,
+    cwd: &Path,
+    stdio: [OwnedFd; 3],
+    extra: Vec<(RawFd, OwnedFd)>,
+) -> Result<u32, ConnectError> {
+    let mut setup = ChildSetup::new(user, cwd, false)?;
+    setup.extra_fds = extra.iter().map(|(n, fd)| (*n, fd.as_raw_fd())).collect();
+    let [stdin, stdout, stderr] = stdio;
+    let mut cmd = Command::new(program);
+    cmd.args(args)
+        .env_clear()
+        .envs(env)
+        .stdin(Stdio::from(stdin))
+        .stdout(Stdio::from(stdout))
+        .stderr(Stdio::from(stderr));
+    // SAFETY: as in `spawn`.
+    unsafe {
+        cmd.pre_exec(move || configure_child(&setup));
+    }
+    let child = cmd.spawn().map_err(|e| spawn_error(program, e))?;
+    drop(extra);
+    Ok(child.id())
+}
+
 /// Runs in the child between fork and exec.
 fn configure_child(s: &ChildSetup) -> io::Result<()> {
     // SAFETY: plain syscalls on valid pointers owned by `s`.
     unsafe {
+        // Extra descriptors: first above every target (so installing one cannot clobber
+        // the source of another), then into place; dup2 clears close-on-exec.
+        for (i, (_, source)) in s.extra_fds.iter().enumerate() {
+            if libc::dup2(*source, EXTRA_FD_STAGING + i as RawFd) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        for (i, (target, _)) in s.extra_fds.iter().enumerate() {
+            if libc::dup2(EXTRA_FD_STAGING + i as RawFd, *target) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            libc::close(EXTRA_FD_STAGING + i as RawFd);
+        }
         if libc::setsid() < 0 {
             return Err(io::Error::last_os_error());
         }
