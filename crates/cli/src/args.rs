@@ -113,6 +113,16 @@ pub enum SandboxCommand {
     /// The exit code is the command's, or 128 + signal if it was killed.
     #[command(after_help = API_ENV_HELP)]
     Exec(SandboxExecArgs),
+    /// Run code in a sandbox's code interpreter, streaming its output.
+    ///
+    /// For sandboxes of a template with the code interpreter (`code-interpreter`), as
+    /// the `e2b-code-interpreter` SDK's `run_code`: the code runs as a notebook cell in
+    /// the language's default context (state is kept between runs) or in `--context`.
+    /// Printed text streams to stdout/stderr, the value of the last expression is
+    /// printed after it (rich results as `[html]`, `[png]`...), and an error prints its
+    /// traceback on stderr and exits 1.
+    #[command(after_help = API_ENV_HELP)]
+    RunCode(SandboxRunCodeArgs),
     /// Kill sandboxes; missing ones are reported and skipped.
     ///
     /// A sandbox that does not exist (any more) is reported on stderr as `sandbox <id>
@@ -191,6 +201,26 @@ pub struct SandboxExecArgs {
     /// The command line, run by `bash -l -c` like the E2B SDK's `commands.run`.
     #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
     pub command: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct SandboxRunCodeArgs {
+    /// The sandbox.
+    pub id: String,
+    /// The code; `-` reads it from stdin.
+    pub code: String,
+    /// Language of the default context to run in: python (default), javascript, bash.
+    #[arg(long, short, conflicts_with = "context")]
+    pub language: Option<String>,
+    /// A context made through the SDK's `create_code_context` (`POST /contexts`).
+    #[arg(long)]
+    pub context: Option<String>,
+    /// Environment variable for this run only (repeatable).
+    #[arg(long = "env", short, value_name = "KEY=VALUE", value_parser = key_value)]
+    pub env: Vec<(String, String)>,
+    /// Stop waiting after this many seconds (the run is interrupted, exit code 124).
+    #[arg(long, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..))]
+    pub timeout: Option<u64>,
 }
 
 #[derive(Debug, Args)]

@@ -13,6 +13,7 @@
 
 #![warn(missing_docs)]
 
+mod code;
 mod error;
 pub mod models;
 
@@ -27,6 +28,7 @@ use hyper_util::rt::TokioExecutor;
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use serde::de::DeserializeOwned;
 
+pub use crate::code::{CodeEvent, CodeResult, CodeRun, RunCode, INTERPRETER_PORT};
 pub use crate::error::ClientError;
 pub use crate::models::{
     CreateSandbox, Health, ListParams, Order, Page, Sandbox, SandboxDetail, SandboxMetric,

@@ -10,12 +10,15 @@ use std::time::Duration;
 use anyhow::{anyhow, bail};
 use chrono::{DateTime, Utc};
 use cubicle_client::{
-    ApiClient, ClientError, CreateSandbox, ListParams, SandboxDetail, SandboxState,
+    ApiClient, ClientError, CodeEvent, CodeResult, CreateSandbox, ListParams, RunCode,
+    SandboxDetail, SandboxState,
 };
 use cubicle_envd::client::{ClientError as EnvdError, EnvdClient};
 use cubicle_envd::proto::{DataEvent, ProcessEvent, StartRequest};
 
-use crate::args::{SandboxCommand, SandboxCreateArgs, SandboxExecArgs, SandboxLsArgs, StateArg};
+use crate::args::{
+    SandboxCommand, SandboxCreateArgs, SandboxExecArgs, SandboxLsArgs, SandboxRunCodeArgs, StateArg,
+};
 
 /// Runs one `sandbox` subcommand.
 pub async fn run(cmd: SandboxCommand) -> anyhow::Result<ExitCode> {
@@ -34,6 +37,7 @@ pub async fn run(cmd: SandboxCommand) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         SandboxCommand::Exec(args) => exec(&api, args).await,
+        SandboxCommand::RunCode(args) => run_code(&api, args).await,
         SandboxCommand::Kill(args) => kill(&api, &args.ids).await,
     };
     result.map_err(|e| super::explain(e, &api))
@@ -234,6 +238,140 @@ async fn exec(api: &ApiClient, args: SandboxExecArgs) -> anyhow::Result<ExitCode
     bail!("the command's stream ended without an end event")
 }
 
+async fn run_code(api: &ApiClient, args: SandboxRunCodeArgs) -> anyhow::Result<ExitCode> {
+    let code = if args.code == "-" {
+        std::io::read_to_string(std::io::stdin())?
+    } else {
+        args.code
+    };
+    let sandbox = api.get(&args.id).await?;
+    if sandbox.state != "running" {
+        bail!(
+            "sandbox {} is {}, not running",
+            sandbox.sandbox_id,
+            sandbox.state
+        );
+    }
+    let request = RunCode {
+        code,
+        language: args.language,
+        context_id: args.context,
+        env_vars: args.env.into_iter().collect(),
+    };
+    let id = &sandbox.sandbox_id;
+    let mut run = api
+        .run_code(id, sandbox.envd_access_token.as_deref(), &request)
+        .await
+        .map_err(|e| code_error(id, e))?;
+    let (mut stdout, mut stderr) = (std::io::stdout(), std::io::stderr());
+    let mut failed = false;
+    let stream = async {
+        while let Some(event) = run.next().await {
+            match event.map_err(|e| code_error(id, e))? {
+                CodeEvent::Stdout { text } => {
+                    stdout.write_all(text.as_bytes())?;
+                    stdout.flush()?;
+                }
+                CodeEvent::Stderr { text } => {
+                    stderr.write_all(text.as_bytes())?;
+                    stderr.flush()?;
+                }
+                CodeEvent::Result(result) => {
+                    stdout.write_all(show_result(&result).as_bytes())?;
+                    stdout.flush()?;
+                }
+                CodeEvent::Error {
+                    name,
+                    value,
+                    traceback,
+                } => {
+                    failed = true;
+                    let text = if traceback.trim().is_empty() {
+                        format!("{name}: {value}")
+                    } else {
+                        traceback
+                    };
+                    writeln!(stderr, "{}", text.trim_end())?;
+                }
+                CodeEvent::EndOfExecution | CodeEvent::UnexpectedEndOfExecution => return Ok(true),
+                CodeEvent::NumberOfExecutions { .. } | CodeEvent::Unknown => {}
+            }
+        }
+        Ok::<_, anyhow::Error>(false)
+    };
+    let ended = match args.timeout {
+        Some(secs) => match tokio::time::timeout(Duration::from_secs(secs), stream).await {
+            Ok(ended) => ended?,
+            Err(_) => {
+                // Dropping the answer makes the interpreter interrupt the run.
+                eprintln!("error: the code did not finish within {secs} s; interrupted");
+                return Ok(ExitCode::from(124));
+            }
+        },
+        None => stream.await?,
+    };
+    if !ended {
+        bail!("the interpreter's answer ended before the execution did");
+    }
+    Ok(if failed {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+/// How `run-code` prints a result: its text, or the names of its other formats.
+fn show_result(result: &CodeResult) -> String {
+    let mut out = match &result.text {
+        Some(text) if !text.is_empty() => text.clone(),
+        _ => String::new(),
+    };
+    let others = result.other_formats();
+    if !others.is_empty() && (out.is_empty() || others.iter().any(|f| *f != "html")) {
+        if !out.is_empty() {
+            out.push(' ');
+        }
+        out.push_str(
+            &others
+                .iter()
+                .map(|f| format!("[{f}]"))
+                .collect::<Vec<_>>()
+                .join(" "),
+        );
+    }
+    if !out.is_empty() && !out.ends_with('\n') {
+        out.push('\n');
+    }
+    out
+}
+
+/// One readable line for a code interpreter failure: the interpreter's or the proxy's
+/// message.
+fn code_error(id: &str, e: ClientError) -> anyhow::Error {
+    match e {
+        ClientError::Api {
+            status, message, ..
+        } => {
+            let message = message
+                .strip_prefix(&format!("{}: ", status.as_u16()))
+                .unwrap_or(&message)
+                .to_owned();
+            if status == 502 && message.contains("was not found") {
+                anyhow!("sandbox {id} was not found (killed or timed out)")
+            } else if status == 502 {
+                anyhow!(
+                    "sandbox {id} has no code interpreter answering on port {} ({message}); \
+                     start it from a template with one, e.g. `--template code-interpreter`",
+                    cubicle_client::INTERPRETER_PORT
+                )
+            } else {
+                anyhow!("the code interpreter answered {status}: {message}")
+            }
+        }
+        other => anyhow::Error::new(other).context(format!("running code in {id}")),
+    }
+}
+
 /// One readable line for an envd or proxy failure: the agent's own message for Connect
 /// errors, the proxy's `message` for its JSON errors ("The sandbox was not found" once
 /// the sandbox is gone).
@@ -315,6 +453,22 @@ abc                   base      running  2026-05-20 14:31:02  in 4m 59s  -
         assert!(text.starts_with("ID        abc\nTEMPLATE  base\nSTATE     running\n"));
         assert!(text.contains("ENDS      2026-05-20 14:36:02 UTC (in 5m 00s)\n"));
         assert!(text.ends_with("METADATA  k=v\n"), "{text}");
+    }
+
+    #[test]
+    fn results_print_their_text_and_formats() {
+        let result = |v: serde_json::Value| -> CodeResult { serde_json::from_value(v).unwrap() };
+        let r = result(serde_json::json!({"is_main_result": true, "text": "42"}));
+        assert_eq!(show_result(&r), "42\n");
+        // A DataFrame: text and html; the text says it all.
+        let r = result(serde_json::json!({"text": "   a\n0  1", "html": "<table>"}));
+        assert_eq!(show_result(&r), "   a\n0  1\n");
+        // A figure: text is its repr, the image is the point.
+        let r = result(serde_json::json!({"text": "<Figure>", "png": "iVBO", "extra": {}}));
+        assert_eq!(show_result(&r), "<Figure> [png]\n");
+        let r = result(serde_json::json!({"html": "<b>x</b>"}));
+        assert_eq!(show_result(&r), "[html]\n");
+        assert_eq!(show_result(&result(serde_json::json!({}))), "");
     }
 
     #[test]
