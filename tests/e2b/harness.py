@@ -57,11 +57,12 @@ def preflight() -> Optional[str]:
         )
     elif not (BIN.parent / "cubicle-agent").is_file():
         problems.append(f"no cubicle-agent next to {BIN}: run `scripts/setup`")
-    if not (TEMPLATES / "base" / "rootfs").is_dir():
-        problems.append(
-            f"no base template in {TEMPLATES}: run `scripts/setup` "
-            "(or set CUBICLE_TEMPLATES_DIR)"
-        )
+    for template in ("base", "code-interpreter"):
+        if not (TEMPLATES / template / "rootfs").is_dir():
+            problems.append(
+                f"no {template} template in {TEMPLATES}: run `scripts/setup` "
+                "(or set CUBICLE_TEMPLATES_DIR)"
+            )
     if problems:
         return "cannot run the E2B suite:\n  - " + "\n  - ".join(problems)
     return None
@@ -421,6 +422,34 @@ def create(conn: dict, template: Optional[str] = None, **kw):
     sbx = Sandbox.create(template, **kw, **conn) if template else Sandbox.create(**kw, **conn)
     track(sbx.sandbox_id)
     return sbx
+
+
+def create_ci(conn: dict, template: Optional[str] = None, **kw):
+    """`e2b_code_interpreter.Sandbox.create` (default template: the SDK's), remembered
+    for the leak check."""
+    from e2b_code_interpreter import Sandbox
+
+    sbx = Sandbox.create(template, **kw, **conn) if template else Sandbox.create(**kw, **conn)
+    track(sbx.sandbox_id)
+    return sbx
+
+
+def template_zygotes(daemon: "Daemon") -> list[int]:
+    """Pids of the daemon's template zygotes (its children running
+    `python_kernel.py --template-zygote`)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            status = (entry / "status").read_text()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        ppid = next((l.split()[1] for l in status.splitlines() if l.startswith("PPid:")), None)
+        if ppid == str(daemon.pid) and b"--template-zygote" in cmdline:
+            found.append(int(entry.name))
+    return sorted(found)
 
 
 def kill_quietly(sbx) -> None:

@@ -3,11 +3,16 @@
 //! - `cubicle-agent init`: executed by the runtime into fresh namespaces; sets the sandbox
 //!   up (see `cubicle_runtime::ns::init`) and executes `serve` from inside the sandbox.
 //! - `cubicle-agent serve --config-fd N`: the envd server (pid 1 of the sandbox).
+//! - `cubicle-agent zygote`: executed by the runtime into a template zygote's fresh
+//!   namespaces (see `cubicle_runtime::ns::zygote`); becomes the template's warm Python.
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     match args.get(1).map(String::as_str) {
         Some("init") => cubicle_runtime::ns::init::run(),
+        Some("zygote") => cubicle_runtime::ns::zygote::setup::run(
+            cubicle_agent::interpreter::kernel::PYTHON_KERNEL,
+        ),
         Some("serve") => {
             let fd = match (args.get(2).map(String::as_str), args.get(3)) {
                 (Some("--config-fd"), Some(n)) => n.parse::<i32>().ok(),
@@ -25,7 +30,7 @@ fn main() {
 
 fn usage() -> ! {
     eprintln!(
-        "usage: cubicle-agent init | serve --config-fd N\n\
+        "usage: cubicle-agent init | zygote | serve --config-fd N\n\
          (started by the cubicle runtime inside a sandbox, not by hand)"
     );
     std::process::exit(2)

@@ -69,7 +69,11 @@ pub async fn run(config: AgentConfig) -> io::Result<()> {
     let agent = Arc::new(Agent::new(config));
     agent.processes.reaper().spawn()?;
     if agent.config.code_interpreter {
-        start_interpreter(&agent).await;
+        if let Err(message) = start_interpreter(&agent).await {
+            tracing::error!(%message, "code interpreter failed to start");
+            cubicle_runtime::ns::init::report_failed("start the code interpreter", &message)?;
+            return Err(io::Error::other(message));
+        }
     }
     cubicle_runtime::ns::init::report_ready()?;
     tracing::info!(sandbox = %agent.config.sandbox_id, "agent ready");
@@ -77,32 +81,34 @@ pub async fn run(config: AgentConfig) -> io::Result<()> {
 }
 
 /// Starts the code interpreter (warm: the sandbox is reported ready only once its
-/// default Python context is). A failure is logged, not fatal: envd still serves.
-async fn start_interpreter(agent: &Arc<Agent>) {
-    let user = match agent.user(None) {
-        Ok(u) => u,
-        Err(e) => {
-            tracing::error!(error = %e, "code interpreter: no default user");
-            return;
-        }
-    };
+/// default Python context is). A template whose code interpreter cannot start fails the
+/// create with the reason.
+async fn start_interpreter(agent: &Arc<Agent>) -> Result<(), String> {
+    let user = agent
+        .user(None)
+        .map_err(|e| format!("no default user: {e}"))?;
     let env = crate::interpreter::kernel::KernelEnv {
         user,
         env_vars: agent.config.env_vars.clone(),
         reaper: agent.processes.reaper().clone(),
     };
+    let port = crate::interpreter::PORT;
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .map_err(|e| format!("listen on port {port}: {e}"))?;
     let started = std::time::Instant::now();
-    match crate::interpreter::Interpreter::start(env, agent.config.access_token.clone()).await {
-        Ok(interpreter) => {
-            tracing::info!(took = ?started.elapsed(), "code interpreter ready");
-            tokio::spawn(async move {
-                if let Err(e) = crate::interpreter::serve(interpreter).await {
-                    tracing::error!(error = %e, "code interpreter server stopped");
-                }
-            });
+    let warm = agent.config.warm_python;
+    let interpreter =
+        crate::interpreter::Interpreter::start(env, agent.config.access_token.clone(), warm)
+            .await
+            .map_err(|e| e.to_string())?;
+    tracing::info!(took = ?started.elapsed(), warm = warm.is_some(), "code interpreter ready");
+    tokio::spawn(async move {
+        if let Err(e) = crate::interpreter::serve(listener, interpreter).await {
+            tracing::error!(error = %e, "code interpreter server stopped");
         }
-        Err(e) => tracing::error!(error = %e, "code interpreter failed to start"),
-    }
+    });
+    Ok(())
 }
 
 /// Serves connections from `listener` until it fails.

@@ -124,6 +124,7 @@ impl Controller {
             idempotency: Mutex::new(HashMap::new()),
         });
         controller.reconcile().await?;
+        controller.prepare_templates();
         let weak = Arc::downgrade(&controller);
         tokio::spawn(expire_sandboxes(weak.clone()));
         tokio::spawn(sample_metrics(
@@ -132,6 +133,23 @@ impl Controller {
         ));
         tokio::spawn(purge_history(weak));
         Ok(controller)
+    }
+
+    /// Lets the runtime warm up what makes creates fast (the code-interpreter
+    /// templates' interpreters), in the background. A template it cannot read is skipped:
+    /// creating from it reports why.
+    fn prepare_templates(&self) {
+        let Ok(templates) = self.templates.list() else {
+            return;
+        };
+        for template in templates.iter().filter(|t| t.meta.code_interpreter) {
+            let Ok(layers) = template.layers(&self.templates) else {
+                continue;
+            };
+            let mut agent = AgentConfig::new(template.name.clone());
+            agent.code_interpreter = true;
+            self.runtime.prepare(&layers, &agent);
+        }
     }
 
     /// The store (API keys live there too).
@@ -298,6 +316,7 @@ impl Controller {
                 access_token: token,
                 max_upload_bytes: self.config.max_upload_bytes,
                 code_interpreter: template.meta.code_interpreter,
+                warm_python: None,
             },
         };
         let info = match self.runtime.create(spec).await {

@@ -172,4 +172,9 @@ pub trait Runtime: Send + Sync + std::fmt::Debug {
 
     /// Current resource usage of a running sandbox.
     async fn stats(&self, id: &SandboxId) -> Result<SandboxStats, RuntimeError>;
+
+    /// Gets ready, in the background, to create sandboxes on these template layers with
+    /// this agent configuration quickly (the `ns` runtime starts the template's warm
+    /// interpreter). `create` works without it. The default does nothing.
+    fn prepare(&self, _layers: &[PathBuf], _agent: &AgentConfig) {}
 }

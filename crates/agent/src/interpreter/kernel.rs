@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::io::IoSlice;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -14,7 +14,10 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, Lines};
 use tokio::net::unix::pipe;
 use tokio::sync::oneshot;
 
-use crate::process::spawn::{environment, spawn_with_fds};
+use base64::Engine;
+use cubicle_runtime::ns::security;
+
+use crate::process::spawn::{environment, spawn_with_fds, USER_OOM_SCORE_ADJ};
 use crate::reaper::{Exit, Reaper};
 use crate::users::User;
 
@@ -114,35 +117,47 @@ pub struct Kernel {
     pub exit: oneshot::Receiver<Exit>,
 }
 
-/// The descriptors of a kernel-to-be: the child's ends and ours.
-struct Pipes {
-    child: [OwnedFd; 4],
+/// The agent's ends of a kernel-to-be's fds 0-3.
+struct Ends {
     stdin: pipe::Sender,
     events: pipe::Receiver,
     stdout: pipe::Receiver,
     stderr: pipe::Receiver,
 }
 
-impl Pipes {
-    fn new() -> std::io::Result<Self> {
-        let (in_tx, in_rx) = pipe::pipe()?;
-        let (ev_tx, ev_rx) = pipe::pipe()?;
-        let (out_tx, out_rx) = pipe::pipe()?;
-        let (err_tx, err_rx) = pipe::pipe()?;
-        let blocking = |tx: pipe::Sender| tx.into_blocking_fd();
-        let child = [
-            in_rx.into_blocking_fd()?,
-            blocking(out_tx)?,
-            blocking(err_tx)?,
-            blocking(ev_tx)?,
-        ];
-        Ok(Pipes {
-            child,
-            stdin: in_tx,
-            events: ev_rx,
-            stdout: out_rx,
-            stderr: err_rx,
-        })
+/// Pipes for a kernel-to-be: its fds 0 (requests), 1, 2 (raw output) and 3 (events),
+/// and our ends.
+fn pipes() -> std::io::Result<([OwnedFd; 4], Ends)> {
+    let (in_tx, in_rx) = pipe::pipe()?;
+    let (ev_tx, ev_rx) = pipe::pipe()?;
+    let (out_tx, out_rx) = pipe::pipe()?;
+    let (err_tx, err_rx) = pipe::pipe()?;
+    let child = [
+        in_rx.into_blocking_fd()?,
+        out_tx.into_blocking_fd()?,
+        err_tx.into_blocking_fd()?,
+        ev_tx.into_blocking_fd()?,
+    ];
+    let ends = Ends {
+        stdin: in_tx,
+        events: ev_rx,
+        stdout: out_rx,
+        stderr: err_rx,
+    };
+    Ok((child, ends))
+}
+
+impl Ends {
+    /// The kernel these ends talk to, once its pid is known (0 until its `ready`).
+    fn into_kernel(self, pid: u32, exit: oneshot::Receiver<Exit>) -> Kernel {
+        Kernel {
+            pid,
+            stdin: self.stdin,
+            events: BufReader::new(self.events).lines(),
+            stdout: Some(self.stdout),
+            stderr: Some(self.stderr),
+            exit,
+        }
     }
 }
 
@@ -162,8 +177,7 @@ impl Kernel {
             Language::JavaScript => ("node", vec!["-e", JS_KERNEL]),
             Language::Bash => ("python3", vec!["-c", BASH_KERNEL]),
         };
-        let pipes = Pipes::new()?;
-        let [stdin, stdout, stderr, events] = pipes.child;
+        let ([stdin, stdout, stderr, events], ends) = pipes()?;
         let pid = spawn_with_fds(
             program,
             &args,
@@ -174,15 +188,7 @@ impl Kernel {
             vec![(3, events)],
         )
         .map_err(|e| start_error(e.message))?;
-        let exit = env.reaper.watch(pid as i32);
-        let mut kernel = Kernel {
-            pid,
-            stdin: pipes.stdin,
-            events: BufReader::new(pipes.events).lines(),
-            stdout: Some(pipes.stdout),
-            stderr: Some(pipes.stderr),
-            exit,
-        };
+        let mut kernel = ends.into_kernel(pid, env.reaper.watch(pid as i32));
         kernel
             .wait_ready()
             .await
@@ -190,12 +196,29 @@ impl Kernel {
         Ok(kernel)
     }
 
-    /// Waits for the kernel's `ready` event.
-    async fn wait_ready(&mut self) -> Result<(), KernelError> {
+    /// Adopts the default Python kernel a template zygote forked into this sandbox
+    /// (`fd`, its socket, inherited from init; see [`send_setup`]).
+    pub async fn adopt(fd: RawFd, env: &KernelEnv) -> Result<Kernel, KernelError> {
+        let (child, ends) = pipes()?;
+        send_setup(fd, env, &child).map_err(|e| adopt_error("kernel", e))?;
+        drop(child);
+        let mut kernel = ends.into_kernel(0, oneshot::channel().1);
+        kernel.pid = kernel
+            .wait_ready()
+            .await
+            .map_err(|e| adopt_error("kernel", e))?;
+        kernel.exit = env.reaper.watch(kernel.pid as i32);
+        Ok(kernel)
+    }
+
+    /// Waits for the kernel's `ready` event; returns the pid it reports.
+    async fn wait_ready(&mut self) -> Result<u32, KernelError> {
         let ready = tokio::time::timeout(READY_TIMEOUT, async {
             loop {
                 match self.next_event().await? {
-                    Some(v) if v["type"] == "ready" => return Ok(()),
+                    Some(v) if v["type"] == "ready" => {
+                        return Ok(v["pid"].as_u64().unwrap_or(u64::from(self.pid)) as u32)
+                    }
                     Some(_) => continue,
                     None => return Err(KernelError::Died("exited before it was ready".into())),
                 }
@@ -256,8 +279,7 @@ impl Zygote {
             message,
         };
         let (ours, theirs) = UnixStream::pair()?;
-        let pipes = Pipes::new()?;
-        let [stdin, stdout, stderr, events] = pipes.child;
+        let ([stdin, stdout, stderr, events], ends) = pipes()?;
         let pid = spawn_with_fds(
             "python3",
             &["-c", PYTHON_KERNEL, "--zygote"],
@@ -268,19 +290,32 @@ impl Zygote {
             vec![(3, events), (4, OwnedFd::from(theirs))],
         )
         .map_err(|e| start_error(e.message))?;
-        let exit = env.reaper.watch(pid as i32);
-        let mut kernel = Kernel {
-            pid,
-            stdin: pipes.stdin,
-            events: BufReader::new(pipes.events).lines(),
-            stdout: Some(pipes.stdout),
-            stderr: Some(pipes.stderr),
-            exit,
-        };
+        let mut kernel = ends.into_kernel(pid, env.reaper.watch(pid as i32));
         kernel
             .wait_ready()
             .await
             .map_err(|e| start_error(e.to_string()))?;
+        Ok(Zygote::new(kernel, ours))
+    }
+
+    /// Adopts the Python zygote a template zygote forked into this sandbox (`fd`, its
+    /// socket, inherited from init; see [`send_setup`]).
+    pub async fn adopt(fd: RawFd, env: &KernelEnv) -> Result<Zygote, KernelError> {
+        let (ours, theirs) = UnixStream::pair()?;
+        let ([stdin, stdout, stderr, events], ends) = pipes()?;
+        let fds = [stdin, stdout, stderr, events, OwnedFd::from(theirs)];
+        send_setup(fd, env, &fds).map_err(|e| adopt_error("zygote", e))?;
+        drop(fds);
+        let mut kernel = ends.into_kernel(0, oneshot::channel().1);
+        kernel.pid = kernel
+            .wait_ready()
+            .await
+            .map_err(|e| adopt_error("zygote", e))?;
+        kernel.exit = env.reaper.watch(kernel.pid as i32);
+        Ok(Zygote::new(kernel, ours))
+    }
+
+    fn new(mut kernel: Kernel, control: UnixStream) -> Zygote {
         // The zygote runs no user code; whatever it prints (warnings) is dropped.
         for mut output in [kernel.stdout.take(), kernel.stderr.take()]
             .into_iter()
@@ -288,11 +323,11 @@ impl Zygote {
         {
             tokio::spawn(async move { drain(&mut output).await });
         }
-        Ok(Zygote {
+        Zygote {
             kernel,
-            control: ours,
+            control,
             next_fork: 0,
-        })
+        }
     }
 
     /// Whether the zygote process still runs.
@@ -307,12 +342,12 @@ impl Zygote {
     pub async fn fork(&mut self, env: &KernelEnv, cwd: &Path) -> Result<Kernel, KernelError> {
         self.next_fork += 1;
         let id = format!("fork-{}", self.next_fork);
-        let pipes = Pipes::new()?;
+        let (child, ends) = pipes()?;
         self.kernel
             .send(&serde_json::json!({"op": "fork", "id": id, "cwd": cwd}))
             .await?;
-        send_fds(&self.control, &pipes.child)?;
-        drop(pipes.child);
+        send_fds(&self.control, &child)?;
+        drop(child);
         let pid = loop {
             match self.kernel.next_event().await? {
                 Some(v) if v["type"] == "forked" && v["id"] == id.as_str() => {
@@ -334,15 +369,7 @@ impl Zygote {
                 None => return Err(KernelError::Died("the zygote exited".into())),
             }
         };
-        let exit = env.reaper.watch(pid as i32);
-        let mut kernel = Kernel {
-            pid,
-            stdin: pipes.stdin,
-            events: BufReader::new(pipes.events).lines(),
-            stdout: Some(pipes.stdout),
-            stderr: Some(pipes.stderr),
-            exit,
-        };
+        let mut kernel = ends.into_kernel(pid, env.reaper.watch(pid as i32));
         kernel.wait_ready().await?;
         Ok(kernel)
     }
@@ -371,21 +398,84 @@ pub async fn read_event(
     }
 }
 
+/// Sends a warm Python process parked on `fd` (forked by a template zygote, see
+/// `cubicle_runtime::ns::zygote`) what makes it one of ours: `fds` for its 0, 1, ...,
+/// the kernel user, the environment, the sandbox's rlimits, capability bounding set
+/// and seccomp filter (which it installs itself: it was forked before init installed
+/// them). Closes `fd`.
+fn send_setup(fd: RawFd, env: &KernelEnv, fds: &[OwnedFd]) -> Result<(), KernelError> {
+    // SAFETY: init passed this descriptor to us for exactly this purpose; nothing else
+    // in the agent owns it, and it is consumed here.
+    let socket = unsafe { UnixStream::from_raw_fd(fd) };
+    let program = security::SeccompPolicy::default_policy()
+        .and_then(|p| p.compile())
+        .map_err(|e| KernelError::Died(format!("seccomp filter: {e}")))?;
+    let (soft, hard) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .map_err(std::io::Error::from)?;
+    let setup = serde_json::json!({
+        "op": "setup",
+        "uid": env.user.uid,
+        "gid": env.user.gid,
+        "groups": env.user.groups,
+        "env": env.environment(),
+        "cwd": env.user.home,
+        "nofile": [soft, hard],
+        "oom_score_adj": String::from_utf8_lossy(USER_OOM_SCORE_ADJ),
+        "keep_caps": security::caps::SANDBOX_CAPS.iter().map(|c| c.index()).collect::<Vec<_>>(),
+        "seccomp": base64::engine::general_purpose::STANDARD.encode(bpf_bytes(&program)),
+    });
+    let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
+    sendmsg_fds(&socket, &serde_json::to_vec(&setup).expect("JSON"), &raw)?;
+    Ok(())
+}
+
+fn adopt_error(what: &str, e: impl std::fmt::Display) -> KernelError {
+    KernelError::Start {
+        language: "python",
+        message: format!("adopting the warm {what}: {e}"),
+    }
+}
+
 /// Sends the child's four descriptors over the zygote's control socket (one byte of
 /// data, the descriptors as `SCM_RIGHTS`).
 fn send_fds(socket: &UnixStream, fds: &[OwnedFd; 4]) -> std::io::Result<()> {
-    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
     let raw: Vec<i32> = fds.iter().map(|f| f.as_raw_fd()).collect();
-    let data = [IoSlice::new(b"F")];
-    sendmsg::<()>(
+    sendmsg_fds(socket, b"F", &raw)
+}
+
+/// One message with `data` and `fds` as `SCM_RIGHTS`.
+fn sendmsg_fds(socket: &UnixStream, data: &[u8], fds: &[RawFd]) -> std::io::Result<()> {
+    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+    let data = [IoSlice::new(data)];
+    let sent = sendmsg::<()>(
         socket.as_raw_fd(),
         &data,
-        &[ControlMessage::ScmRights(&raw)],
-        MsgFlags::empty(),
+        &[ControlMessage::ScmRights(fds)],
+        MsgFlags::MSG_NOSIGNAL,
         None,
     )
     .map_err(std::io::Error::from)?;
+    if sent != data[0].len() {
+        return Err(std::io::Error::other("short send"));
+    }
     Ok(())
+}
+
+/// A seccomp program as the kernel reads it: `struct sock_filter` (code u16, jt u8,
+/// jf u8, k u32) in native byte order, one after another.
+fn bpf_bytes(program: &security::BpfProgram) -> Vec<u8> {
+    program
+        .instructions()
+        .iter()
+        .flat_map(|i| {
+            let mut b = [0u8; 8];
+            b[..2].copy_from_slice(&i.code.to_ne_bytes());
+            b[2] = i.jt;
+            b[3] = i.jf;
+            b[4..].copy_from_slice(&i.k.to_ne_bytes());
+            b
+        })
+        .collect()
 }
 
 /// Reads a pipe to its end and forgets what it read.

@@ -31,6 +31,7 @@ use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
 use crate::rpc::{self, Body};
+use cubicle_runtime::ns::message::WarmPython;
 use kernel::{Kernel, KernelEnv, KernelError, Language, Zygote};
 
 /// The port E2B's SDK sends code-interpreter traffic to.
@@ -71,16 +72,29 @@ pub struct Interpreter {
 }
 
 impl Interpreter {
-    /// Starts the Python zygote and the default Python context (so the first execution
-    /// is fast), and registers the default JavaScript context (started on first use).
+    /// Starts the Python zygote and the default Python context, so that the first
+    /// execution is fast, and registers the default JavaScript context (started on first
+    /// use). With `warm` (the sandbox was forked by a template zygote) both Python
+    /// processes already exist and are adopted instead; if that fails they are started.
     pub async fn start(
         env: KernelEnv,
         access_token: Option<String>,
+        warm: Option<WarmPython>,
     ) -> Result<Arc<Self>, KernelError> {
+        let (zygote, kernel) = match warm {
+            Some(warm) => {
+                let (zygote, kernel) = tokio::join!(
+                    Zygote::adopt(warm.zygote_fd, &env),
+                    Kernel::adopt(warm.kernel_fd, &env)
+                );
+                (adopted(zygote), adopted(kernel))
+            }
+            None => (None, None),
+        };
         let interpreter = Arc::new(Interpreter {
             env,
             access_token,
-            zygote: tokio::sync::Mutex::new(None),
+            zygote: tokio::sync::Mutex::new(zygote),
             contexts: Mutex::new(BTreeMap::new()),
             defaults: Mutex::new(HashMap::new()),
             executions: AtomicU64::new(0),
@@ -88,8 +102,11 @@ impl Interpreter {
         let home = interpreter.env.user.home.clone();
         let python = interpreter.new_context(Language::Python, home.clone());
         {
-            let mut kernel = python.kernel.lock().await;
-            *kernel = Some(interpreter.start_kernel(&python).await?);
+            let mut slot = python.kernel.lock().await;
+            *slot = Some(match kernel {
+                Some(k) => k,
+                None => interpreter.start_kernel(&python).await?,
+            });
         }
         interpreter.set_default(&python);
         let js = interpreter.new_context(Language::JavaScript, home);
@@ -477,13 +494,19 @@ fn random_id() -> String {
     )
 }
 
+/// A warm process that could not be adopted is logged and replaced by a fresh one.
+fn adopted<T>(result: Result<T, KernelError>) -> Option<T> {
+    result
+        .map_err(|e| tracing::warn!(error = %e, "starting a fresh one instead"))
+        .ok()
+}
+
 // --------------------------------------------------------------------------------------
 // HTTP (port 49999)
 // --------------------------------------------------------------------------------------
 
-/// Serves the code interpreter on `127.0.0.1:49999` until the listener fails.
-pub async fn serve(interpreter: Arc<Interpreter>) -> std::io::Result<()> {
-    let listener = TcpListener::bind(("127.0.0.1", PORT)).await?;
+/// Serves the code interpreter on `listener` (`127.0.0.1:`[`PORT`]) until it fails.
+pub async fn serve(listener: TcpListener, interpreter: Arc<Interpreter>) -> std::io::Result<()> {
     loop {
         let (stream, _) = listener.accept().await?;
         let _ = stream.set_nodelay(true);

@@ -14,6 +14,12 @@ Without ``--zygote`` this process is one kernel serving on fds 0-3. With ``--zyg
 imports the scientific stack and IPython once, builds a pristine shell, then only forks:
 every ``fork`` request becomes a kernel (a grandchild, re-parented to the agent) that
 shares the imported modules copy-on-write.
+
+With ``--template-zygote`` (started by ``cubicle-agent zygote``, outside any sandbox, one
+per template) it does the same imports once per *template*, then turns every ``spawn``
+request of the runtime on fd 3 into the first process of a new sandbox plus that
+sandbox's own zygote and default kernel, all copies of this process (see "Template
+zygote" in docs/interpreter.md).
 """
 
 import os
@@ -33,7 +39,8 @@ _THREAD_VARS = (
     "NUMEXPR_NUM_THREADS",
     "VECLIB_MAXIMUM_THREADS",
 )
-_ZYGOTE = "--zygote" in sys.argv[1:]
+_TEMPLATE_ZYGOTE = "--template-zygote" in sys.argv[1:]
+_ZYGOTE = "--zygote" in sys.argv[1:] or _TEMPLATE_ZYGOTE
 _LIMITED_VARS = []
 if _ZYGOTE:
     for _name in _THREAD_VARS:
@@ -1269,6 +1276,47 @@ def _close_fds_from(lowest):
                 pass
 
 
+def _reopen_files_from(lowest):
+    """In a fork of a zygote: descriptors from `lowest` up are the zygote's. Files that
+    Python objects of the zygote still use (matplotlib's cached fonts, IPython's
+    devnull...) are reopened by path onto the same number, so that the object keeps
+    working on a file description of this process's own (not shared with the zygote or
+    other kernels, whose offsets would race; and, in a sandbox forked by a template
+    zygote, a file of this sandbox's mounts). Anything else (sockets, pipes) is closed."""
+    import fcntl
+    import stat
+
+    try:
+        fds = [int(name) for name in os.listdir("/proc/self/fd")]
+    except OSError:
+        return _close_fds_from(lowest)
+    for fd in fds:
+        if fd < lowest:
+            continue
+        try:
+            st = os.fstat(fd)
+            path = os.readlink("/proc/self/fd/%d" % fd)
+            reopen = (stat.S_ISREG(st.st_mode) or stat.S_ISCHR(st.st_mode)) and path.startswith("/")
+            if reopen:
+                flags = fcntl.fcntl(fd, fcntl.F_GETFL) & (os.O_ACCMODE | os.O_APPEND)
+                inheritable = os.get_inheritable(fd)
+                position = os.lseek(fd, 0, os.SEEK_CUR) if stat.S_ISREG(st.st_mode) else 0
+                fresh = os.open(path, flags | os.O_CLOEXEC)
+                try:
+                    if position:
+                        os.lseek(fresh, position, os.SEEK_SET)
+                    os.dup2(fresh, fd, inheritable=inheritable)
+                finally:
+                    os.close(fresh)
+            else:
+                os.close(fd)
+        except OSError:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
 def _find_blas_setter():
     """openblas_set_num_threads of the OpenBLAS numpy uses, if any, looked up once in
     the zygote (so forked kernels only call it)."""
@@ -1440,7 +1488,8 @@ def _become_kernel(zygote, fds, request):
         zygote.sock.detach()  # the socket object must not close a reused fd 4 later
         for target, fd in enumerate(fds):
             os.dup2(fd, target)  # inheritable copies on 0, 1, 2, 3
-        _close_fds_from(4)
+        os.close(ZYGOTE_SOCKET_FD)
+        _reopen_files_from(ZYGOTE_SOCKET_FD + 1)
         os.setsid()  # own session and process group (the agent can signal the group)
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         cwd = request.get("cwd")
@@ -1474,11 +1523,357 @@ def _become_kernel(zygote, fds, request):
     os._exit(status)
 
 
+# --- template zygote ----------------------------------------------------------------------
+#
+# Outside any sandbox: in a user namespace of its own (as the kernel user, with the
+# capabilities to write id maps), the template at "/", the host's tree at /run/host
+# (cubicle-agent zygote set that up). For each `spawn` request from the runtime (fd 3,
+# SOCK_SEQPACKET: one JSON object per message, the sandbox's sync socket attached as
+# SCM_RIGHTS) it clones
+#
+#   P  pid 1 of the new sandbox: fresh user, mount, pid, net, uts and ipc namespaces, a
+#      sibling of the zygote (CLONE_PARENT: the runtime's child, as if the runtime had
+#      cloned it). We write its id maps; it waits for the runtime's go-ahead on the sync
+#      socket (fd 3, peeked, not read), then forks
+#   Z  the sandbox's Python zygote and
+#   K  its default Python kernel,
+#      and executes `cubicle-agent init`, which builds the sandbox and becomes its agent,
+#      keeping fds 4 and 5: the sockets on which Z and K wait for their `setup` (their
+#      fds, user, environment and the sandbox's seccomp filter). Z and K share this
+#      process's memory copy-on-write.
+#
+# P is cloned with a raw clone(2) (glibc's fork cannot pass namespace flags): it runs a
+# few lines of Python and executes, and everything it forks is forked by glibc.
+
+CONTROL_FD = 3
+SANDBOX_SYNC_FD = 3
+SANDBOX_ZYGOTE_FD = 4
+SANDBOX_KERNEL_FD = 5
+_CLONE_NEWNS = 0x00020000
+_CLONE_PARENT = 0x00008000
+_CLONE_NEWCGROUP = 0x02000000
+_CLONE_NEWUTS = 0x04000000
+_CLONE_NEWIPC = 0x08000000
+_CLONE_NEWUSER = 0x10000000
+_CLONE_NEWPID = 0x20000000
+_CLONE_NEWNET = 0x40000000
+_SANDBOX_NAMESPACES = (_CLONE_NEWUSER | _CLONE_NEWNS | _CLONE_NEWPID | _CLONE_NEWNET
+                       | _CLONE_NEWUTS | _CLONE_NEWIPC)
+_PR_SET_DUMPABLE = 4
+_PR_CAPBSET_DROP = 24
+_SECCOMP_SET_MODE_FILTER = 1
+_SYS_CLONE = {"x86_64": 56, "aarch64": 220}
+_SYS_SECCOMP = {"x86_64": 317, "aarch64": 277}
+
+
+def _libc():
+    import ctypes
+
+    return ctypes, ctypes.CDLL(None, use_errno=True)
+
+
+def _check(ctypes, ret, what):
+    if ret != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, "%s: %s" % (what, os.strerror(err)))
+
+
+def _machine():
+    import platform
+
+    return platform.machine()
+
+
+def _clone(flags):
+    """clone(2) without a new stack: returns like fork. Python's own bookkeeping runs as
+    for os.fork; C libraries' fork handlers do not (the zygote has no threads, and the
+    child only executes)."""
+    ctypes, _ = _libc()
+    nr = _SYS_CLONE.get(_machine())
+    if nr is None:
+        raise OSError("no clone syscall number for %s" % _machine())
+    # PyDLL: the GIL stays held across the call, so the child resumes holding it.
+    libc = ctypes.PyDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    api = ctypes.pythonapi
+    api.PyOS_BeforeFork()
+    pid = libc.syscall(ctypes.c_long(nr), ctypes.c_ulong(flags | signal.SIGCHLD),
+                       ctypes.c_void_p(0), ctypes.c_void_p(0), ctypes.c_void_p(0),
+                       ctypes.c_void_p(0))
+    if pid == 0:
+        api.PyOS_AfterFork_Child()
+        return 0
+    err = ctypes.get_errno()
+    api.PyOS_AfterFork_Parent()
+    if pid < 0:
+        raise OSError(err, "clone: %s" % os.strerror(err))
+    return pid
+
+
+class TemplateZygote:
+    def __init__(self, shell):
+        self.shell = shell
+        self.blas_setter = _find_blas_setter()
+        self.sock = socket.socket(fileno=CONTROL_FD)
+
+    def send(self, obj):
+        self.sock.send(json.dumps(obj).encode("utf-8"))
+
+    def serve(self):
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        gc.collect()
+        gc.freeze()
+        if _thread_count() != 1:
+            os.write(STDERR_FD, b"cubicle template zygote: warning: more than one thread\n")
+        self.send({"type": "ready", "pid": os.getpid()})
+        while True:
+            try:
+                data, fds, _, _ = socket.recv_fds(
+                    self.sock, 1 << 16, 32, getattr(socket, "MSG_CMSG_CLOEXEC", 0))
+            except InterruptedError:
+                continue
+            if not data:
+                return  # the runtime is gone
+            request_id = None
+            try:
+                request = json.loads(data)
+                request_id = request.get("id")
+                if request.get("op") != "spawn":
+                    raise ValueError("unknown op %r" % request.get("op"))
+                if not fds:
+                    raise ValueError("no sync socket")
+                pid = self.spawn(request, fds[0], fds[1:])
+                self.send({"type": "spawned", "id": request_id, "pid": pid})
+            except SpawnFailed as e:
+                # The child exists (and exits at once): the runtime, its parent, reaps it.
+                self.send({"type": "spawn_failed", "id": request_id, "pid": e.pid,
+                           "message": e.message})
+            except Exception as e:  # noqa: BLE001 - reported, the zygote keeps serving
+                self.send({"type": "spawn_failed", "id": request_id, "message": str(e)})
+            finally:
+                for fd in fds:
+                    os.close(fd)
+
+    def spawn(self, request, sync_fd, join_fds):
+        """Clones pid 1 of a new sandbox (see above); `join_fds` are the sandbox's cgroup
+        `tasks` files, opened by the runtime: it joins them itself, as a task moving
+        itself skips the kernel's global threadgroup lock."""
+        mapped_r, mapped_w = os.pipe()
+        pid = _clone(_SANDBOX_NAMESPACES | _CLONE_PARENT)
+        if pid == 0:
+            code = 125  # as the runtime's own clone: "join the sandbox's cgroup"
+            try:
+                os.close(mapped_w)
+                for fd in join_fds:
+                    os.write(fd, b"0")
+                    os.close(fd)
+                code = 121  # "become root in the namespace"
+                if os.read(mapped_r, 1) == b"g":
+                    os.close(mapped_r)
+                    os.setgroups([])
+                    os.setresgid(0, 0, 0)
+                    os.setresuid(0, 0, 0)
+                    _sandbox_init(self, request, sync_fd)  # never returns
+            finally:
+                os._exit(code)
+        os.close(mapped_r)
+        try:
+            id_map = request.get("id_map", "0 0 65536")
+            for name in ("uid_map", "gid_map"):
+                fd = os.open("/proc/%d/%s" % (pid, name), os.O_WRONLY)
+                try:
+                    os.write(fd, id_map.encode("ascii"))
+                finally:
+                    os.close(fd)
+            os.write(mapped_w, b"g")
+        except OSError as e:
+            raise SpawnFailed(pid, "write the id maps: %s" % e) from None
+        finally:
+            # Without "g" the child exits at once.
+            os.close(mapped_w)
+        return pid
+
+
+class SpawnFailed(Exception):
+    def __init__(self, pid, message):
+        super().__init__(message)
+        self.pid = pid
+        self.message = message
+
+
+def _sandbox_init(zygote, request, sync_fd):
+    """P: pid 1 of the sandbox until it executes `cubicle-agent init`."""
+    import fcntl
+
+    code = 120  # as the runtime's own clone: "no go-ahead"
+    try:
+        sync = socket.socket(fileno=sync_fd)  # ours alone: the parked children close it
+        while True:
+            try:
+                if not sync.recv(1, socket.MSG_PEEK):
+                    os._exit(code)
+                break
+            except InterruptedError:
+                continue
+        # A session of our own (a pid namespace's session must be led from inside it).
+        os.setsid()
+        parked = []
+        for role in ("zygote", "kernel"):
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            if os.fork() == 0:
+                ours.close()
+                sync.close()
+                for other in parked:
+                    other.close()
+                _parked(zygote, theirs.detach(), role)  # never returns
+            theirs.close()
+            parked.append(ours)
+        code = 123
+        # Via high numbers: any of these may sit on 3, 4 or 5 already.
+        highs = [fcntl.fcntl(s.fileno(), fcntl.F_DUPFD_CLOEXEC, 10) for s in [sync] + parked]
+        for s in [sync] + parked:
+            s.close()
+        zygote.sock.detach()
+        for target, fd in zip((SANDBOX_SYNC_FD, SANDBOX_ZYGOTE_FD, SANDBOX_KERNEL_FD), highs):
+            os.dup2(fd, target)  # inheritable
+        _close_fds_from(SANDBOX_KERNEL_FD + 1)
+        signal.pthread_sigmask(signal.SIG_SETMASK, [])
+        for sig in (signal.SIGPIPE, signal.SIGINT, signal.SIGXFSZ):
+            signal.signal(sig, signal.SIG_DFL)
+        code = 124
+        argv = request["init"]
+        os.execve(argv[0], [request.get("argv0", argv[0])] + argv[1:], request.get("env", {}))
+    except BaseException:  # noqa: BLE001 - the runtime learns the step from the code
+        pass
+    os._exit(code)
+
+
+def _parked(zygote, sock_fd, role):
+    """Z or K: waits for the agent's `setup`, then serves as the sandbox's zygote or as
+    its default kernel."""
+    status = 1
+    try:
+        # The template zygote's stdio is a host log file and fd 3 its control socket:
+        # nothing of that may stay open (its other files are reopened at setup).
+        zygote.sock.detach()
+        for fd in (0, 1, 2, CONTROL_FD):
+            if fd != sock_fd:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        sock = socket.socket(fileno=sock_fd)
+        count = 5 if role == "zygote" else 4
+        data, fds, _, _ = socket.recv_fds(
+            sock, 1 << 20, count, getattr(socket, "MSG_CMSG_CLOEXEC", 0))
+        sock.close()
+        if not data:
+            os._exit(0)  # the sandbox did not want us (e.g. its agent failed)
+        _apply_setup(json.loads(data), fds)
+        status = 0
+        if role == "zygote":
+            z = Zygote(zygote.shell)
+            z.blas_setter = zygote.blas_setter
+            z.serve()
+        else:
+            os.setsid()  # own process group (the agent can signal the group)
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            kernel = Kernel(zygote.shell)
+            setter = zygote.blas_setter
+            kernel.before_first_execution = lambda: _restore_blas_threads(setter)
+            kernel.serve(numpy.random.seed)
+    except SystemExit as e:
+        status = e.code if isinstance(e.code, int) else (0 if e.code is None else status)
+    except BaseException:  # noqa: BLE001
+        try:
+            os.write(STDERR_FD, traceback.format_exc().encode("utf-8", "replace"))
+        except OSError:
+            pass
+        status = 1
+    if role == "kernel":
+        try:
+            atexit._run_exitfuncs()
+        except BaseException:  # noqa: BLE001
+            pass
+    os._exit(status)
+
+
+def _apply_setup(setup, fds):
+    """Makes this process what the agent would have started: `fds` on 0, 1, ..., the
+    sandbox's cgroup namespace, rlimits, environment and working directory, the sandbox's
+    capability bounding set and seccomp filter, then the kernel user's credentials."""
+    import fcntl
+    import resource
+
+    if len(fds) not in (4, 5):
+        raise ValueError("setup needs 4 or 5 fds, got %d" % len(fds))
+    high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10) for fd in fds]
+    for fd in fds:
+        os.close(fd)
+    for target, fd in enumerate(high):
+        os.dup2(fd, target)  # inheritable
+        os.close(fd)
+    _reopen_files_from(len(fds))
+    ctypes, libc = _libc()
+    cgroup_ns = os.open("/proc/1/ns/cgroup", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        _check(ctypes, libc.setns(cgroup_ns, _CLONE_NEWCGROUP), "join the cgroup namespace")
+    finally:
+        os.close(cgroup_ns)
+    nofile = setup.get("nofile")
+    if nofile:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (int(nofile[0]), int(nofile[1])))
+    if setup.get("oom_score_adj") is not None:
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write(str(int(setup["oom_score_adj"])))
+    env = setup.get("env") or {}
+    os.environ.clear()
+    os.environ.update({str(k): str(v) for k, v in env.items()})
+    os.chdir(setup.get("cwd") or "/")
+    keep = set(setup.get("keep_caps") or [])
+    with open("/proc/sys/kernel/cap_last_cap") as f:
+        last_cap = int(f.read())
+    for cap in range(last_cap + 1):
+        if cap not in keep:
+            _check(ctypes, libc.prctl(_PR_CAPBSET_DROP, cap, 0, 0, 0), "drop capability %d" % cap)
+    program = base64.b64decode(setup.get("seccomp") or "")
+    if program:
+        _install_seccomp(ctypes, libc, program)
+    os.setgroups([int(g) for g in setup.get("groups") or []])
+    os.setresgid(int(setup["gid"]), int(setup["gid"]), int(setup["gid"]))
+    os.setresuid(int(setup["uid"]), int(setup["uid"]), int(setup["uid"]))
+    # Changing uid made us non-dumpable; the agent starts kernels dumpable.
+    libc.prctl(_PR_SET_DUMPABLE, 1, 0, 0, 0)
+
+
+def _install_seccomp(ctypes, libc, program):
+    class SockFilter(ctypes.Structure):
+        _fields_ = [("code", ctypes.c_ushort), ("jt", ctypes.c_ubyte),
+                    ("jf", ctypes.c_ubyte), ("k", ctypes.c_uint32)]
+
+    class SockFprog(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(SockFilter))]
+
+    if len(program) % 8:
+        raise ValueError("a seccomp program is a multiple of 8 bytes")
+    count = len(program) // 8
+    filters = (SockFilter * count).from_buffer_copy(program)
+    fprog = SockFprog(count, ctypes.cast(filters, ctypes.POINTER(SockFilter)))
+    nr = _SYS_SECCOMP.get(_machine())
+    if nr is None:
+        raise OSError("no seccomp syscall number for %s" % _machine())
+    ret = libc.syscall(nr, _SECCOMP_SET_MODE_FILTER, 0, ctypes.byref(fprog))
+    _check(ctypes, 0 if ret == 0 else -1, "install the seccomp filter")
+
+
 def main():
     gc.disable()
     shell = make_shell()
     warm_up(shell)
     gc.enable()
+    if _TEMPLATE_ZYGOTE:
+        TemplateZygote(shell).serve()
+        return
     if _ZYGOTE:
         Zygote(shell).serve()
         return

@@ -44,6 +44,9 @@ pub enum Step {
     /// Point stdio away from the host.
     #[error("redirect stdio")]
     Stdio,
+    /// Start a session.
+    #[error("start a session")]
+    Session,
     /// Enter a new cgroup namespace rooted at the sandbox's cgroup.
     #[error("create the cgroup namespace")]
     CgroupNamespace,
@@ -118,7 +121,7 @@ impl<T, E: Into<io::Error>> StepExt<T> for Result<T, E> {
     }
 }
 
-fn io_err(what: impl std::fmt::Display, e: impl Into<io::Error>) -> io::Error {
+pub(super) fn io_err(what: impl std::fmt::Display, e: impl Into<io::Error>) -> io::Error {
     let e = e.into();
     io::Error::new(e.kind(), format!("{what}: {e}"))
 }
@@ -155,6 +158,11 @@ fn set_up(sync: &mut UnixStream) -> Result<std::convert::Infallible, InitError> 
     };
     // Until pivot_root, stdio still points at whatever the runtime's process had.
     redirect_stdio(Path::new("/dev/null"), None).step(Step::Stdio)?;
+    // A session of our own (a pid namespace's session leader must be inside it for
+    // CRIU). A template zygote's child already made one.
+    if nix::unistd::getsid(None).ok() != Some(nix::unistd::getpid()) {
+        nix::unistd::setsid().step(Step::Session)?;
+    }
 
     unshare(CloneFlags::CLONE_NEWCGROUP).step(Step::CgroupNamespace)?;
     mount(
@@ -201,7 +209,7 @@ fn set_up(sync: &mut UnixStream) -> Result<std::convert::Infallible, InitError> 
 }
 
 /// Points fd 0 at `stdin` and fds 1 and 2 at `log` (or `stdin` when `None`).
-fn redirect_stdio(stdin: &Path, log: Option<&Path>) -> io::Result<()> {
+pub(super) fn redirect_stdio(stdin: &Path, log: Option<&Path>) -> io::Result<()> {
     let input = File::open(stdin).map_err(|e| io_err(stdin.display(), e))?;
     let output = match log {
         Some(log) => OpenOptions::new()
@@ -283,7 +291,7 @@ fn mount_sys(root: &Path) -> io::Result<()> {
 /// Device nodes bind-mounted from the host (a user namespace cannot `mknod`).
 const HOST_DEVICES: &[&str] = &["null", "zero", "full", "random", "urandom", "tty"];
 
-fn populate_dev(root: &Path) -> io::Result<()> {
+pub(super) fn populate_dev(root: &Path) -> io::Result<()> {
     let dev = root.join("dev");
     mount(
         Some("tmpfs"),
@@ -457,7 +465,7 @@ fn exec_agent(config_fd: RawFd) -> io::Result<std::convert::Infallible> {
     Err(io_err(SANDBOX_AGENT_BIN, err))
 }
 
-fn mkdir(path: &Path, mode: u32) -> io::Result<()> {
+pub(super) fn mkdir(path: &Path, mode: u32) -> io::Result<()> {
     fs::DirBuilder::new()
         .mode(mode)
         .create(path)
@@ -467,7 +475,7 @@ fn mkdir(path: &Path, mode: u32) -> io::Result<()> {
         .map_err(|e| io_err(path.display(), e))
 }
 
-fn bind(source: &Path, target: &Path) -> io::Result<()> {
+pub(super) fn bind(source: &Path, target: &Path) -> io::Result<()> {
     mount(
         Some(source),
         target,
@@ -511,6 +519,20 @@ pub fn report_ready() -> io::Result<()> {
     // SAFETY: fd 3 is the sync socket inherited from init; we take ownership and close it.
     let mut sync = unsafe { UnixStream::from_raw_fd(SYNC_FD) };
     write_frame(&mut sync, &FromInit::Ready)
+}
+
+/// Tells the runtime that the agent cannot serve (instead of [`report_ready`]); the
+/// create fails with `step` and `message`.
+pub fn report_failed(step: &str, message: &str) -> io::Result<()> {
+    // SAFETY: as in `report_ready`: fd 3 is the inherited sync socket, used once.
+    let mut sync = unsafe { UnixStream::from_raw_fd(SYNC_FD) };
+    write_frame(
+        &mut sync,
+        &FromInit::Failed {
+            step: step.to_owned(),
+            message: message.to_owned(),
+        },
+    )
 }
 
 /// The host directory that appears as [`SANDBOX_RUN_DIR`] in a sandbox, given its dir.

@@ -42,6 +42,22 @@ pub struct AgentConfig {
     /// Serve E2B's code interpreter on port 49999 (templates that have its runtime).
     #[serde(default)]
     pub code_interpreter: bool,
+    /// Warm Python processes the sandbox was forked with (set by the runtime when a
+    /// template zygote made the sandbox, see [`super::zygote`]); the agent adopts them
+    /// instead of starting a Python of its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warm_python: Option<WarmPython>,
+}
+
+/// The sockets on which a zygote-made sandbox's Python processes wait for the agent's
+/// `setup` (inherited by the agent from init).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WarmPython {
+    /// The sandbox's Python zygote (forks new contexts).
+    pub zygote_fd: i32,
+    /// The default Python context's kernel.
+    pub kernel_fd: i32,
 }
 
 impl AgentConfig {
@@ -54,6 +70,7 @@ impl AgentConfig {
             access_token: None,
             max_upload_bytes: 1 << 30,
             code_interpreter: false,
+            warm_python: None,
         }
     }
 }

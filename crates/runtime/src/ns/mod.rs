@@ -22,6 +22,7 @@ pub mod init;
 pub mod message;
 pub mod security;
 mod sys;
+pub mod zygote;
 
 use std::collections::HashMap;
 use std::io::{self, Write};
@@ -175,6 +176,7 @@ pub struct NsRuntime {
     config: NsConfig,
     cgroups: Box<dyn CgroupManager>,
     live: Mutex<HashMap<SandboxId, Live>>,
+    zygotes: std::sync::Arc<zygote::ZygotePool>,
 }
 
 /// Paths of one sandbox on the host.
@@ -257,10 +259,15 @@ impl NsRuntime {
         for dir in [root.to_owned(), config.data_dir.sandboxes()] {
             make_traversable_dir(&dir)?;
         }
+        let zygotes = std::sync::Arc::new(zygote::ZygotePool::new(
+            config.data_dir.clone(),
+            config.agent_bin.clone(),
+        ));
         Ok(NsRuntime {
             config,
             cgroups,
             live: Mutex::new(HashMap::new()),
+            zygotes,
         })
     }
 
@@ -314,29 +321,44 @@ impl NsRuntime {
     ) -> Result<(i32, OwnedFd), (RuntimeError, Option<OwnedFd>)> {
         let (mut host, child) =
             StdUnixStream::pair().map_err(|e| (spawn_error("create the sync socket")(e), None))?;
-        let join = self.cgroups.join(spec.id.as_str());
-        let self_join = match &join {
-            cgroup::Join::SelfJoin(files) => files.as_slice(),
-            cgroup::Join::RuntimeWrites => &[],
+        let zygote = match spec.agent.code_interpreter {
+            true => self.zygotes.get(&spec.layers).await,
+            false => None,
         };
-        let (pid, pidfd) = {
-            let exec = sys::ChildExec::new(
-                &self.config.agent_bin,
-                &["cubicle-agent", "init"],
-                &[],
-                self_join,
-            )
-            .map_err(|e| (spawn_error("prepare execve")(e), None))?;
-            sys::clone_into_namespaces(CLONE_FLAGS, child.as_raw_fd(), &exec)
-                .map_err(|e| (spawn_error("clone into new namespaces")(e), None))?
+        let join = self.cgroups.join(spec.id.as_str());
+        let forked = match zygote {
+            Some(zygote) => self.spawn_from_zygote(&zygote, &child, &join).await,
+            None => None,
+        };
+        let from_zygote = forked.is_some();
+        let (pid, pidfd) = match forked {
+            Some(forked) => forked,
+            None => {
+                let self_join = match &join {
+                    cgroup::Join::SelfJoin(files) => files.as_slice(),
+                    cgroup::Join::RuntimeWrites => &[],
+                };
+                let exec = sys::ChildExec::new(
+                    &self.config.agent_bin,
+                    &["cubicle-agent", "init"],
+                    &[],
+                    self_join,
+                )
+                .map_err(|e| (spawn_error("prepare execve")(e), None))?;
+                sys::clone_into_namespaces(CLONE_FLAGS, child.as_raw_fd(), &exec)
+                    .map_err(|e| (spawn_error("clone into new namespaces")(e), None))?
+            }
         };
         drop(child);
 
         let prepared = (|| {
-            let map = format!("0 {} {}\n", spec.uid_shift, uid_map::RANGE);
-            for file in ["uid_map", "gid_map"] {
-                let path = PathBuf::from(format!("/proc/{pid}/{file}"));
-                std::fs::write(&path, &map).map_err(io_error("write", &path))?;
+            if !from_zygote {
+                // A zygote writes the maps itself: it owns the parent user namespace.
+                let map = format!("0 {} {}\n", spec.uid_shift, uid_map::RANGE);
+                for file in ["uid_map", "gid_map"] {
+                    let path = PathBuf::from(format!("/proc/{pid}/{file}"));
+                    std::fs::write(&path, &map).map_err(io_error("write", &path))?;
+                }
             }
             shield_from_oom_killer(pid);
             if join == cgroup::Join::RuntimeWrites {
@@ -350,15 +372,28 @@ impl NsRuntime {
                     .map_err(io_error("read start time of", Path::new("/proc")))?,
             };
             write_json(&paths.record, &record)?;
+            // A zygote's child sees the host's tree under zygote::HOST_DIR, where an
+            // absolute symlink would point back into the template: resolve them here.
+            let host_path = |p: &Path| match from_zygote {
+                true => zygote::host_view(p),
+                false => p.to_owned(),
+            };
+            let mut agent = spec.agent.clone();
+            if from_zygote {
+                agent.warm_python = Some(message::WarmPython {
+                    zygote_fd: zygote::SANDBOX_ZYGOTE_FD,
+                    kernel_fd: zygote::SANDBOX_KERNEL_FD,
+                });
+            }
             let go = ToInit::Go(Box::new(InitSpec {
                 hostname: spec.id.to_string(),
-                lower: spec.layers.clone(),
-                upper: paths.upper.clone(),
-                work: paths.work.clone(),
-                merged: paths.merged.clone(),
-                run_dir: paths.run.clone(),
-                agent_bin: self.config.agent_bin.clone(),
-                agent: spec.agent.clone(),
+                lower: spec.layers.iter().map(|l| host_path(l)).collect(),
+                upper: host_path(&paths.upper),
+                work: host_path(&paths.work),
+                merged: host_path(&paths.merged),
+                run_dir: host_path(&paths.run),
+                agent_bin: host_path(&self.config.agent_bin),
+                agent,
             }));
             message::write_frame(&mut host, &go).map_err(spawn_error("send go to init"))
         })();
@@ -366,7 +401,9 @@ impl NsRuntime {
             return Err((e, Some(pidfd)));
         }
 
+        let waiting = std::time::Instant::now();
         let report = tokio::time::timeout(self.config.ready_timeout, read_report(host)).await;
+        tracing::debug!(sandbox = %spec.id, took = ?waiting.elapsed(), "go to ready");
         match report {
             Ok(Ok(Some(FromInit::Ready))) => {
                 // Ready means the socket listens; one real round trip proves envd answers.
@@ -424,6 +461,54 @@ impl NsRuntime {
                 RuntimeError::ReadyTimeout(self.config.ready_timeout),
                 Some(pidfd),
             )),
+        }
+    }
+
+    /// Has a template zygote fork the sandbox's first process (see [`zygote`]) with
+    /// `child` as its sync socket. `None` (logged) when the zygote failed: the caller
+    /// then clones it the ordinary way.
+    async fn spawn_from_zygote(
+        &self,
+        zygote: &std::sync::Arc<zygote::Zygote>,
+        child: &StdUnixStream,
+        join: &cgroup::Join,
+    ) -> Option<(i32, OwnedFd)> {
+        let sync = match child.try_clone() {
+            Ok(s) => OwnedFd::from(s),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot pass the sync socket to the zygote");
+                return None;
+            }
+        };
+        // As a cloned child would, it joins its cgroups itself (through files we open:
+        // it is not host root).
+        let join_files = match join {
+            cgroup::Join::SelfJoin(files) => files.as_slice(),
+            cgroup::Join::RuntimeWrites => &[],
+        };
+        let init = zygote::InitCommand {
+            program: zygote::host_view(&self.config.agent_bin),
+            argv: vec!["cubicle-agent".into(), "init".into()],
+            join: join_files.to_vec(),
+        };
+        let started = std::time::Instant::now();
+        let pid = match zygote.spawn(sync, &init).await {
+            Ok(pid) => {
+                tracing::debug!(pid, took = ?started.elapsed(), "forked by the template zygote");
+                pid
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "template zygote failed a spawn; replacing it");
+                self.zygotes.discard(zygote).await;
+                return None;
+            }
+        };
+        match sys::pidfd_open(pid) {
+            Ok(pidfd) => Some((pid, pidfd)),
+            Err(e) => {
+                tracing::warn!(pid, error = %e, "the zygote's sandbox process vanished");
+                None
+            }
         }
     }
 
@@ -529,6 +614,17 @@ impl Runtime for NsRuntime {
     async fn destroy(&self, id: &SandboxId) -> Result<(), RuntimeError> {
         let pidfd = self.pidfd_of(id)?;
         self.tear_down(id, pidfd).await
+    }
+
+    fn prepare(&self, layers: &[PathBuf], agent: &crate::AgentConfig) {
+        if !agent.code_interpreter || check_layers(layers).is_err() {
+            return;
+        }
+        let zygotes = self.zygotes.clone();
+        let layers = layers.to_vec();
+        tokio::spawn(async move {
+            zygotes.get(&layers).await;
+        });
     }
 
     async fn list(&self) -> Result<Vec<SandboxInfo>, RuntimeError> {

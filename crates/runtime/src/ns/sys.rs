@@ -278,6 +278,25 @@ pub fn pidfd_exited(pidfd: &OwnedFd) -> bool {
     n == 1 && pfd.revents & libc::POLLIN != 0
 }
 
+/// Waits up to `timeout` for the process behind `pidfd` to exit (blocking); whether it
+/// did.
+pub fn pidfd_wait(pidfd: &OwnedFd, timeout: std::time::Duration) -> bool {
+    let mut pfd = libc::pollfd {
+        fd: pidfd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
+    loop {
+        // SAFETY: one valid pollfd for the duration of the call.
+        let n = unsafe { libc::poll(&mut pfd, 1, ms) };
+        if n == -1 && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+            continue;
+        }
+        return n == 1 && pfd.revents & libc::POLLIN != 0;
+    }
+}
+
 /// Brings the loopback interface of the current network namespace up
 /// (`SIOCSIFFLAGS` with `IFF_UP`), without netlink or an `ip` binary.
 pub fn loopback_up() -> io::Result<()> {

@@ -203,6 +203,10 @@ pub enum CapsError {
     /// `prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)` failed.
     #[error("clearing the ambient capabilities failed: {0}")]
     AmbientClear(Errno),
+    /// Changing user while keeping capabilities failed (`setresuid`, `PR_SET_KEEPCAPS`
+    /// or `PR_CAP_AMBIENT_RAISE`).
+    #[error("becoming an unprivileged user with capabilities failed: {0}")]
+    BecomeUser(Errno),
     /// `capget` failed.
     #[error("reading the capability sets failed: {0}")]
     Get(Errno),
@@ -219,6 +223,7 @@ impl CapsError {
             CapsError::BoundingRead { errno, .. }
             | CapsError::BoundingDrop { errno, .. }
             | CapsError::AmbientClear(errno)
+            | CapsError::BecomeUser(errno)
             | CapsError::Get(errno)
             | CapsError::Set(errno) => *errno,
         };
@@ -238,6 +243,7 @@ impl From<CapsError> for std::io::Error {
             CapsError::BoundingRead { errno, .. }
             | CapsError::BoundingDrop { errno, .. }
             | CapsError::AmbientClear(errno)
+            | CapsError::BecomeUser(errno)
             | CapsError::Get(errno)
             | CapsError::Set(errno) => std::io::Error::from(*errno).kind(),
         };
@@ -473,6 +479,66 @@ pub fn restrict_to(keep: &[Cap]) -> Result<(), CapsError> {
         inheritable: 0,
     }
     .apply()
+}
+
+/// Becomes `uid`/`gid` (with `groups`) keeping exactly `keep` (within the current
+/// permitted set), as ambient capabilities so that they survive the next `execve` of an
+/// ordinary program: how a program runs as an unprivileged user with a few capabilities.
+pub fn become_user_keeping(
+    uid: u32,
+    gid: u32,
+    groups: &[u32],
+    keep: &[Cap],
+) -> Result<(), CapsError> {
+    use nix::unistd::{setgroups, setresgid, setresuid, Gid, Uid};
+    let keep_caps = |on: libc::c_ulong| {
+        // SAFETY: prctl with integer arguments only.
+        let rc = unsafe {
+            libc::prctl(
+                libc::PR_SET_KEEPCAPS,
+                on,
+                0 as libc::c_ulong,
+                0 as libc::c_ulong,
+                0 as libc::c_ulong,
+            )
+        };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(CapsError::BecomeUser(Errno::last()))
+        }
+    };
+    keep_caps(1)?;
+    let groups: Vec<Gid> = groups.iter().map(|g| Gid::from_raw(*g)).collect();
+    setgroups(&groups).map_err(CapsError::BecomeUser)?;
+    setresgid(Gid::from_raw(gid), Gid::from_raw(gid), Gid::from_raw(gid))
+        .map_err(CapsError::BecomeUser)?;
+    setresuid(Uid::from_raw(uid), Uid::from_raw(uid), Uid::from_raw(uid))
+        .map_err(CapsError::BecomeUser)?;
+    keep_caps(0)?;
+    let mask = CapSets::current()?.permitted & Cap::mask(keep);
+    CapSets {
+        effective: mask,
+        permitted: mask,
+        inheritable: mask,
+    }
+    .apply()?;
+    for cap in keep.iter().filter(|c| mask & c.bit() != 0) {
+        // SAFETY: prctl with integer arguments only.
+        let rc = unsafe {
+            libc::prctl(
+                libc::PR_CAP_AMBIENT,
+                libc::PR_CAP_AMBIENT_RAISE as libc::c_ulong,
+                libc::c_ulong::from(cap.index()),
+                0 as libc::c_ulong,
+                0 as libc::c_ulong,
+            )
+        };
+        if rc != 0 {
+            return Err(CapsError::BecomeUser(Errno::last()));
+        }
+    }
+    Ok(())
 }
 
 /// `CAP_CHOWN`, or the number for capabilities newer than [`Cap`].
