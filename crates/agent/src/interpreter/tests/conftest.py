@@ -4,11 +4,12 @@
     .cache/venv/bin/python -m pytest crates/agent/src/interpreter/tests -q
 
 The kernels themselves run on /usr/bin/python3 (with numpy, pandas, matplotlib, IPython)
-and node; the tests only need pytest (and the e2b_code_interpreter SDK for the checks that
-feed kernel output to the SDK's own parser)."""
+and node: the host's, or with KERNEL_TEST_ROOT those of another root file system, as
+scripts/kernel-tests runs them in the code-interpreter template. The tests only need
+pytest (and the e2b_code_interpreter SDK for the checks that feed kernel output to the
+SDK's own parser)."""
 
 import os
-import shutil
 import sys
 
 import pytest
@@ -34,9 +35,11 @@ def kernel_home(tmp_path_factory):
     yield home
 
 
-def _need(path_or_name):
-    if not (os.path.exists(path_or_name) or shutil.which(path_or_name)):
-        pytest.skip("%s is not installed" % path_or_name)
+def _need(program):
+    """The kernels' interpreters must be there: a missing one fails (never skips)."""
+    problem = harness.missing(program)
+    if problem:
+        pytest.fail(problem, pytrace=False)
 
 
 @pytest.fixture(scope="module")

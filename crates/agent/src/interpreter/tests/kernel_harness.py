@@ -24,10 +24,27 @@ def record_metric(name, value):
     METRICS.append((name, value))
 
 INTERPRETER_DIR = os.path.dirname(HERE)
+# KERNEL_TEST_ROOT: a root file system to run the kernels in (chroot), e.g. the
+# code-interpreter template, as scripts/kernel-tests sets up; default: this host's.
+ROOT = os.environ.get("KERNEL_TEST_ROOT") or None
 PYTHON = "/usr/bin/python3"
 # KERNEL_TEST_NODE: another node to test with (e.g. Debian's node 18, as in the template).
-NODE = os.environ.get("KERNEL_TEST_NODE") or shutil.which(
+NODE = "/usr/bin/node" if ROOT else os.environ.get("KERNEL_TEST_NODE") or shutil.which(
     "node", path="/usr/bin:/usr/local/bin:" + os.environ.get("PATH", "")) or "node"
+
+
+def missing(program):
+    """Why `program` cannot run here, or None."""
+    if not ROOT:
+        if os.path.exists(program) or shutil.which(program):
+            return None
+    elif program.startswith("/"):
+        if os.path.exists(os.path.join(ROOT, program.lstrip("/"))):
+            return None
+    elif any(os.path.exists(os.path.join(ROOT, d, program)) for d in ("usr/bin", "bin")):
+        return None
+    return "%s is not installed%s: run scripts/kernel-tests (it uses the code-interpreter template)" % (
+        program, " in " + ROOT if ROOT else "")
 
 
 def source(name):
@@ -223,6 +240,11 @@ def spawn(argv, cwd=None, env=None, extra_fds=()):
     actions = [(os.POSIX_SPAWN_DUP2, fd, target) for target, fd in enumerate(pipes.child)]
     for fd, target in extra_fds:
         actions.append((os.POSIX_SPAWN_DUP2, fd, target))
+    if ROOT:
+        # chroot enters the root at "/"; env -C then enters the test's directory
+        # (the tests keep theirs under /tmp, which scripts/kernel-tests binds in).
+        argv = ["/usr/sbin/chroot", ROOT, "/usr/bin/env", "-C", cwd or "/"] + list(argv)
+        cwd = None
     if cwd:
         old = os.getcwd()
         os.chdir(cwd)

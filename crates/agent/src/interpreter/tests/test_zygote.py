@@ -86,6 +86,26 @@ def test_forked_kernel_runs_everything(zygote):
         harness.stop(kernel)
 
 
+def test_forked_kernel_owns_the_files_zygote_objects_keep_open(zygote, tmp_path):
+    """Objects of the zygote keep files open (IPython's `devnull`, for one). A fork gets
+    them reopened on descriptions of its own, on the same numbers: files that user code
+    opens never take those numbers, and the objects keep working."""
+    kernel, _ = zygote.fork()
+    try:
+        code = (
+            "import os, IPython.utils.io as iio\n"
+            "files = [open(os.path.join(%r, 'f%%d' %% i), 'w') for i in range(20)]\n"
+            "held = iio.devnull.fileno()\n"
+            "iio.devnull.write('x'); iio.devnull.flush()\n"
+            "(os.readlink('/proc/self/fd/%%d' %% held), held in [f.fileno() for f in files])"
+        ) % str(tmp_path)
+        assert main_text(kernel.execute(code)) == "('/dev/null', False)"
+        # Nothing written to the user's files through the zygote's objects.
+        assert all(os.path.getsize(tmp_path / ("f%d" % i)) == 0 for i in range(20))
+    finally:
+        harness.stop(kernel)
+
+
 def test_killed_forked_kernel_closes_its_events(zygote):
     kernel, _ = zygote.fork()
     kernel.send({"op": "execute", "id": "bye", "code": "import os\nos._exit(1)", "env": {}})
