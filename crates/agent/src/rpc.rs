@@ -171,11 +171,20 @@ impl StreamRequest {
         }
     }
 
-    /// The one message of a server-streaming request.
+    /// The one message of a server-streaming request. The rest of the body (normally
+    /// just its end) is read in the background: a body left unread makes hyper close the
+    /// connection after the response, and the daemon's proxy, which pooled it as
+    /// keep-alive, may already be sending the next request into it ("connection closed
+    /// before message completed").
     pub async fn single<T: DeserializeOwned>(mut self) -> Result<T, ConnectError> {
-        self.next()
+        let message = self
+            .next()
             .await?
-            .ok_or_else(|| ConnectError::new(Code::InvalidArgument, "missing request message"))
+            .ok_or_else(|| ConnectError::new(Code::InvalidArgument, "missing request message"))?;
+        if !self.done {
+            tokio::spawn(async move { while let Some(Ok(_)) = self.body.frame().await {} });
+        }
+        Ok(message)
     }
 }
 

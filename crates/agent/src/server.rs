@@ -130,15 +130,38 @@ async fn serve_connection(stream: UnixStream, agent: Arc<Agent>) -> Result<(), h
         .peer_cred()
         .map(|c| c.pid() == Some(0))
         .unwrap_or(false);
-    let service = service_fn(move |req| {
+    let service = service_fn(move |req: Request<Incoming>| {
         let agent = agent.clone();
-        async move { Ok::<_, std::convert::Infallible>(route(&agent, from_host, req).await) }
+        async move {
+            let has_body = has_body(&req);
+            let mut resp = route(&agent, from_host, req).await;
+            close_after_refusal(has_body, &mut resp);
+            Ok::<_, std::convert::Infallible>(resp)
+        }
     });
     hyper::server::conn::http1::Builder::new()
         .keep_alive(true)
         .serve_connection(TokioIo::new(stream), service)
         .with_upgrades()
         .await
+}
+
+fn has_body(req: &Request<Incoming>) -> bool {
+    use hyper::body::Body as _;
+    !req.body().is_end_stream()
+}
+
+/// An error answer may leave the request body unread, and hyper then closes the
+/// connection after the answer. Saying so in the answer keeps the daemon's proxy from
+/// pooling the connection and sending its next request into the closing socket.
+fn close_after_refusal(has_body: bool, resp: &mut Response<Body>) {
+    let status = resp.status();
+    if has_body && (status.is_client_error() || status.is_server_error()) {
+        resp.headers_mut().insert(
+            http::header::CONNECTION,
+            http::HeaderValue::from_static("close"),
+        );
+    }
 }
 
 /// Dispatches one request.

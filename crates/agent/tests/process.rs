@@ -431,3 +431,95 @@ impl AfterStart for ServerStream<ProcessStreamMessage> {
         out
     }
 }
+
+/// One keep-alive connection to the agent, as the daemon's proxy pools them: after a
+/// command (server-streaming request) it must serve the next request, and an error
+/// answer that leaves a request body unread must say `Connection: close` (otherwise the
+/// proxy reuses a connection hyper is closing: "connection closed before message
+/// completed", seen as flaky SDK failures).
+#[tokio::test]
+async fn pooled_connections_survive_commands_and_say_when_they_close() {
+    use bytes::Bytes;
+    use http::{header, Request, StatusCode};
+    use http_body_util::combinators::BoxBody;
+    use http_body_util::{BodyExt, Full, StreamBody};
+    use hyper::body::Frame;
+    use hyper_util::rt::TokioIo;
+
+    type Body = BoxBody<Bytes, std::io::Error>;
+    let full = |b: &'static [u8]| -> Body {
+        Full::new(Bytes::from_static(b))
+            .map_err(|e| match e {})
+            .boxed()
+    };
+    // Chunked, as the SDK sends it; the body ends only once the answer has been read
+    // (`end` is dropped), as when its last chunk is late.
+    let start = |req: &StartRequest| {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Bytes>();
+        tx.send(cubicle_envd::connect::message_envelope(req))
+            .unwrap();
+        let rx = futures_util::stream::unfold(rx, |mut rx| async move {
+            let data = rx.recv().await?;
+            Some((Ok::<_, std::io::Error>(Frame::data(data)), rx))
+        });
+        let req = Request::post("/process.Process/Start")
+            .header(header::HOST, "localhost")
+            .header(header::CONTENT_TYPE, "application/connect+json")
+            .header("connect-protocol-version", "1")
+            .body(BodyExt::boxed(StreamBody::new(rx)))
+            .unwrap();
+        (req, tx)
+    };
+
+    let env = TestEnv::new();
+    let sbx = env.create().await;
+    let stream = tokio::net::UnixStream::connect(&sbx.info.agent_socket)
+        .await
+        .unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake::<_, Body>(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let mut missing_cwd = bash("pwd");
+    missing_cwd.process.cwd = Some("/no/such/dir".into());
+    for round in 0..20 {
+        // A command that runs, one that fails to start (the error is in the stream),
+        // and a health check, all on the same connection.
+        for (req, end) in [start(&bash("true")), start(&missing_cwd)] {
+            sender
+                .ready()
+                .await
+                .unwrap_or_else(|e| panic!("round {round}: {e}"));
+            let resp = sender
+                .send_request(req)
+                .await
+                .unwrap_or_else(|e| panic!("round {round}: {e}"));
+            assert_eq!(resp.status(), StatusCode::OK);
+            assert!(resp.headers().get(header::CONNECTION).is_none());
+            resp.into_body().collect().await.unwrap();
+            drop(end);
+        }
+        sender
+            .ready()
+            .await
+            .unwrap_or_else(|e| panic!("round {round}: {e}"));
+        let health = Request::get("/health")
+            .header(header::HOST, "localhost")
+            .body(full(b""))
+            .unwrap();
+        let resp = sender.send_request(health).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::NO_CONTENT);
+        resp.into_body().collect().await.unwrap();
+    }
+
+    // A refusal that never reads the body closes the connection, and says so.
+    sender.ready().await.unwrap();
+    let refused = Request::post("/no/such/route")
+        .header(header::HOST, "localhost")
+        .body(full(b"unread body"))
+        .unwrap();
+    let resp = sender.send_request(refused).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+    assert_eq!(resp.headers()[header::CONNECTION], "close");
+    sbx.destroy().await;
+}

@@ -238,7 +238,15 @@ fn failure(target: &Target, e: &hyper_util::client::legacy::Error) -> Response {
         }
         source = s.source();
     }
-    bad_gateway(target, &e.to_string())
+    // hyper's top-level message ("client error (SendRequest)") says little; the causes say why.
+    let mut detail = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        detail.push_str(": ");
+        detail.push_str(&s.to_string());
+        source = s.source();
+    }
+    bad_gateway(target, &detail)
 }
 
 fn dial_failure(target: &Target, e: &DialError) -> Response {
