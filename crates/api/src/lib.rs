@@ -109,11 +109,21 @@ async fn method_not_allowed(req: Request) -> ApiError {
 }
 
 /// Serves `app` on `listener` until `shutdown` resolves, then drains open requests.
+///
+/// Accepted connections get `TCP_NODELAY`: streamed answers (command output, code
+/// results) are written as many small chunks, and with Nagle's algorithm each chunk after
+/// the first waits for the client's delayed ACK (~40 ms on Linux).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: Arc<AppState>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    use axum::serve::ListenerExt;
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "TCP_NODELAY not set");
+        }
+    });
     axum::serve(listener, app(state))
         .with_graceful_shutdown(shutdown)
         .await

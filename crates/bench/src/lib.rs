@@ -8,6 +8,7 @@
 #![warn(missing_docs)]
 
 pub mod api_create;
+pub mod code_interpreter;
 pub mod ns_create;
 pub mod peers;
 pub mod stats;

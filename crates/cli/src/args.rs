@@ -248,7 +248,32 @@ pub enum BenchCommand {
     /// envd is up; timed) and kills it at once (untimed), until N creates are done.
     #[command(after_help = BENCH_API_HELP)]
     ApiCreate(BenchApiCreateArgs),
+    /// Code-interpreter sandboxes through a running `cubicle serve` on this host: create
+    /// latency, first `run_code` latency and idle memory of N sandboxes alive together,
+    /// next to the seed's figures. Needs root.
+    ///
+    /// N sandboxes are created one after another (POST /v2/sandboxes, timed until 201);
+    /// right after each create `1+1` runs twice through the sandbox proxy (port 49999,
+    /// timed from request to end_of_execution; the result must be 2). Once every
+    /// sandbox's CPU time has stopped growing for 1 s (or the idle timeout passed),
+    /// each sandbox's memory is the sum of PSS, USS and RSS over the processes of its
+    /// cgroup (/proc/<pid>/smaps_rollup), and MemAvailable's drop is divided by N. All
+    /// sandboxes are killed at the end, also on Ctrl-C or an error.
+    #[command(after_help = BENCH_CODE_INTERPRETER_HELP)]
+    CodeInterpreter(BenchCodeInterpreterArgs),
 }
+
+const BENCH_CODE_INTERPRETER_HELP: &str = "\
+Reported: create, first and second run_code latency in milliseconds (n, min, p50, p90,
+p99, max, avg); per-sandbox PSS, USS (Private_Clean + Private_Dirty) and RSS in MiB
+(min, p50, p90, max, avg, sum); MemAvailable before the first measured create and with
+all N idle; the template zygote's PSS/USS/RSS (a one-time cost per template), before
+and with the sandboxes. Warm-up sandboxes (-w) are created, used and killed first, not
+counted. Failed creates or runs are counted and listed; the exit code is 1 if any failed.
+Bad parameters, not being root, or a daemon that cannot be reached, refuses the key,
+lacks the template or whose sandboxes are not in this host's cgroups for --data-dir
+exit 2. The daemon and key come from E2B_API_URL (default http://127.0.0.1:3000) and
+E2B_API_KEY; the sandboxes' cgroups are found from --data-dir (the daemon's data dir).";
 
 const BENCH_API_HELP: &str = "\
 Reported in milliseconds: n, avg, min, p50, p90, p95, p99, max of the successful creates;
@@ -272,6 +297,26 @@ pub struct BenchApiCreateArgs {
     /// Template to create sandboxes from.
     #[arg(long, short, default_value = "base")]
     pub template: String,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchCodeInterpreterArgs {
+    /// Sandboxes to create and keep alive together.
+    #[arg(long = "sandboxes", short = 'n', default_value_t = 50)]
+    pub sandboxes: usize,
+    /// Warm-up sandboxes (created, used and killed before measuring), not counted.
+    #[arg(long, short, default_value_t = 1)]
+    pub warmup: usize,
+    /// Template to create sandboxes from (must have the code interpreter).
+    #[arg(long, short, default_value = "code-interpreter")]
+    pub template: String,
+    /// Longest wait, in seconds, for the sandboxes to stop using CPU before memory is
+    /// read.
+    #[arg(long, value_name = "SECONDS", default_value_t = 30)]
+    pub idle_timeout: u64,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,

@@ -371,3 +371,145 @@ fn bench_api_create() {
         "sandboxes left behind"
     );
 }
+
+#[test]
+fn run_code_streams_output_and_exit_codes_say_what_happened() {
+    let mut d = Daemon::start();
+    let id = d
+        .cli(&["sandbox", "create", "-t", "code-interpreter"])
+        .ok()
+        .trim()
+        .to_owned();
+
+    // Output as it is printed, then the value of the last expression.
+    let run = d.cli(&["sandbox", "run-code", &id, "print('a')\n40 + 2"]);
+    assert_eq!(run.code(0).stdout, "a\n42\n");
+    // State persists in the default context; rich results name their formats.
+    d.cli(&[
+        "sandbox",
+        "run-code",
+        &id,
+        "import pandas as pd\ndf = pd.DataFrame({'a': [1]})",
+    ])
+    .code(0);
+    let table = d.cli(&["sandbox", "run-code", &id, "df"]).ok();
+    assert!(table.contains('a') && !table.contains("[html]"), "{table}");
+    let figure = d
+        .cli(&[
+            "sandbox",
+            "run-code",
+            &id,
+            "import matplotlib.pyplot as plt\nplt.plot([1, 2])\nplt.show()",
+        ])
+        .ok();
+    assert!(figure.contains("[png]"), "{figure}");
+    // An error: its traceback on stderr, exit 1.
+    let error = d.cli(&["sandbox", "run-code", &id, "1/0"]).code(1);
+    assert!(
+        error.stderr.contains("ZeroDivisionError"),
+        "{}",
+        error.stderr
+    );
+    // Other languages, and environment variables for one run.
+    let bash = d.cli(&[
+        "sandbox",
+        "run-code",
+        "-l",
+        "bash",
+        "-e",
+        "N=6",
+        &id,
+        "echo $((N * 7))",
+    ]);
+    assert_eq!(bash.code(0).stdout, "42\n");
+    // --timeout interrupts (exit 124) and the context stays usable.
+    let slow = d
+        .cli(&[
+            "sandbox",
+            "run-code",
+            "--timeout",
+            "1",
+            &id,
+            "import time\ntime.sleep(60)",
+        ])
+        .code(124);
+    assert!(
+        slow.stderr.contains("did not finish within 1 s"),
+        "{}",
+        slow.stderr
+    );
+    assert_eq!(
+        d.cli(&["sandbox", "run-code", &id, "'still'"]).ok(),
+        "still\n"
+    );
+
+    // Bad input says what is wrong.
+    let lang = d
+        .cli(&["sandbox", "run-code", "-l", "cobol", &id, "x"])
+        .code(1);
+    assert!(
+        lang.stderr.contains("'cobol' is not supported"),
+        "{}",
+        lang.stderr
+    );
+    let ctx = d
+        .cli(&["sandbox", "run-code", "--context", "nope", &id, "x"])
+        .code(1);
+    assert!(
+        ctx.stderr.contains("context nope not found"),
+        "{}",
+        ctx.stderr
+    );
+    let base = d.cli(&["sandbox", "create"]).ok().trim().to_owned();
+    let none = d.cli(&["sandbox", "run-code", &base, "1"]).code(1);
+    assert!(
+        none.stderr.contains("no code interpreter"),
+        "{}",
+        none.stderr
+    );
+    let gone = d
+        .cli(&["sandbox", "run-code", "nosuchsandbox", "1"])
+        .code(1);
+    assert_eq!(gone.stderr, "error: sandbox nosuchsandbox not found\n");
+
+    d.cli(&["sandbox", "kill", &id, &base]).code(0);
+    d.stop();
+    assert!(d.sandbox_dirs().is_empty(), "{:?}", d.sandbox_dirs());
+}
+
+#[test]
+fn bench_code_interpreter() {
+    let d = Daemon::start();
+    let run = d.cli(&["bench", "code-interpreter", "-n", "2", "-w", "1", "--json"]);
+    let report = run.code(0).json();
+    assert_eq!(report["created"], 2, "{report:#}");
+    assert_eq!(report["create_ms"]["n"], 2, "{report:#}");
+    assert_eq!(report["first_run_ms"]["n"], 2, "{report:#}");
+    assert_eq!(report["second_run_ms"]["n"], 2, "{report:#}");
+    // A streamed answer must not wait for delayed ACKs (Nagle on the daemon's accepted
+    // sockets made every run_code take >= 40 ms); a warm `1+1` is ~2 ms.
+    let second = report["second_run_ms"]["min"].as_f64().unwrap();
+    assert!(
+        second < 25.0,
+        "second run_code took {second} ms: {report:#}"
+    );
+    // Each sandbox's own memory is counted, and the template zygote is found.
+    let pss = report["memory"]["pss_mib"]["p50"].as_f64().unwrap();
+    assert!(pss > 1.0 && pss < 200.0, "PSS {pss} MiB: {report:#}");
+    assert_eq!(report["zygotes"].as_array().unwrap().len(), 1, "{report:#}");
+
+    // Set-up problems exit 2 with a message.
+    let tpl = d.cli(&["bench", "code-interpreter", "-t", "nope"]).code(2);
+    assert!(
+        tpl.stderr.contains("has no template \"nope\""),
+        "{}",
+        tpl.stderr
+    );
+    d.cli(&["bench", "code-interpreter", "-n", "0"]).code(2);
+
+    // Every benchmark sandbox was killed.
+    assert_eq!(
+        d.cli(&["sandbox", "ls", "--json"]).code(0).json(),
+        serde_json::json!([])
+    );
+}

@@ -9,7 +9,7 @@ use cubicle_core::{DataDir, Limits, SandboxId, TemplateName};
 use cubicle_runtime::{AgentConfig, SandboxSpec};
 use cubicle_template::TemplateStore;
 
-use crate::args::{BenchApiCreateArgs, BenchCommand, BenchNsCreateArgs};
+use crate::args::{BenchApiCreateArgs, BenchCodeInterpreterArgs, BenchCommand, BenchNsCreateArgs};
 
 /// Runs one benchmark.
 pub async fn run(
@@ -20,6 +20,7 @@ pub async fn run(
     match cmd {
         BenchCommand::NsCreate(args) => ns_create(data, agent_bin, args).await,
         BenchCommand::ApiCreate(args) => api_create(args).await,
+        BenchCommand::CodeInterpreter(args) => code_interpreter(data, args).await,
     }
 }
 
@@ -42,27 +43,8 @@ async fn api_create(args: BenchApiCreateArgs) -> anyhow::Result<ExitCode> {
         Ok(c) => c,
         Err(e) => return Ok(usage_error(e)),
     };
-    // Check the daemon, the key and the template before measuring anything.
-    if let Err(e) = client.health().await {
-        return Ok(usage_error(e));
-    }
-    let explain = |e: cubicle_client::ClientError| super::explain(e.into(), &client);
-    match client.templates().await {
-        Ok(t) if t.iter().any(|t| t.template_id == args.template) => {}
-        Ok(t) => {
-            let names: Vec<&str> = t.iter().map(|t| t.template_id.as_str()).collect();
-            return Ok(usage_error(format!(
-                "the daemon at {} has no template {:?} (it has: {})",
-                client.base_url(),
-                args.template,
-                if names.is_empty() {
-                    "none".into()
-                } else {
-                    names.join(", ")
-                }
-            )));
-        }
-        Err(e) => return Ok(usage_error(explain(e))),
+    if let Err(code) = check_daemon(&client, &args.template).await {
+        return Ok(code);
     }
     let target = ApiTarget::new(client.clone(), &args.template, BENCH_SANDBOX_TIMEOUT);
     let tty = std::io::stderr().is_terminal();
@@ -96,6 +78,377 @@ async fn api_create(args: BenchApiCreateArgs) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::from(1)
     })
+}
+
+/// Checks the daemon, the key and the template before measuring anything; a problem is
+/// printed and its exit code returned.
+async fn check_daemon(client: &cubicle_client::ApiClient, template: &str) -> Result<(), ExitCode> {
+    if let Err(e) = client.health().await {
+        return Err(usage_error(e));
+    }
+    let explain = |e: cubicle_client::ClientError| super::explain(e.into(), client);
+    match client.templates().await {
+        Ok(t) if t.iter().any(|t| t.template_id == template) => Ok(()),
+        Ok(t) => {
+            let names: Vec<&str> = t.iter().map(|t| t.template_id.as_str()).collect();
+            Err(usage_error(format!(
+                "the daemon at {} has no template {:?} (it has: {})",
+                client.base_url(),
+                template,
+                if names.is_empty() {
+                    "none".into()
+                } else {
+                    names.join(", ")
+                }
+            )))
+        }
+        Err(e) => Err(usage_error(explain(e))),
+    }
+}
+
+async fn code_interpreter(
+    data: &DataDir,
+    args: BenchCodeInterpreterArgs,
+) -> anyhow::Result<ExitCode> {
+    use cubicle_bench::code_interpreter::{self as bench, Host, Live, Plan, Progress, RunError};
+    let plan = match Plan::new(
+        args.sandboxes,
+        args.warmup,
+        &args.template,
+        std::time::Duration::from_secs(args.idle_timeout),
+    ) {
+        Ok(p) => p,
+        Err(e) => return Ok(usage_error(e)),
+    };
+    if !nix::unistd::geteuid().is_root() {
+        return Ok(usage_error(
+            "cubicle bench code-interpreter must run as root: it reads the sandboxes' \
+             cgroups and other processes' /proc/<pid>/smaps_rollup (try sudo)",
+        ));
+    }
+    let client = match cubicle_client::ApiClient::from_env() {
+        Ok(c) => c,
+        Err(e) => return Ok(usage_error(e)),
+    };
+    if let Err(code) = check_daemon(&client, &args.template).await {
+        return Ok(code);
+    }
+    let host = match Host::new(data) {
+        Ok(h) => h,
+        Err(e) => return Ok(usage_error(format!("finding this host's cgroups: {e}"))),
+    };
+
+    let tty = std::io::stderr().is_terminal();
+    let settling_shown = std::cell::Cell::new(false);
+    let progress = |p: Progress| {
+        match p {
+            Progress::Warmup { done, total } if tty => eprint!("\rwarm-up {done}/{total}   "),
+            Progress::Warmup { done, total } => eprintln!("warm-up {done}/{total}"),
+            Progress::Created {
+                done,
+                total,
+                failed,
+            } => {
+                let failed = match failed {
+                    0 => String::new(),
+                    n => format!(" ({n} failed)"),
+                };
+                if tty {
+                    eprint!("\rcreated {done}/{total}{failed}   ");
+                } else if done % 10 == 0 || done == total {
+                    eprintln!("created {done}/{total}{failed}");
+                }
+            }
+            Progress::Settling { busy, waited_ms } if tty => eprint!(
+                "\rwaiting for idle: {busy} sandboxes still use CPU ({:.1} s)   ",
+                waited_ms as f64 / 1e3
+            ),
+            Progress::Settling { .. } => {
+                if !settling_shown.replace(true) {
+                    eprintln!("waiting for the sandboxes to be idle");
+                }
+            }
+            Progress::Measuring if tty => eprint!("\r\x1b[Kreading memory"),
+            Progress::Measuring => eprintln!("reading memory"),
+            Progress::Killing { count } if tty => {
+                eprint!("\r\x1b[Kkilling {count} sandboxes")
+            }
+            Progress::Killing { count } => eprintln!("killing {count} sandboxes"),
+        }
+        let _ = std::io::stderr().flush();
+    };
+
+    let live = Live::default();
+    let outcome = tokio::select! {
+        result = bench::run(&client, &plan, &host, &live, &progress) => Ok(result),
+        signal = interrupted() => Err(signal),
+    };
+    if tty {
+        eprint!("\r\x1b[K");
+    }
+    // Whatever happened, no sandbox of this run stays.
+    let left = live.ids().len();
+    if left > 0 {
+        eprintln!("killing the {left} sandbox(es) this run created");
+        for e in bench::kill_all(&client, &live).await {
+            eprintln!(
+                "  kill failed {}x: {} (the daemon kills them at their timeout)",
+                e.count, e.message
+            );
+        }
+    }
+    let report = match outcome {
+        Err(signal) => {
+            eprintln!("interrupted by {signal}: no report");
+            return Ok(ExitCode::from(130));
+        }
+        Ok(Err(e @ RunError::NotHere { .. })) => return Ok(usage_error(e)),
+        Ok(Err(e)) => return Err(anyhow::Error::from(e).context("code-interpreter benchmark")),
+        Ok(Ok(report)) => report,
+    };
+    if args.json {
+        let mut json = serde_json::to_value(&report)?;
+        json["api_url"] = client.base_url().into();
+        json["data_dir"] = data.root().display().to_string().into();
+        println!("{}", serde_json::to_string_pretty(&json)?);
+    } else {
+        print!("{}", code_interpreter_table(&report, client.base_url()));
+    }
+    Ok(if report.failures() == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+/// Resolves with the name of the first SIGINT, SIGTERM or SIGHUP (never, for a signal
+/// whose handler cannot be installed).
+async fn interrupted() -> &'static str {
+    use tokio::signal::unix::{signal, Signal, SignalKind};
+    async fn recv(s: Option<Signal>) {
+        match s {
+            Some(mut s) => {
+                s.recv().await;
+            }
+            None => std::future::pending().await,
+        }
+    }
+    tokio::select! {
+        _ = recv(signal(SignalKind::interrupt()).ok()) => "SIGINT",
+        _ = recv(signal(SignalKind::terminate()).ok()) => "SIGTERM",
+        _ = recv(signal(SignalKind::hangup()).ok()) => "SIGHUP",
+    }
+}
+
+/// The human report: latencies next to the seed's, then memory, then failures.
+fn code_interpreter_table(r: &cubicle_bench::code_interpreter::Report, url: &str) -> String {
+    use cubicle_bench::code_interpreter::{MemSummary, ProcMemory};
+    use cubicle_bench::stats::Summary;
+    use std::fmt::Write as _;
+    let p = &r.plan;
+    let seed = &r.seed;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "code-interpreter: template {} at {url}; {} sandboxes created one after another and \
+         kept alive; {} warm-up sandbox{} discarded{}; cgroup {}",
+        p.template,
+        p.sandboxes,
+        p.warmup,
+        if p.warmup == 1 { "" } else { "es" },
+        match r.warmup_failures {
+            0 => String::new(),
+            n => format!(" ({n} failed)"),
+        },
+        r.cgroup_version
+    );
+    let _ = writeln!(out);
+    let _ = writeln!(
+        out,
+        "{:<22} {:>4} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9}",
+        "latency (ms)", "n", "min", "p50", "p90", "p99", "max", "avg", "seed p50", "p50/seed"
+    );
+    let row = |out: &mut String, name: &str, s: &Option<Summary>, seed_p50: Option<f64>| {
+        let cells = match s {
+            Some(s) => [s.min, s.p50, s.p90, s.p99, s.max, s.avg].map(|v| format!("{v:.1}")),
+            None => std::array::from_fn(|_| "-".to_owned()),
+        };
+        let (seed_cell, ratio) = match (seed_p50, s) {
+            (Some(sp), Some(s)) => (format!("{sp:.1}"), format!("{:.2}x", s.p50 / sp)),
+            (Some(sp), None) => (format!("{sp:.1}"), "-".into()),
+            _ => ("-".into(), "-".into()),
+        };
+        let _ = writeln!(
+            out,
+            "{:<22} {:>4} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9}",
+            name,
+            s.as_ref().map_or(0, |s| s.n),
+            cells[0],
+            cells[1],
+            cells[2],
+            cells[3],
+            cells[4],
+            cells[5],
+            seed_cell,
+            ratio
+        );
+    };
+    row(
+        &mut out,
+        "create (-> 201)",
+        &r.create_ms,
+        Some(seed.create_ms.p50),
+    );
+    row(&mut out, "first run_code 1+1", &r.first_run_ms, None);
+    row(&mut out, "second run_code 1+1", &r.second_run_ms, None);
+    let c = &seed.create_ms;
+    let _ = writeln!(
+        out,
+        "seed create, c=1 n={}: min {} p50 {} p90 {} p99 {} max {} avg {} (no seed figure for \
+         run_code)",
+        c.n, c.min, c.p50, c.p90, c.p99, c.max, c.avg
+    );
+    let _ = writeln!(out);
+
+    let m = &r.memory;
+    let idle = &r.idle;
+    let _ = writeln!(
+        out,
+        "idle memory per sandbox (MiB): {} sandboxes, {} processes each; {}",
+        m.sandboxes,
+        if m.processes.0 == m.processes.1 {
+            m.processes.0.to_string()
+        } else {
+            format!("{}-{}", m.processes.0, m.processes.1)
+        },
+        if idle.bound_hit {
+            format!(
+                "NOT idle: {} sandboxes still used CPU when the {:.0} s bound was hit",
+                idle.busy,
+                p.idle_bound_ms as f64 / 1e3
+            )
+        } else {
+            format!(
+                "idle after {:.1} s (no CPU time for {:.0} s in any sandbox)",
+                idle.waited_ms as f64 / 1e3,
+                idle.window_ms as f64 / 1e3
+            )
+        }
+    );
+    let _ = writeln!(
+        out,
+        "{:<22} {:>4} {:>8} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9}",
+        "", "n", "min", "p50", "p90", "max", "avg", "sum", "p50/seed"
+    );
+    let mem_row = |out: &mut String, name: &str, s: &Option<MemSummary>| {
+        let cells = match s {
+            Some(s) => [s.min, s.p50, s.p90, s.max, s.avg].map(|v| format!("{v:.2}")),
+            None => std::array::from_fn(|_| "-".to_owned()),
+        };
+        let _ = writeln!(
+            out,
+            "{:<22} {:>4} {:>8} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9}",
+            name,
+            s.as_ref().map_or(0, |s| s.n),
+            cells[0],
+            cells[1],
+            cells[2],
+            cells[3],
+            cells[4],
+            s.as_ref().map_or("-".into(), |s| format!("{:.1}", s.sum)),
+            s.as_ref()
+                .map_or("-".into(), |s| format!("{:.2}x", s.p50 / seed.idle_mib)),
+        );
+    };
+    mem_row(&mut out, "PSS", &m.pss_mib);
+    mem_row(&mut out, "USS (private)", &m.uss_mib);
+    mem_row(&mut out, "RSS", &m.rss_mib);
+    match &r.mem_available {
+        Some(a) => {
+            let _ = writeln!(
+                out,
+                "MemAvailable: {:.1} MiB before, {:.1} MiB with the {} sandboxes: {:.1} MiB less, \
+                 {:.2} MiB per sandbox; ratio to the seed's {:.0}: {:.2}x",
+                a.before_mib,
+                a.after_mib,
+                r.created,
+                a.drop_mib,
+                a.per_sandbox_mib,
+                seed.idle_mib,
+                a.per_sandbox_mib / seed.idle_mib
+            );
+        }
+        None => {
+            let _ = writeln!(out, "MemAvailable: could not be read");
+        }
+    }
+    let _ = writeln!(
+        out,
+        "seed: ~{:.0} MiB per idle sandbox ({:.0}-{:.0}; MemAvailable drop / sandboxes, free -m)",
+        seed.idle_mib, seed.idle_mib_range.0, seed.idle_mib_range.1
+    );
+    if m.unreadable_processes > 0 {
+        let _ = writeln!(
+            out,
+            "  {} processes exited before their memory was read",
+            m.unreadable_processes
+        );
+    }
+    let mib = |m: &ProcMemory| {
+        format!(
+            "PSS {:.1}, USS {:.1}, RSS {:.1} MiB",
+            m.pss_kib as f64 / 1024.0,
+            m.uss_kib as f64 / 1024.0,
+            m.rss_kib as f64 / 1024.0
+        )
+    };
+    if r.zygotes.is_empty() {
+        let _ = writeln!(out, "template zygote: none found");
+    }
+    for z in &r.zygotes {
+        let _ = writeln!(
+            out,
+            "template zygote pid {} (daemon pid {}; one per template, not per sandbox):",
+            z.pid, z.daemon
+        );
+        let _ = writeln!(
+            out,
+            "  before the sandboxes: {}",
+            z.before.as_ref().map_or("not running yet".into(), &mib)
+        );
+        let _ = writeln!(
+            out,
+            "  with the sandboxes:   {}",
+            z.with_sandboxes.as_ref().map_or("unreadable".into(), &mib)
+        );
+    }
+    let _ = writeln!(out);
+    let _ = writeln!(
+        out,
+        "success: {}/{} created, first run_code {}/{}, second {}/{}",
+        r.created,
+        p.sandboxes,
+        r.created - r.first_run_failed,
+        r.created,
+        r.created - r.second_run_failed,
+        r.created
+    );
+    for e in &r.create_errors {
+        let _ = writeln!(out, "  create failed {}x: {}", e.count, e.message);
+    }
+    for e in &r.run_errors {
+        let _ = writeln!(out, "  run_code failed {}x: {}", e.count, e.message);
+    }
+    for e in &r.kill_errors {
+        let _ = writeln!(out, "  kill failed {}x: {}", e.count, e.message);
+    }
+    out.push_str(
+        "(create = request sent -> 201; run_code = request sent -> end_of_execution, the \
+         result checked; PSS shares each page among the processes mapping it, USS = \
+         Private_Clean + Private_Dirty, RSS counts shared pages in full; sums over each \
+         sandbox's cgroup; MiB = 2^20 bytes)\n",
+    );
+    out
 }
 
 /// The human report: the seed report's columns, then failures.

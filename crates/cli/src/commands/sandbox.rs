@@ -320,24 +320,23 @@ async fn run_code(api: &ApiClient, args: SandboxRunCodeArgs) -> anyhow::Result<E
     })
 }
 
-/// How `run-code` prints a result: its text, or the names of its other formats.
+/// How `run-code` prints a result: its text, followed by the names of what text cannot
+/// show (images, charts); a result without text by the names of all its formats.
 fn show_result(result: &CodeResult) -> String {
-    let mut out = match &result.text {
-        Some(text) if !text.is_empty() => text.clone(),
-        _ => String::new(),
-    };
-    let others = result.other_formats();
-    if !others.is_empty() && (out.is_empty() || others.iter().any(|f| *f != "html")) {
+    /// Formats that are other renderings of what the text says.
+    const TEXTUAL: &[&str] = &["html", "markdown", "latex", "json", "data", "javascript"];
+    let text = result.text.as_deref().unwrap_or_default();
+    let formats: Vec<&str> = result
+        .other_formats()
+        .into_iter()
+        .filter(|f| text.is_empty() || !TEXTUAL.contains(f))
+        .collect();
+    let mut out = text.to_owned();
+    for f in formats {
         if !out.is_empty() {
             out.push(' ');
         }
-        out.push_str(
-            &others
-                .iter()
-                .map(|f| format!("[{f}]"))
-                .collect::<Vec<_>>()
-                .join(" "),
-        );
+        out.push_str(&format!("[{f}]"));
     }
     if !out.is_empty() && !out.ends_with('\n') {
         out.push('\n');
@@ -460,12 +459,16 @@ abc                   base      running  2026-05-20 14:31:02  in 4m 59s  -
         let result = |v: serde_json::Value| -> CodeResult { serde_json::from_value(v).unwrap() };
         let r = result(serde_json::json!({"is_main_result": true, "text": "42"}));
         assert_eq!(show_result(&r), "42\n");
-        // A DataFrame: text and html; the text says it all.
-        let r = result(serde_json::json!({"text": "   a\n0  1", "html": "<table>"}));
+        // A DataFrame: text, html and data; the text says it all.
+        let r = result(
+            serde_json::json!({"text": "   a\n0  1", "html": "<table>", "data": {"a": [1]}}),
+        );
         assert_eq!(show_result(&r), "   a\n0  1\n");
         // A figure: text is its repr, the image is the point.
-        let r = result(serde_json::json!({"text": "<Figure>", "png": "iVBO", "extra": {}}));
-        assert_eq!(show_result(&r), "<Figure> [png]\n");
+        let r = result(
+            serde_json::json!({"text": "<Figure>", "png": "iVBO", "chart": {}, "extra": {}}),
+        );
+        assert_eq!(show_result(&r), "<Figure> [chart] [png]\n");
         let r = result(serde_json::json!({"html": "<b>x</b>"}));
         assert_eq!(show_result(&r), "[html]\n");
         assert_eq!(show_result(&result(serde_json::json!({}))), "");
