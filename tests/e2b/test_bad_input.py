@@ -178,29 +178,22 @@ def test_bad_request(daemon, sandbox, unchanged, method, path, kwargs, expected)
 
 
 def test_not_implemented_endpoints_are_501_json(daemon, sandbox, unchanged):
-    """Pause, snapshots, fork and autoPause are documented as not implemented (501)."""
+    """Snapshots, fork, filesystem-only pauses and auto-resume are documented as not
+    implemented (501)."""
     sid = sandbox.sandbox_id
     with daemon.http() as c:
         for method, path, body in [
-            ("POST", f"/sandboxes/{sid}/pause", {}),
+            ("POST", f"/sandboxes/{sid}/pause", {"memory": False}),
             ("POST", f"/sandboxes/{sid}/snapshots", {}),
             ("POST", f"/sandboxes/{sid}/fork", {}),
             ("GET", "/snapshots", None),
             ("DELETE", "/templates/base", None),
-            ("POST", "/v2/sandboxes", {"templateID": "base", "autoPause": True}),
+            ("POST", "/v2/sandboxes", {"templateID": "base", "autoPause": True, "autoPauseMemory": False}),
+            ("POST", "/v2/sandboxes", {"templateID": "base", "autoResume": {"enabled": True}}),
         ]:
             r = c.request(method, path, json=body)
             b = harness.assert_error_body(r, 501)
             assert "not implemented" in b["message"], b
-
-
-def test_sdk_pause_is_a_clear_error(sandbox):
-    from e2b import SandboxException
-
-    with pytest.raises(SandboxException) as ei:
-        sandbox.pause()
-    assert "501" in str(ei.value) or "not implemented" in str(ei.value)
-    assert sandbox.is_running()
 
 
 def test_error_bodies_are_parsed_by_the_sdk(conn):

@@ -242,3 +242,103 @@ async fn concurrent_creates_from_a_multithreaded_caller_never_hang() {
     }
     assert!(sandbox_dirs(&env).is_empty());
 }
+
+/// The value a sandbox's background counter last wrote, read from the host (the agent
+/// of a paused sandbox does not answer).
+fn counter(env: &TestEnv, sbx: &support::Sandbox) -> u64 {
+    let path = env
+        .data
+        .path()
+        .join("sandboxes")
+        .join(sbx.id().as_str())
+        .join("upper/tmp/count");
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn pause_stops_every_process_and_resume_lets_them_go_on() {
+    let env = TestEnv::new();
+    let sbx = env.create().await;
+    let out = sbx
+        .sh("nohup sh -c 'i=0; while :; do i=$((i+1)); echo $i > /tmp/count.new; mv /tmp/count.new /tmp/count; sleep 0.005; done' >/dev/null 2>&1 &")
+        .await;
+    assert_eq!(out.end.exit_code, 0);
+    let counting = async {
+        while counter(&env, &sbx) < 3 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), counting)
+        .await
+        .expect("the counter runs");
+
+    let started = std::time::Instant::now();
+    env.runtime.pause(sbx.id()).await.unwrap();
+    let paused_in = started.elapsed();
+    let state_file = if env.runtime.cgroup_version() == "v1" {
+        "freezer.state"
+    } else {
+        "cgroup.events"
+    };
+    let state = std::fs::read_to_string(env.runtime.cgroup_file(sbx.id(), state_file)).unwrap();
+    assert!(
+        state.trim() == "FROZEN" || state.contains("frozen 1"),
+        "{state}"
+    );
+    let listed = env.runtime.list().await.unwrap();
+    assert!(listed.iter().any(|s| &s.id == sbx.id() && s.paused));
+    // Pausing again is fine. Nothing moves while paused: not the counter, not the agent.
+    env.runtime.pause(sbx.id()).await.unwrap();
+    let frozen_at = counter(&env, &sbx);
+    let health = tokio::time::timeout(Duration::from_millis(300), sbx.client.health()).await;
+    assert!(health.is_err(), "a paused agent answered: {health:?}");
+    assert_eq!(
+        counter(&env, &sbx),
+        frozen_at,
+        "the counter ran while paused"
+    );
+
+    let started = std::time::Instant::now();
+    env.runtime.resume(sbx.id()).await.unwrap();
+    let resumed_in = started.elapsed();
+    assert_eq!(
+        sbx.client.health().await.unwrap(),
+        http::StatusCode::NO_CONTENT
+    );
+    let going_on = async {
+        while counter(&env, &sbx) <= frozen_at {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), going_on)
+        .await
+        .expect("the counter goes on after resume");
+    eprintln!("pause {paused_in:?}, resume {resumed_in:?}");
+    let listed = env.runtime.list().await.unwrap();
+    assert!(listed.iter().any(|s| &s.id == sbx.id() && !s.paused));
+
+    // A paused sandbox is destroyed like a running one, leaving nothing.
+    env.runtime.pause(sbx.id()).await.unwrap();
+    let id = sbx.id().clone();
+    tokio::time::timeout(Duration::from_secs(10), sbx.destroy())
+        .await
+        .expect("destroying a paused sandbox does not hang");
+    assert!(!sandbox_dirs(&env).contains(&id.to_string()));
+    assert!(!env
+        .runtime
+        .cgroup_names()
+        .unwrap()
+        .contains(&id.to_string()));
+    // Unknown sandboxes are not found.
+    assert!(matches!(
+        env.runtime.pause(&id).await,
+        Err(RuntimeError::NotFound(_))
+    ));
+    assert!(matches!(
+        env.runtime.resume(&id).await,
+        Err(RuntimeError::NotFound(_))
+    ));
+}

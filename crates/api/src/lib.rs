@@ -67,7 +67,7 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/v2/sandboxes/{id}/connect", post(s::connect))
         .route("/sandboxes/{id}/resume", post(s::resume))
         .route("/sandboxes/{id}/metrics", get(s::metrics))
-        .route("/sandboxes/{id}/pause", post(s::not_yet))
+        .route("/sandboxes/{id}/pause", post(s::pause))
         .route("/sandboxes/{id}/snapshots", post(s::not_yet))
         .route("/sandboxes/{id}/fork", post(s::not_yet))
         .route("/snapshots", get(s::not_yet))

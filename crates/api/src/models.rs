@@ -89,6 +89,18 @@ pub struct ConnectBody {
     pub auto_pause: Option<bool>,
 }
 
+/// `POST /sandboxes/{id}/pause` body.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct PauseBody {
+    /// Keep memory (the default); `false` keeps the filesystem only.
+    #[serde(default)]
+    pub memory: Option<bool>,
+    /// Refuse to pause a sandbox whose agent does not answer.
+    #[serde(default)]
+    pub require_healthy_guest: Option<bool>,
+}
+
 /// `POST /sandboxes/{id}/refreshes` body.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]

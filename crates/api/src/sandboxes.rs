@@ -16,7 +16,8 @@ use serde::de::DeserializeOwned;
 use crate::auth::Owner;
 use crate::error::ApiError;
 use crate::models::{
-    ConnectBody, NewSandbox, RefreshBody, Sandbox, SandboxDetail, SandboxMetric, TimeoutBody,
+    ConnectBody, NewSandbox, PauseBody, RefreshBody, Sandbox, SandboxDetail, SandboxMetric,
+    TimeoutBody,
 };
 use crate::AppState;
 
@@ -73,6 +74,24 @@ fn create_request(
     secure: bool,
     headers: &HeaderMap,
 ) -> Result<CreateRequest, ApiError> {
+    let auto_pause = body.auto_pause.unwrap_or(false);
+    if auto_pause && body.auto_pause_memory == Some(false) {
+        return Err(cubicle_control::ControlError::NotImplemented(
+            "pausing with the filesystem only (autoPauseMemory: false)",
+        )
+        .into());
+    }
+    let auto_resume = body
+        .auto_resume
+        .as_ref()
+        .and_then(|v| v.get("enabled"))
+        .and_then(serde_json::Value::as_bool);
+    if auto_resume == Some(true) {
+        return Err(cubicle_control::ControlError::NotImplemented(
+            "resuming a paused sandbox on traffic (autoResume)",
+        )
+        .into());
+    }
     Ok(CreateRequest {
         template: body.template_id,
         timeout_secs: body.timeout.map(|t| seconds("timeout", t)).transpose()?,
@@ -80,7 +99,7 @@ fn create_request(
         env_vars: body.env_vars.unwrap_or_default(),
         secure,
         allow_internet_access: body.allow_internet_access.unwrap_or(true),
-        auto_pause: body.auto_pause.unwrap_or(false),
+        auto_pause,
         idempotency_key: headers
             .get("idempotency-key")
             .map(|v| v.to_str().map(str::to_owned))
@@ -169,7 +188,7 @@ pub async fn refresh(
     let secs = secs.unwrap_or(state.controller.config().default_timeout.as_secs());
     state
         .controller
-        .connect(owner.0, &sandbox_id(&id)?, Some(secs))?;
+        .extend(owner.0, &sandbox_id(&id)?, Some(secs))?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -181,10 +200,10 @@ pub async fn connect(
     Path(id): Path<String>,
     JsonBody(body): JsonBody<ConnectBody>,
 ) -> Result<Response, ApiError> {
+    let id = sandbox_id(&id)?;
     let timeout = body.timeout.map(|t| seconds("timeout", t)).transpose()?;
-    let (record, resumed) = state
-        .controller
-        .connect(owner.0, &sandbox_id(&id)?, timeout)?;
+    refuse_reboot(&state, owner.0, &id, &body)?;
+    let (record, resumed) = state.controller.connect(owner.0, &id, timeout).await?;
     let status = if resumed {
         StatusCode::CREATED
     } else {
@@ -197,18 +216,63 @@ pub async fn connect(
         .into_response())
 }
 
-/// `POST /sandboxes/{id}/resume` (v1): only paused sandboxes can be resumed.
+/// `POST /sandboxes/{id}/resume` (v1): resumes a paused sandbox (201); a running one is
+/// a conflict (409).
 pub async fn resume(
     State(state): State<Arc<AppState>>,
     owner: Owner,
     Path(id): Path<String>,
-    JsonBody(_body): JsonBody<ConnectBody>,
+    JsonBody(body): JsonBody<ConnectBody>,
 ) -> Result<Response, ApiError> {
-    let record = state.controller.get(owner.0, &sandbox_id(&id)?)?;
-    Err(ApiError::new(
-        StatusCode::CONFLICT,
-        format!("sandbox {} is already {}", record.id, record.state),
-    ))
+    let id = sandbox_id(&id)?;
+    let timeout = body.timeout.map(|t| seconds("timeout", t)).transpose()?;
+    refuse_reboot(&state, owner.0, &id, &body)?;
+    let record = state.controller.resume(owner.0, &id, timeout).await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(Sandbox::from_record(&record, state.domain.as_deref())),
+    )
+        .into_response())
+}
+
+/// `memory: false` asks to cold-boot a paused sandbox from its files alone, which
+/// Cubicle cannot do yet; for a running sandbox the field means nothing.
+fn refuse_reboot(
+    state: &AppState,
+    owner: i64,
+    id: &cubicle_core::SandboxId,
+    body: &ConnectBody,
+) -> Result<(), ApiError> {
+    if body.memory == Some(false)
+        && state.controller.get(owner, id)?.state == cubicle_core::SandboxState::Paused
+    {
+        return Err(cubicle_control::ControlError::NotImplemented(
+            "resuming a paused sandbox by rebooting it (memory: false)",
+        )
+        .into());
+    }
+    Ok(())
+}
+
+/// `POST /sandboxes/{id}/pause` with `{}` or `{"memory": true}`: 204; 409 if it is
+/// already paused.
+pub async fn pause(
+    State(state): State<Arc<AppState>>,
+    owner: Owner,
+    Path(id): Path<String>,
+    JsonBody(body): JsonBody<PauseBody>,
+) -> Result<StatusCode, ApiError> {
+    let id = sandbox_id(&id)?;
+    if body.memory == Some(false) {
+        // Look the sandbox up first: an unknown sandbox is a 404 whatever the body says.
+        state.controller.get(owner.0, &id)?;
+        return Err(cubicle_control::ControlError::NotImplemented(
+            "pausing with the filesystem only (memory: false)",
+        )
+        .into());
+    }
+    state.controller.pause(owner.0, &id).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 /// `GET /sandboxes/{id}/metrics?start=&end=` (unix seconds).
@@ -350,16 +414,13 @@ fn percent_decode(s: &str) -> String {
         .into_owned()
 }
 
-/// Endpoints of the E2B API that need pause and snapshots, which Cubicle does not have
-/// yet: a clear 501 instead of a 404 that the SDK would misread.
+/// Endpoints of the E2B API that need snapshots, which Cubicle does not have yet: a
+/// clear 501 instead of a 404 that the SDK would misread.
 pub async fn not_yet(
     State(_state): State<Arc<AppState>>,
     _owner: Owner,
 ) -> Result<StatusCode, ApiError> {
-    Err(cubicle_control::ControlError::NotImplemented(
-        "pause, resume from pause, snapshots and fork",
-    )
-    .into())
+    Err(cubicle_control::ControlError::NotImplemented("snapshots and fork").into())
 }
 
 #[cfg(test)]

@@ -79,6 +79,31 @@ impl Api {
         (s, v)
     }
 
+    /// Sandbox traffic: no API key, routed by headers.
+    async fn call_headers(
+        &self,
+        method: Method,
+        uri: &str,
+        headers: &[(&str, &str)],
+    ) -> (StatusCode, Value) {
+        let mut req = Request::builder().method(method).uri(uri);
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let resp = self
+            .app
+            .clone()
+            .oneshot(req.body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        let status = resp.status();
+        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+        (
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        )
+    }
+
     async fn create(&self, body: Value) -> Value {
         let (s, v) = self
             .key(Method::POST, "/v2/sandboxes", &body.to_string())
@@ -330,12 +355,6 @@ async fn bad_input_is_a_4xx_json_error_and_changes_nothing() {
             StatusCode::PAYLOAD_TOO_LARGE,
         ),
         (
-            Method::POST,
-            "/v2/sandboxes",
-            r#"{"templateID":"base","autoPause":true}"#.into(),
-            StatusCode::NOT_IMPLEMENTED,
-        ),
-        (
             Method::GET,
             "/v2/sandboxes?limit=0",
             String::new(),
@@ -386,6 +405,12 @@ async fn bad_input_is_a_4xx_json_error_and_changes_nothing() {
         (
             Method::POST,
             "/sandboxes/abc/pause",
+            String::new(),
+            StatusCode::NOT_FOUND,
+        ),
+        (
+            Method::POST,
+            "/sandboxes/abc/snapshots",
             String::new(),
             StatusCode::NOT_IMPLEMENTED,
         ),
@@ -540,4 +565,86 @@ async fn templates_list_their_aliases_and_are_found_by_them() {
         .await;
     assert_eq!(s, StatusCode::OK);
     assert_eq!(one["templateID"], "code-interpreter");
+}
+
+#[tokio::test]
+async fn pause_connect_and_resume_have_e2b_statuses() {
+    let api = api().await;
+    let sbx = api.create(json!({"templateID": "base"})).await;
+    let id = sbx["sandboxID"].as_str().unwrap();
+    let path = |p: &str| format!("/sandboxes/{id}{p}");
+
+    let (s, v) = api.key(Method::POST, &path("/pause"), "{}").await;
+    assert_eq!(s, StatusCode::NO_CONTENT, "{v}");
+    let (s, v) = api.key(Method::GET, &path(""), "").await;
+    assert_eq!((s, v["state"].as_str()), (StatusCode::OK, Some("paused")));
+    // The SDK reads 409 as "already paused".
+    let (s, v) = api.key(Method::POST, &path("/pause"), "").await;
+    assert_error(s, &v, StatusCode::CONFLICT);
+    // Traffic to a paused sandbox is E2B's 502.
+    let (s, v) = api
+        .call_headers(
+            Method::POST,
+            "/process.Process/Start",
+            &[("e2b-sandbox-id", id)],
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_GATEWAY, "{v}");
+    // Not yet: cold reboot and filesystem-only pause.
+    let (s, v) = api
+        .key(
+            Method::POST,
+            &format!("/v2{}", path("/connect")),
+            r#"{"memory":false}"#,
+        )
+        .await;
+    assert_error(s, &v, StatusCode::NOT_IMPLEMENTED);
+
+    // connect resumes: 201, then 200 while it runs.
+    let (s, v) = api
+        .key(
+            Method::POST,
+            &format!("/v2{}", path("/connect")),
+            r#"{"timeout":60}"#,
+        )
+        .await;
+    assert_eq!(
+        (s, v["sandboxID"].as_str()),
+        (StatusCode::CREATED, Some(id))
+    );
+    let (_, v) = api.key(Method::GET, &path(""), "").await;
+    assert_eq!(v["state"], "running");
+    let (s, _) = api
+        .key(Method::POST, &format!("/v2{}", path("/connect")), "{}")
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    // v1 resume: 409 while running, 201 when paused.
+    let (s, v) = api.key(Method::POST, &path("/resume"), "{}").await;
+    assert_error(s, &v, StatusCode::CONFLICT);
+    api.key(Method::POST, &path("/pause"), "{}").await;
+    let (s, v) = api.key(Method::POST, &path("/resume"), "{}").await;
+    assert_eq!(
+        (s, v["sandboxID"].as_str()),
+        (StatusCode::CREATED, Some(id))
+    );
+
+    let (s, v) = api
+        .key(Method::POST, &path("/pause"), r#"{"memory":false}"#)
+        .await;
+    assert_error(s, &v, StatusCode::NOT_IMPLEMENTED);
+    let (s, v) = api
+        .key(Method::POST, &path("/pause"), r#"{"nope":1}"#)
+        .await;
+    assert_error(s, &v, StatusCode::BAD_REQUEST);
+
+    // Killed: pause and connect are 404.
+    api.key(Method::POST, &path("/pause"), "{}").await;
+    let (s, _) = api.key(Method::DELETE, &path(""), "").await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let (s, v) = api.key(Method::POST, &path("/pause"), "{}").await;
+    assert_error(s, &v, StatusCode::NOT_FOUND);
+    let (s, v) = api
+        .key(Method::POST, &format!("/v2{}", path("/connect")), "{}")
+        .await;
+    assert_error(s, &v, StatusCode::NOT_FOUND);
 }

@@ -130,6 +130,36 @@ pub enum SandboxCommand {
     /// only if none of the given sandboxes existed, or the daemon failed for one.
     #[command(after_help = API_ENV_HELP)]
     Kill(SandboxKillArgs),
+    /// Pause sandboxes: every process stops where it is, memory kept, until `resume`.
+    ///
+    /// A paused sandbox answers no traffic and its timeout does not run. Pausing one
+    /// that is already paused is reported and is not an error. The exit code is 1 if a
+    /// sandbox was not found or the daemon failed for one.
+    #[command(after_help = API_ENV_HELP)]
+    Pause(SandboxIdsArgs),
+    /// Resume paused sandboxes where they stopped.
+    ///
+    /// Each one's timeout starts again from now (`--timeout`, or the daemon's default).
+    /// Resuming a running sandbox only extends its timeout, if that is later.
+    #[command(after_help = API_ENV_HELP)]
+    Resume(SandboxResumeArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct SandboxIdsArgs {
+    /// Sandbox ids.
+    #[arg(required = true)]
+    pub ids: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct SandboxResumeArgs {
+    /// Sandbox ids.
+    #[arg(required = true)]
+    pub ids: Vec<String>,
+    /// Seconds until the daemon kills the sandbox (default: the daemon's, 300).
+    #[arg(long)]
+    pub timeout: Option<u64>,
 }
 
 #[derive(Debug, Args)]

@@ -513,3 +513,43 @@ fn bench_code_interpreter() {
         serde_json::json!([])
     );
 }
+
+#[test]
+fn pause_and_resume() {
+    let mut d = Daemon::start();
+    let id = d.cli(&["sandbox", "create"]).ok().trim().to_owned();
+    d.cli(&["sandbox", "exec", &id, "echo kept > /tmp/state"])
+        .code(0);
+
+    let paused = d.cli(&["sandbox", "pause", &id]).code(0);
+    assert_eq!(paused.stderr, format!("paused {id}\n"));
+    let again = d.cli(&["sandbox", "pause", &id]).code(0);
+    assert_eq!(again.stderr, format!("sandbox {id} is already paused\n"));
+    let listed = d
+        .cli(&["sandbox", "ls", "--json", "--state", "paused"])
+        .code(0)
+        .json();
+    assert_eq!(listed[0]["sandboxID"], id.as_str(), "{listed}");
+    let exec = d.cli(&["sandbox", "exec", &id, "true"]).code(1);
+    assert!(exec.stderr.contains("is paused"), "{}", exec.stderr);
+
+    let resumed = d
+        .cli(&["sandbox", "resume", "--timeout", "60", &id])
+        .code(0);
+    assert_eq!(resumed.stderr, format!("resumed {id}\n"));
+    assert_eq!(
+        d.cli(&["sandbox", "exec", &id, "cat /tmp/state"]).ok(),
+        "kept\n"
+    );
+    let running = d.cli(&["sandbox", "resume", &id]).code(0);
+    assert_eq!(running.stderr, format!("sandbox {id} is already running\n"));
+
+    let missing = d.cli(&["sandbox", "pause", "nosuchsandbox"]).code(1);
+    assert_eq!(missing.stderr, "sandbox nosuchsandbox not found\n");
+
+    // A paused sandbox is killed like any other.
+    d.cli(&["sandbox", "pause", &id]).code(0);
+    d.cli(&["sandbox", "kill", &id]).code(0);
+    d.stop();
+    assert!(d.sandbox_dirs().is_empty(), "{:?}", d.sandbox_dirs());
+}

@@ -220,6 +220,23 @@ impl ApiClient {
         }
     }
 
+    /// `POST /sandboxes/{id}/pause`: `true` once paused, `false` if it already was.
+    pub async fn pause(&self, id: &str) -> Result<bool, ClientError> {
+        match self
+            .call(
+                Method::POST,
+                &sandbox_path(id, "/pause"),
+                HeaderMap::new(),
+                Some(b"{}".to_vec()),
+            )
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(e) if e.status() == Some(StatusCode::CONFLICT) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
     /// `POST /sandboxes/{id}/timeout`: the sandbox is killed `secs` seconds from now.
     pub async fn set_timeout(&self, id: &str, secs: u64) -> Result<(), ClientError> {
         let body = serde_json::to_vec(&serde_json::json!({ "timeout": secs })).expect("json");
@@ -234,7 +251,8 @@ impl ApiClient {
     }
 
     /// `POST /v2/sandboxes/{id}/connect`: the sandbox (with its current access token),
-    /// its lifetime extended to `timeout` seconds from now if that is later.
+    /// resumed if it was paused, its lifetime extended to `timeout` seconds from now if
+    /// that is later.
     pub async fn connect(&self, id: &str, timeout: Option<u64>) -> Result<Sandbox, ClientError> {
         let body = match timeout {
             Some(t) => serde_json::json!({ "timeout": t }),

@@ -2,7 +2,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::Duration;
 
@@ -74,7 +74,7 @@ pub struct TemplateSummary {
     pub size_bytes: u64,
 }
 
-/// A running sandbox in the live index.
+/// A running or paused sandbox in the live index.
 #[derive(Debug)]
 struct Live {
     owner: i64,
@@ -82,6 +82,13 @@ struct Live {
     cpu_count: u32,
     disk_total: u64,
     end_at_ms: AtomicI64,
+    /// Pause instead of kill when the deadline passes.
+    auto_pause: bool,
+    /// Paused: no traffic is routed to it and its deadline does not run.
+    paused: AtomicBool,
+    /// Held while a lifecycle operation (pause, resume, kill) runs on the sandbox, so
+    /// that operations on one sandbox happen one after another.
+    ops: tokio::sync::Mutex<()>,
 }
 
 /// The control plane. Create it with [`Controller::start`].
@@ -178,10 +185,18 @@ impl Controller {
         for record in self.store.live_sandboxes()? {
             let now = now_ms();
             match (record.state, running.get(&record.id)) {
-                (SandboxState::Running, Some(info)) => {
+                (state @ (SandboxState::Running | SandboxState::Paused), Some(info)) => {
+                    // The store says what the sandbox should be; a daemon that died
+                    // between freezing and recording (or the reverse) left it otherwise.
+                    let paused = state == SandboxState::Paused;
+                    if paused && !info.paused {
+                        self.runtime.pause(&record.id).await?;
+                    } else if !paused && info.paused {
+                        self.runtime.resume(&record.id).await?;
+                    }
                     self.adopt(&record, info.agent_socket.clone());
                     kept.insert(record.id.clone());
-                    tracing::info!(sandbox = %record.id, "adopted running sandbox");
+                    tracing::info!(sandbox = %record.id, %state, "adopted sandbox");
                 }
                 (SandboxState::Creating, _) => {
                     self.store.transition(
@@ -227,6 +242,9 @@ impl Controller {
             cpu_count: record.cpu_count,
             disk_total: record.disk_mb << 20,
             end_at_ms: AtomicI64::new(record.end_at_ms),
+            auto_pause: record.auto_pause,
+            paused: AtomicBool::new(record.state == SandboxState::Paused),
+            ops: tokio::sync::Mutex::new(()),
         });
         self.live
             .write()
@@ -413,7 +431,10 @@ impl Controller {
         let Some(live) = self.live.write().expect("live index").remove(id) else {
             return Err(ControlError::SandboxNotFound(id.clone()));
         };
+        // An operation under way (a pause, a resume) finishes first.
+        let op = live.ops.lock().await;
         if let Err(e) = self.runtime.destroy(id).await {
+            drop(op);
             tracing::error!(sandbox = %id, error = %e, "destroy failed; will retry");
             live.end_at_ms.store(now_ms() + 30_000, Ordering::Relaxed);
             self.live
@@ -438,12 +459,7 @@ impl Controller {
         secs: u64,
     ) -> Result<SandboxRecord, ControlError> {
         let live = self.live_of(owner, id)?;
-        let max = self.config.max_timeout.as_secs();
-        if secs == 0 || secs > max {
-            return Err(ControlError::InvalidInput(format!(
-                "timeout must be between 1 and {max} seconds, got {secs}"
-            )));
-        }
+        self.check_timeout(Some(secs))?;
         self.set_deadline(id, &live, now_ms() + (secs as i64) * 1000)
     }
 
@@ -459,33 +475,161 @@ impl Controller {
         Ok(record)
     }
 
-    /// E2B `connect`: a running sandbox answers at once; its deadline moves to
-    /// `now + timeout` if that is later. Returns the record and whether it was resumed.
-    pub fn connect(
+    /// E2B `connect`: a paused sandbox is resumed, with its deadline at `now + timeout`
+    /// (the default timeout if none is given); a running sandbox answers at once, its
+    /// deadline moved as by [`Controller::extend`]. Returns the record and whether it was
+    /// resumed.
+    pub async fn connect(
         &self,
         owner: i64,
         id: &SandboxId,
         timeout_secs: Option<u64>,
     ) -> Result<(SandboxRecord, bool), ControlError> {
         let live = self.live_of(owner, id)?;
+        self.check_timeout(timeout_secs)?;
+        if live.paused.load(Ordering::Acquire) {
+            if let Some(record) = self.resume_paused(id, &live, timeout_secs).await? {
+                return Ok((record, true));
+            }
+        }
+        Ok((self.extend(owner, id, timeout_secs)?, false))
+    }
+
+    /// Moves the sandbox's deadline to `now + timeout` if that is later (E2B's connect
+    /// and refresh never shorten a sandbox's life). A paused sandbox stays paused.
+    pub fn extend(
+        &self,
+        owner: i64,
+        id: &SandboxId,
+        timeout_secs: Option<u64>,
+    ) -> Result<SandboxRecord, ControlError> {
+        let live = self.live_of(owner, id)?;
+        self.check_timeout(timeout_secs)?;
+        if let Some(t) = timeout_secs {
+            let wanted = now_ms() + (t as i64) * 1000;
+            if wanted > live.end_at_ms.load(Ordering::Relaxed) {
+                return self.set_deadline(id, &live, wanted);
+            }
+        }
+        self.get(owner, id)
+    }
+
+    fn check_timeout(&self, timeout_secs: Option<u64>) -> Result<(), ControlError> {
         let max = self.config.max_timeout.as_secs();
-        let record = match timeout_secs {
-            Some(t) if t == 0 || t > max => {
-                return Err(ControlError::InvalidInput(format!(
-                    "timeout must be between 1 and {max} seconds, got {t}"
-                )))
-            }
-            Some(t) => {
-                let wanted = now_ms() + (t as i64) * 1000;
-                if wanted > live.end_at_ms.load(Ordering::Relaxed) {
-                    self.set_deadline(id, &live, wanted)?
-                } else {
-                    self.get(owner, id)?
+        match timeout_secs {
+            Some(t) if t == 0 || t > max => Err(ControlError::InvalidInput(format!(
+                "timeout must be between 1 and {max} seconds, got {t}"
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// Pauses a running sandbox of `owner`: every process stops where it is, memory
+    /// kept; traffic to it is refused and its timeout stops running until it is resumed
+    /// ([`Controller::connect`], [`Controller::resume`]). Pausing a paused sandbox is a
+    /// conflict.
+    pub async fn pause(&self, owner: i64, id: &SandboxId) -> Result<SandboxRecord, ControlError> {
+        let live = self.live_of(owner, id)?;
+        let _op = live.ops.lock().await;
+        self.pause_locked(id, &live).await
+    }
+
+    /// Pauses `live`, whose operation lock the caller holds.
+    async fn pause_locked(
+        &self,
+        id: &SandboxId,
+        live: &Arc<Live>,
+    ) -> Result<SandboxRecord, ControlError> {
+        if !self.still_indexed(id, live) {
+            return Err(ControlError::SandboxNotFound(id.clone()));
+        }
+        if live.paused.load(Ordering::Acquire) {
+            return Err(ControlError::Conflict(format!(
+                "sandbox {id} is already paused"
+            )));
+        }
+        self.runtime.pause(id).await?;
+        let record = match self
+            .store
+            .transition(id, SandboxState::Paused, now_ms(), None)
+        {
+            Ok(r) => r,
+            Err(e) => {
+                // Never leave a sandbox paused that the store does not know as paused.
+                if let Err(resume) = self.runtime.resume(id).await {
+                    tracing::error!(sandbox = %id, error = %resume, "resuming after a failed pause");
                 }
+                return Err(e.into());
             }
-            None => self.get(owner, id)?,
         };
-        Ok((record, false))
+        live.paused.store(true, Ordering::Release);
+        self.deadlines_changed.notify_one();
+        tracing::info!(sandbox = %id, "sandbox paused");
+        Ok(record)
+    }
+
+    /// E2B `resume` (v1): resumes a paused sandbox of `owner`; a running one is a
+    /// conflict.
+    pub async fn resume(
+        &self,
+        owner: i64,
+        id: &SandboxId,
+        timeout_secs: Option<u64>,
+    ) -> Result<SandboxRecord, ControlError> {
+        let live = self.live_of(owner, id)?;
+        self.check_timeout(timeout_secs)?;
+        self.resume_paused(id, &live, timeout_secs)
+            .await?
+            .ok_or_else(|| ControlError::Conflict(format!("sandbox {id} is already running")))
+    }
+
+    /// Resumes `live` if it is paused (`None` if it is running), with its deadline at
+    /// `now + timeout`.
+    async fn resume_paused(
+        &self,
+        id: &SandboxId,
+        live: &Arc<Live>,
+        timeout_secs: Option<u64>,
+    ) -> Result<Option<SandboxRecord>, ControlError> {
+        let _op = live.ops.lock().await;
+        if !self.still_indexed(id, live) {
+            return Err(ControlError::SandboxNotFound(id.clone()));
+        }
+        if !live.paused.load(Ordering::Acquire) {
+            return Ok(None);
+        }
+        let timeout = timeout_secs.unwrap_or(self.config.default_timeout.as_secs());
+        let end_at_ms = now_ms() + (timeout as i64) * 1000;
+        self.runtime.resume(id).await?;
+        let record = self
+            .store
+            .transition(id, SandboxState::Running, now_ms(), None)
+            .and_then(|_| self.store.set_end_at(id, end_at_ms));
+        let record = match record {
+            Ok(r) => r,
+            Err(e) => {
+                // Never leave a sandbox running that the store knows as paused.
+                if let Err(pause) = self.runtime.pause(id).await {
+                    tracing::error!(sandbox = %id, error = %pause, "pausing after a failed resume");
+                }
+                return Err(e.into());
+            }
+        };
+        live.end_at_ms.store(end_at_ms, Ordering::Relaxed);
+        live.paused.store(false, Ordering::Release);
+        self.deadlines_changed.notify_one();
+        tracing::info!(sandbox = %id, "sandbox resumed");
+        Ok(Some(record))
+    }
+
+    /// Whether `live` is still the index entry of `id` (not killed while the caller
+    /// waited for its operation lock).
+    fn still_indexed(&self, id: &SandboxId, live: &Arc<Live>) -> bool {
+        self.live
+            .read()
+            .expect("live index")
+            .get(id)
+            .is_some_and(|l| Arc::ptr_eq(l, live))
     }
 
     /// Samples of the sandbox's resource use between `start` and `end` (ms).
@@ -532,6 +676,7 @@ impl Controller {
             .read()
             .expect("live index")
             .get(&id)
+            .filter(|l| !l.paused.load(Ordering::Acquire))
             .map(|l| Route {
                 socket: l.socket.clone(),
             })
@@ -561,18 +706,37 @@ impl Controller {
             .read()
             .expect("live index")
             .values()
+            .filter(|l| !l.paused.load(Ordering::Acquire))
             .map(|l| l.end_at_ms.load(Ordering::Relaxed))
             .min()
     }
 
-    fn expired(&self, now: i64) -> Vec<SandboxId> {
+    /// Running sandboxes whose deadline passed.
+    fn expired(&self, now: i64) -> Vec<(SandboxId, Arc<Live>)> {
         self.live
             .read()
             .expect("live index")
             .iter()
-            .filter(|(_, l)| l.end_at_ms.load(Ordering::Relaxed) <= now)
-            .map(|(id, _)| id.clone())
+            .filter(|(_, l)| {
+                !l.paused.load(Ordering::Acquire) && l.end_at_ms.load(Ordering::Relaxed) <= now
+            })
+            .map(|(id, l)| (id.clone(), l.clone()))
             .collect()
+    }
+
+    /// A sandbox whose deadline passed: paused if it asked for that at create,
+    /// otherwise killed. A deadline moved meanwhile (a refresh) spares it.
+    async fn expire(&self, id: &SandboxId, live: &Arc<Live>) -> Result<(), ControlError> {
+        if live.auto_pause {
+            let _op = live.ops.lock().await;
+            if live.paused.load(Ordering::Acquire)
+                || live.end_at_ms.load(Ordering::Relaxed) > now_ms()
+            {
+                return Ok(());
+            }
+            return self.pause_locked(id, live).await.map(|_| ());
+        }
+        self.kill_now(id, "timeout").await
     }
 
     fn live_ids(&self) -> Vec<(SandboxId, Arc<Live>)> {
@@ -633,8 +797,8 @@ async fn expire_sandboxes(controller: Weak<Controller>) {
         let Some(c) = controller.upgrade() else {
             return;
         };
-        for id in c.expired(now_ms()) {
-            if let Err(e) = c.kill_now(&id, "timeout").await {
+        for (id, live) in c.expired(now_ms()) {
+            if let Err(e) = c.expire(&id, &live).await {
                 tracing::error!(sandbox = %id, error = %e.chain(), "expiring sandbox");
             }
         }

@@ -37,7 +37,7 @@ pub struct CreateRequest {
     pub secure: bool,
     /// Accepted; sandboxes have loopback networking only for now.
     pub allow_internet_access: bool,
-    /// Pause instead of kill on timeout (needs pause; refused until it exists).
+    /// Pause instead of kill on timeout.
     pub auto_pause: bool,
     /// The client's `Idempotency-Key`: a retry with the same key gets the same sandbox.
     pub idempotency_key: Option<String>,
@@ -101,9 +101,6 @@ impl CreateRequest {
             return Err(ControlError::InvalidInput(format!(
                 "envVars total {bytes} bytes, at most {MAX_ENV_BYTES} are allowed"
             )));
-        }
-        if self.auto_pause {
-            return Err(ControlError::NotImplemented("autoPause (pause on timeout)"));
         }
         if let Some(key) = &self.idempotency_key {
             if key.is_empty()
@@ -265,10 +262,6 @@ mod tests {
                 .map(drop)
                 .unwrap_or(())),
             ControlError::InvalidInput(_)
-        ));
-        assert!(matches!(
-            bad(&|r| r.auto_pause = true),
-            ControlError::NotImplemented(_)
         ));
         assert!(matches!(
             bad(&|r| r.idempotency_key = Some("bad key".into())),

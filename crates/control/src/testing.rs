@@ -23,6 +23,18 @@ pub struct FakeRuntime {
     pub created: Mutex<Vec<SandboxSpec>>,
 }
 
+impl FakeRuntime {
+    fn set_paused(&self, id: &SandboxId, paused: bool) -> Result<(), RuntimeError> {
+        match self.running.lock().expect("lock").get_mut(id) {
+            Some(info) => {
+                info.paused = paused;
+                Ok(())
+            }
+            None => Err(RuntimeError::NotFound(id.clone())),
+        }
+    }
+}
+
 #[async_trait::async_trait]
 impl Runtime for FakeRuntime {
     fn name(&self) -> &'static str {
@@ -40,6 +52,7 @@ impl Runtime for FakeRuntime {
             pid: 4242,
             layers: spec.layers.clone(),
             agent_socket: PathBuf::from(format!("/nonexistent/{}.sock", spec.id)),
+            paused: false,
         };
         self.running
             .lock()
@@ -71,6 +84,12 @@ impl Runtime for FakeRuntime {
             .iter()
             .cloned()
             .collect())
+    }
+    async fn pause(&self, id: &SandboxId) -> Result<(), RuntimeError> {
+        self.set_paused(id, true)
+    }
+    async fn resume(&self, id: &SandboxId) -> Result<(), RuntimeError> {
+        self.set_paused(id, false)
     }
     async fn stats(&self, _id: &SandboxId) -> Result<SandboxStats, RuntimeError> {
         Ok(SandboxStats {

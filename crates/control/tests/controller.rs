@@ -161,7 +161,7 @@ async fn timeouts_kill_and_set_timeout_moves_the_deadline() {
     ));
     // connect extends, never shortens.
     let before = c.get(1, &b.id).unwrap().end_at_ms;
-    let (after, resumed) = c.connect(1, &b.id, Some(5)).unwrap();
+    let (after, resumed) = c.connect(1, &b.id, Some(5)).await.unwrap();
     assert!(!resumed);
     assert_eq!(after.end_at_ms, before);
 }
@@ -291,4 +291,157 @@ async fn a_layer_whose_parent_is_gone_is_refused_before_anything_is_recorded() {
     assert!(rt.created.lock().unwrap().is_empty());
     let page = c.list(1, &ListRequest::default()).unwrap();
     assert!(page.items.is_empty());
+}
+
+fn paused_in_runtime(rt: &FakeRuntime, id: &SandboxId) -> bool {
+    rt.running.lock().unwrap()[id].paused
+}
+
+#[tokio::test]
+async fn pause_and_resume_follow_the_state_machine() {
+    let rt = Arc::new(FakeRuntime::default());
+    let store = Store::open_in_memory().unwrap();
+    let (_t, c) = controller(rt.clone(), store.clone()).await;
+    let r = c.create(1, create("base")).await.unwrap();
+
+    let paused = c.pause(1, &r.id).await.unwrap();
+    assert_eq!(paused.state, SandboxState::Paused);
+    assert!(paused_in_runtime(&rt, &r.id));
+    assert!(
+        c.route(r.id.as_str()).is_none(),
+        "no traffic to a paused sandbox"
+    );
+    // Pausing again is a conflict; other keys do not find it; resume (v1) resumes.
+    assert!(matches!(
+        c.pause(1, &r.id).await,
+        Err(ControlError::Conflict(_))
+    ));
+    assert!(matches!(
+        c.pause(2, &r.id).await,
+        Err(ControlError::SandboxNotFound(_))
+    ));
+    let listed = c
+        .list(
+            1,
+            &ListRequest {
+                states: vec![SandboxState::Paused],
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    assert_eq!(listed.items.len(), 1);
+    // A refresh does not resume it.
+    c.extend(1, &r.id, Some(60)).unwrap();
+    assert!(paused_in_runtime(&rt, &r.id));
+
+    // connect resumes (201 in the API) with the deadline at now + timeout.
+    let before = cubicle_control::now_ms();
+    let (record, resumed) = c.connect(1, &r.id, Some(120)).await.unwrap();
+    assert!(resumed);
+    assert_eq!(record.state, SandboxState::Running);
+    assert!(record.end_at_ms >= before + 120_000);
+    assert!(!paused_in_runtime(&rt, &r.id));
+    assert!(c.route(r.id.as_str()).is_some());
+    let (_, resumed) = c.connect(1, &r.id, None).await.unwrap();
+    assert!(!resumed, "a running sandbox is not resumed again");
+    assert!(matches!(
+        c.resume(1, &r.id, None).await,
+        Err(ControlError::Conflict(_))
+    ));
+    c.pause(1, &r.id).await.unwrap();
+    let record = c.resume(1, &r.id, None).await.unwrap();
+    assert_eq!(record.state, SandboxState::Running);
+
+    // A paused sandbox can be killed; afterwards nothing finds it.
+    c.pause(1, &r.id).await.unwrap();
+    c.kill(1, &r.id).await.unwrap();
+    assert!(!rt.running.lock().unwrap().contains_key(&r.id));
+    assert!(matches!(
+        c.pause(1, &r.id).await,
+        Err(ControlError::SandboxNotFound(_))
+    ));
+    assert!(matches!(
+        c.connect(1, &r.id, None).await,
+        Err(ControlError::SandboxNotFound(_))
+    ));
+    assert_eq!(
+        store.get_sandbox(&r.id).unwrap().unwrap().state,
+        SandboxState::Killed
+    );
+}
+
+#[tokio::test]
+async fn paused_sandboxes_do_not_expire_and_auto_pause_pauses_at_the_deadline() {
+    let rt = Arc::new(FakeRuntime::default());
+    let store = Store::open_in_memory().unwrap();
+    let (_t, c) = controller(rt.clone(), store.clone()).await;
+    let mut short = create("base");
+    short.timeout_secs = Some(1);
+    let paused = c.create(1, short.clone()).await.unwrap();
+    c.pause(1, &paused.id).await.unwrap();
+    short.auto_pause = true;
+    let auto = c.create(1, short.clone()).await.unwrap();
+    short.auto_pause = false;
+    let plain = c.create(1, short).await.unwrap();
+
+    // Bounded wait until the plain one expired (the others' deadlines passed too).
+    let killed = async {
+        while store.get_sandbox(&plain.id).unwrap().unwrap().state != SandboxState::Killed {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), killed)
+        .await
+        .expect("plain sandbox expired");
+    let auto_paused = async {
+        while store.get_sandbox(&auto.id).unwrap().unwrap().state != SandboxState::Paused {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), auto_paused)
+        .await
+        .expect("auto-pause sandbox paused");
+    assert!(paused_in_runtime(&rt, &auto.id));
+    assert_eq!(c.get(1, &paused.id).unwrap().state, SandboxState::Paused);
+    assert!(
+        paused_in_runtime(&rt, &paused.id),
+        "a paused sandbox outlives its timeout"
+    );
+}
+
+#[tokio::test]
+async fn restart_keeps_paused_sandboxes_paused_and_repairs_half_done_pauses() {
+    let rt = Arc::new(FakeRuntime::default());
+    let store = Store::open_in_memory().unwrap();
+    let (_t, c) = controller(rt.clone(), store.clone()).await;
+    let paused = c.create(1, create("base")).await.unwrap();
+    c.pause(1, &paused.id).await.unwrap();
+    let frozen_only = c.create(1, create("base")).await.unwrap();
+    let recorded_only = c.create(1, create("base")).await.unwrap();
+    c.pause(1, &recorded_only.id).await.unwrap();
+    drop(c);
+    // A daemon that died between the runtime and the store: one sandbox is frozen but
+    // recorded as running, the other recorded as paused but running.
+    rt.running
+        .lock()
+        .unwrap()
+        .get_mut(&frozen_only.id)
+        .unwrap()
+        .paused = true;
+    rt.running
+        .lock()
+        .unwrap()
+        .get_mut(&recorded_only.id)
+        .unwrap()
+        .paused = false;
+
+    let (_t2, c) = controller(rt.clone(), store.clone()).await;
+    assert_eq!(c.get(1, &paused.id).unwrap().state, SandboxState::Paused);
+    assert!(c.route(paused.id.as_str()).is_none());
+    // The store wins.
+    assert!(!paused_in_runtime(&rt, &frozen_only.id));
+    assert!(c.route(frozen_only.id.as_str()).is_some());
+    assert!(paused_in_runtime(&rt, &recorded_only.id));
+    let (_, resumed) = c.connect(1, &paused.id, None).await.unwrap();
+    assert!(resumed);
 }

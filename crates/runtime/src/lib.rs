@@ -49,6 +49,9 @@ pub struct SandboxInfo {
     pub layers: Vec<PathBuf>,
     /// The agent's envd socket on the host.
     pub agent_socket: PathBuf,
+    /// Whether it is paused ([`Runtime::pause`]): its processes exist but do not run.
+    #[serde(default)]
+    pub paused: bool,
 }
 
 /// Resource usage of a running sandbox.
@@ -172,6 +175,15 @@ pub trait Runtime: Send + Sync + std::fmt::Debug {
 
     /// Current resource usage of a running sandbox.
     async fn stats(&self, id: &SandboxId) -> Result<SandboxStats, RuntimeError>;
+
+    /// Stops every process of the sandbox where it is, memory kept; returns once none
+    /// runs. Its agent does not answer until [`Runtime::resume`]. Pausing a paused
+    /// sandbox succeeds; destroying one works as for a running sandbox.
+    async fn pause(&self, id: &SandboxId) -> Result<(), RuntimeError>;
+
+    /// Lets a paused sandbox's processes run again. Resuming a sandbox that is not
+    /// paused succeeds.
+    async fn resume(&self, id: &SandboxId) -> Result<(), RuntimeError>;
 
     /// Gets ready, in the background, to create sandboxes on these template layers with
     /// this agent configuration quickly (the `ns` runtime starts the template's warm

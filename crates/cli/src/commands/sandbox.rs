@@ -39,6 +39,8 @@ pub async fn run(cmd: SandboxCommand) -> anyhow::Result<ExitCode> {
         SandboxCommand::Exec(args) => exec(&api, args).await,
         SandboxCommand::RunCode(args) => run_code(&api, args).await,
         SandboxCommand::Kill(args) => kill(&api, &args.ids).await,
+        SandboxCommand::Pause(args) => pause(&api, &args.ids).await,
+        SandboxCommand::Resume(args) => resume(&api, &args.ids, args.timeout).await,
     };
     result.map_err(|e| super::explain(e, &api))
 }
@@ -191,6 +193,60 @@ async fn kill(api: &ApiClient, ids: &[String]) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(if failed == 0 && killed > 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+async fn pause(api: &ApiClient, ids: &[String]) -> anyhow::Result<ExitCode> {
+    each(ids, |id| async move {
+        Ok(match api.pause(&id).await? {
+            true => format!("paused {id}"),
+            false => format!("sandbox {id} is already paused"),
+        })
+    })
+    .await
+}
+
+async fn resume(api: &ApiClient, ids: &[String], timeout: Option<u64>) -> anyhow::Result<ExitCode> {
+    each(ids, |id| async move {
+        let was = api.get(&id).await?.state;
+        api.connect(&id, timeout).await?;
+        Ok(match was.as_str() {
+            "paused" => format!("resumed {id}"),
+            _ => format!("sandbox {id} is already running"),
+        })
+    })
+    .await
+}
+
+/// Runs `op` on every id, reporting each outcome on stderr; transport and key problems
+/// stop at once. Exit code 1 if any failed.
+async fn each<F, Fut>(ids: &[String], op: F) -> anyhow::Result<ExitCode>
+where
+    F: Fn(String) -> Fut,
+    Fut: std::future::Future<Output = Result<String, ClientError>>,
+{
+    let mut failed = 0;
+    for id in ids {
+        match op(id.clone()).await {
+            Ok(done) => eprintln!("{done}"),
+            Err(e @ (ClientError::Unreachable { .. } | ClientError::NoApiKey)) => {
+                return Err(e.into())
+            }
+            Err(e) if e.is_unauthorized() => return Err(e.into()),
+            Err(e) if e.is_not_found() => {
+                eprintln!("sandbox {id} not found");
+                failed += 1;
+            }
+            Err(e) => {
+                eprintln!("error: {id}: {e}");
+                failed += 1;
+            }
+        }
+    }
+    Ok(if failed == 0 {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)

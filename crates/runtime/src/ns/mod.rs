@@ -517,6 +517,11 @@ impl NsRuntime {
         let paths = SandboxPaths::new(&self.config.data_dir, id);
         if let Some(pidfd) = pidfd {
             sys::pidfd_kill(&pidfd, libc::SIGKILL).map_err(io_error("kill", &paths.dir))?;
+            // A paused sandbox's processes only act on the SIGKILL once thawed; they
+            // never run user code again (a pending SIGKILL is handled first).
+            if self.cgroups.freezer_state(id.as_str()).ok() != Some(cgroup::FreezerState::Thawed) {
+                let _ = cgroup::thaw(self.cgroups.as_ref(), id.as_str());
+            }
             wait_exit(&pidfd)
                 .await
                 .map_err(io_error("wait for", &paths.dir))?;
@@ -546,6 +551,18 @@ impl NsRuntime {
             }
         }
         unreachable!("loop returns")
+    }
+
+    /// The host pid of a running sandbox's first process; [`RuntimeError::NotFound`] if
+    /// the sandbox does not run.
+    fn running_pid(&self, id: &SandboxId) -> Result<i32, RuntimeError> {
+        let paths = SandboxPaths::new(&self.config.data_dir, id);
+        match read_record(&paths.record)? {
+            Some(record) if process_start_time(record.pid).ok() == Some(record.start_time) => {
+                Ok(record.pid)
+            }
+            _ => Err(RuntimeError::NotFound(id.clone())),
+        }
     }
 
     /// The pidfd of a running sandbox: ours from create, or found through runtime.json.
@@ -600,6 +617,7 @@ impl Runtime for NsRuntime {
                     pid,
                     layers: spec.layers,
                     agent_socket: paths.socket,
+                    paused: false,
                 })
             }
             Err((err, pidfd)) => {
@@ -614,6 +632,18 @@ impl Runtime for NsRuntime {
     async fn destroy(&self, id: &SandboxId) -> Result<(), RuntimeError> {
         let pidfd = self.pidfd_of(id)?;
         self.tear_down(id, pidfd).await
+    }
+
+    async fn pause(&self, id: &SandboxId) -> Result<(), RuntimeError> {
+        self.running_pid(id)?;
+        cgroup::freeze(self.cgroups.as_ref(), id.as_str()).await?;
+        Ok(())
+    }
+
+    async fn resume(&self, id: &SandboxId) -> Result<(), RuntimeError> {
+        self.running_pid(id)?;
+        cgroup::thaw(self.cgroups.as_ref(), id.as_str())?;
+        Ok(())
     }
 
     fn prepare(&self, layers: &[PathBuf], agent: &crate::AgentConfig) {
@@ -650,6 +680,10 @@ impl Runtime for NsRuntime {
             if process_start_time(record.pid).ok() == Some(record.start_time) {
                 out.push(SandboxInfo {
                     layers: record.layers(),
+                    paused: matches!(
+                        self.cgroups.freezer_state(id.as_str()),
+                        Ok(cgroup::FreezerState::Frozen | cgroup::FreezerState::Freezing)
+                    ),
                     id,
                     pid: record.pid,
                     agent_socket: paths.socket,

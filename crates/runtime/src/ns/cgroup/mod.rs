@@ -44,6 +44,15 @@ pub enum CgroupError {
     /// The cgroup still holds processes.
     #[error("cgroup {0} still has processes")]
     Busy(PathBuf),
+    /// Not every process of the cgroup stopped within the time allowed (one stuck in
+    /// the kernel); the cgroup was thawed again.
+    #[error("cgroup {name} did not freeze within {after:?}")]
+    FreezeTimeout {
+        /// The cgroup.
+        name: String,
+        /// How long it was given.
+        after: std::time::Duration,
+    },
 }
 
 impl CgroupError {
@@ -52,6 +61,7 @@ impl CgroupError {
         match self {
             CgroupError::NoControllers(_) => ErrorKind::Unavailable,
             CgroupError::Busy(_) => ErrorKind::Conflict,
+            CgroupError::FreezeTimeout { .. } => ErrorKind::Unavailable,
             CgroupError::Io { .. } => ErrorKind::Internal,
         }
     }
@@ -91,6 +101,54 @@ pub trait CgroupManager: Send + Sync + Debug {
     fn file(&self, name: &str, file: &str) -> PathBuf;
     /// Resource usage of cgroup `name`.
     fn stats(&self, name: &str) -> Result<CgroupStats, CgroupError>;
+    /// Asks the kernel to freeze (`true`) or thaw every process of cgroup `name`; a
+    /// freeze completes asynchronously ([`freeze`] waits for it).
+    fn set_frozen(&self, name: &str, frozen: bool) -> Result<(), CgroupError>;
+    /// Where the freezer of cgroup `name` is.
+    fn freezer_state(&self, name: &str) -> Result<FreezerState, CgroupError>;
+}
+
+/// The freezer state of a cgroup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FreezerState {
+    /// Its processes run.
+    Thawed,
+    /// A freeze was asked for; some processes still run.
+    Freezing,
+    /// Every process is stopped.
+    Frozen,
+}
+
+/// Longest wait for every process of a cgroup to stop.
+pub const FREEZE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Freezes cgroup `name` and returns once every process in it has stopped. A process
+/// that is busy in the kernel can delay a v1 freeze, so the request is repeated while
+/// waiting; past [`FREEZE_TIMEOUT`] the cgroup is thawed again and the error says so.
+pub async fn freeze(cgroups: &dyn CgroupManager, name: &str) -> Result<(), CgroupError> {
+    let deadline = tokio::time::Instant::now() + FREEZE_TIMEOUT;
+    let mut poll = std::time::Duration::from_micros(50);
+    loop {
+        cgroups.set_frozen(name, true)?;
+        if cgroups.freezer_state(name)? == FreezerState::Frozen {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            cgroups.set_frozen(name, false)?;
+            return Err(CgroupError::FreezeTimeout {
+                name: name.to_owned(),
+                after: FREEZE_TIMEOUT,
+            });
+        }
+        // The kernel offers no notification for v1; poll with a growing interval.
+        tokio::time::sleep(poll).await;
+        poll = (poll * 2).min(std::time::Duration::from_millis(5));
+    }
+}
+
+/// Thaws cgroup `name` (one that is not frozen stays as it is).
+pub fn thaw(cgroups: &dyn CgroupManager, name: &str) -> Result<(), CgroupError> {
+    cgroups.set_frozen(name, false)
 }
 
 /// Resource usage of one sandbox's cgroup.
@@ -323,6 +381,88 @@ mod tests {
 30 25 0:28 / /sys/fs/cgroup/freezer rw,nosuid shared:14 - cgroup cgroup rw,freezer
 31 25 0:29 / /sys/fs/cgroup/with\\040space rw - cgroup cgroup rw,name=x
 ";
+
+    /// A freezer that completes after `polls` state reads (never, for `u32::MAX`).
+    #[derive(Debug)]
+    struct SlowFreezer {
+        polls: u32,
+        reads: std::sync::atomic::AtomicU32,
+        frozen: std::sync::Mutex<Option<bool>>,
+    }
+
+    impl SlowFreezer {
+        fn new(polls: u32) -> Self {
+            SlowFreezer {
+                polls,
+                reads: Default::default(),
+                frozen: Default::default(),
+            }
+        }
+    }
+
+    impl CgroupManager for SlowFreezer {
+        fn version(&self) -> &'static str {
+            "fake"
+        }
+        fn create(&self, _: &str, _: &Limits) -> Result<(), CgroupError> {
+            Ok(())
+        }
+        fn join(&self, _: &str) -> Join {
+            Join::RuntimeWrites
+        }
+        fn add_process(&self, _: &str, _: libc::pid_t) -> Result<(), CgroupError> {
+            Ok(())
+        }
+        fn processes(&self, _: &str) -> Result<Vec<libc::pid_t>, CgroupError> {
+            Ok(vec![])
+        }
+        fn remove(&self, _: &str) -> Result<(), CgroupError> {
+            Ok(())
+        }
+        fn list(&self) -> Result<Vec<String>, CgroupError> {
+            Ok(vec![])
+        }
+        fn file(&self, _: &str, file: &str) -> PathBuf {
+            PathBuf::from(file)
+        }
+        fn stats(&self, _: &str) -> Result<CgroupStats, CgroupError> {
+            Ok(CgroupStats::default())
+        }
+        fn set_frozen(&self, _: &str, frozen: bool) -> Result<(), CgroupError> {
+            *self.frozen.lock().unwrap() = Some(frozen);
+            Ok(())
+        }
+        fn freezer_state(&self, _: &str) -> Result<FreezerState, CgroupError> {
+            let reads = self
+                .reads
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                + 1;
+            Ok(match *self.frozen.lock().unwrap() {
+                Some(true) if reads >= self.polls => FreezerState::Frozen,
+                Some(true) => FreezerState::Freezing,
+                _ => FreezerState::Thawed,
+            })
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn freeze_waits_until_every_process_stopped() {
+        let cg = SlowFreezer::new(5);
+        freeze(&cg, "sbx").await.unwrap();
+        assert_eq!(cg.reads.load(std::sync::atomic::Ordering::Relaxed), 5);
+        assert_eq!(*cg.frozen.lock().unwrap(), Some(true));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_freeze_that_never_completes_is_undone_and_reported() {
+        let cg = SlowFreezer::new(u32::MAX);
+        let started = tokio::time::Instant::now();
+        let err = freeze(&cg, "sbx").await.unwrap_err();
+        assert!(matches!(err, CgroupError::FreezeTimeout { .. }), "{err:?}");
+        assert!(started.elapsed() >= FREEZE_TIMEOUT);
+        assert_eq!(*cg.frozen.lock().unwrap(), Some(false), "thawed again");
+        assert_eq!(err.kind(), ErrorKind::Unavailable);
+    }
 
     #[test]
     fn mountinfo_finds_v1_and_v2_mounts() {

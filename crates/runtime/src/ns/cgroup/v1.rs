@@ -6,7 +6,7 @@ use cubicle_core::Limits;
 
 use super::{
     list_dirs, make_dir, read_pids, read_text, read_u64, remove_dir, stat_field, write_file,
-    CgroupError, CgroupManager, CgroupStats, Join, CPU_PERIOD_US,
+    CgroupError, CgroupManager, CgroupStats, FreezerState, Join, CPU_PERIOD_US,
 };
 
 /// Mount points of the v1 controllers sandboxes use.
@@ -166,6 +166,19 @@ impl CgroupManager for CgroupV1 {
             pids: read_u64(&self.file(name, "pids.current"))?,
         })
     }
+
+    fn set_frozen(&self, name: &str, frozen: bool) -> Result<(), CgroupError> {
+        let state = if frozen { "FROZEN" } else { "THAWED" };
+        write_file(&self.file(name, "freezer.state"), state)
+    }
+
+    fn freezer_state(&self, name: &str) -> Result<FreezerState, CgroupError> {
+        Ok(match read_text(&self.file(name, "freezer.state"))?.trim() {
+            "FROZEN" => FreezerState::Frozen,
+            "FREEZING" => FreezerState::Freezing,
+            _ => FreezerState::Thawed,
+        })
+    }
 }
 
 #[cfg(test)]
@@ -217,6 +230,21 @@ mod tests {
         cg.add_process("sbx", 42).unwrap();
         assert_eq!(read("pids/cubicle/sbx/cgroup.procs"), "42");
         assert_eq!(cg.processes("sbx").unwrap(), vec![42]);
+    }
+
+    #[test]
+    fn freezer_state_is_written_and_read_in_the_freezer_hierarchy() {
+        let (tmp, cg) = fake();
+        cg.create("sbx", &Limits::default()).unwrap();
+        let state = tmp.path().join("freezer/cubicle/sbx/freezer.state");
+        cg.set_frozen("sbx", true).unwrap();
+        assert_eq!(std::fs::read_to_string(&state).unwrap(), "FROZEN");
+        assert_eq!(cg.freezer_state("sbx").unwrap(), FreezerState::Frozen);
+        std::fs::write(&state, "FREEZING\n").unwrap();
+        assert_eq!(cg.freezer_state("sbx").unwrap(), FreezerState::Freezing);
+        cg.set_frozen("sbx", false).unwrap();
+        assert_eq!(std::fs::read_to_string(&state).unwrap(), "THAWED");
+        assert_eq!(cg.freezer_state("sbx").unwrap(), FreezerState::Thawed);
     }
 
     #[test]

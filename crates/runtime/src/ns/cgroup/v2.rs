@@ -6,7 +6,7 @@ use cubicle_core::Limits;
 
 use super::{
     list_dirs, make_dir, read_pids, read_text, read_u64, remove_dir, stat_field, write_file,
-    CgroupError, CgroupManager, CgroupStats, Join, CPU_PERIOD_US,
+    CgroupError, CgroupManager, CgroupStats, FreezerState, Join, CPU_PERIOD_US,
 };
 
 /// Controllers sandboxes need.
@@ -125,6 +125,26 @@ impl CgroupManager for CgroupV2 {
             pids: read_u64(&dir.join("pids.current"))?,
         })
     }
+
+    fn set_frozen(&self, name: &str, frozen: bool) -> Result<(), CgroupError> {
+        write_file(
+            &self.dir(name).join("cgroup.freeze"),
+            if frozen { "1" } else { "0" },
+        )
+    }
+
+    fn freezer_state(&self, name: &str) -> Result<FreezerState, CgroupError> {
+        let dir = self.dir(name);
+        // `cgroup.events` says whether the freeze has completed; `cgroup.freeze` what
+        // was asked for.
+        if stat_field(&read_text(&dir.join("cgroup.events"))?, "frozen") == Some(1) {
+            return Ok(FreezerState::Frozen);
+        }
+        Ok(match read_text(&dir.join("cgroup.freeze"))?.trim() {
+            "1" => FreezerState::Freezing,
+            _ => FreezerState::Thawed,
+        })
+    }
 }
 
 #[cfg(test)]
@@ -155,6 +175,26 @@ mod tests {
         assert_eq!(read("cubicle/sbx/cpu.max"), "200000 100000");
         assert_eq!(read("cubicle/sbx/pids.max"), "50");
         assert_eq!(cg.list().unwrap(), vec!["sbx".to_string()]);
+    }
+
+    #[test]
+    fn freeze_is_asked_in_cgroup_freeze_and_seen_in_cgroup_events() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cg = CgroupV2::new(tmp.path().to_owned(), "cubicle");
+        let dir = tmp.path().join("cubicle/sbx");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("cgroup.events"), "populated 1\nfrozen 0\n").unwrap();
+        cg.set_frozen("sbx", true).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(dir.join("cgroup.freeze")).unwrap(),
+            "1"
+        );
+        assert_eq!(cg.freezer_state("sbx").unwrap(), FreezerState::Freezing);
+        std::fs::write(dir.join("cgroup.events"), "populated 1\nfrozen 1\n").unwrap();
+        assert_eq!(cg.freezer_state("sbx").unwrap(), FreezerState::Frozen);
+        cg.set_frozen("sbx", false).unwrap();
+        std::fs::write(dir.join("cgroup.events"), "populated 1\nfrozen 0\n").unwrap();
+        assert_eq!(cg.freezer_state("sbx").unwrap(), FreezerState::Thawed);
     }
 
     #[test]
