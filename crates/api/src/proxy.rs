@@ -96,10 +96,7 @@ impl Proxy {
     /// A proxy that finds sandboxes through `controller`.
     pub fn new(controller: Arc<Controller>) -> Self {
         let dialer = Dialer { controller };
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(30))
-            .pool_max_idle_per_host(16)
-            .build(dialer.clone());
+        let client = pooled_client(dialer.clone(), POOL_IDLE_TIMEOUT);
         Proxy { client, dialer }
     }
 
@@ -164,6 +161,23 @@ impl Proxy {
         }
         resp.map(Body::new).into_response()
     }
+}
+
+/// How long an unused pooled connection to a sandbox stays open.
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A client that keeps up to 16 idle connections per sandbox port for `idle`. Without a
+/// pool timer hyper never closes idle connections, and each one holds a socket in the
+/// sandbox's agent for good (which also stops a checkpoint of the sandbox).
+fn pooled_client<C>(connector: C, idle: Duration) -> Client<C, Body>
+where
+    C: hyper_util::client::legacy::connect::Connect + Clone,
+{
+    Client::builder(TokioExecutor::new())
+        .pool_timer(hyper_util::rt::TokioTimer::new())
+        .pool_idle_timeout(idle)
+        .pool_max_idle_per_host(16)
+        .build(connector)
 }
 
 fn is_upgrade(headers: &HeaderMap) -> bool {
@@ -396,6 +410,71 @@ impl Write for SandboxConn {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Dials one unix socket, like [`Dialer`] dials an agent.
+    #[derive(Clone)]
+    struct UnixDial(std::path::PathBuf);
+
+    impl tower_service::Service<Uri> for UnixDial {
+        type Response = SandboxConn;
+        type Error = io::Error;
+        type Future = Pin<Box<dyn Future<Output = io::Result<SandboxConn>> + Send>>;
+        fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn call(&mut self, _uri: Uri) -> Self::Future {
+            let path = self.0.clone();
+            Box::pin(async move {
+                Ok(SandboxConn::Agent(TokioIo::new(
+                    UnixStream::connect(path).await?,
+                )))
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn idle_pooled_connections_are_closed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.sock");
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        let (closed_tx, mut closed_rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = listener.accept().await.unwrap();
+                let closed = closed_tx.clone();
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(|_req| async {
+                        Ok::<_, std::convert::Infallible>(
+                            http::Response::builder()
+                                .status(StatusCode::NO_CONTENT)
+                                .body(Empty::<bytes::Bytes>::new())
+                                .unwrap(),
+                        )
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                    let _ = closed.send(());
+                });
+            }
+        });
+        let client = pooled_client(UnixDial(path), Duration::from_millis(100));
+        let resp = client
+            .request(
+                Request::get("http://49983-x.sandbox.internal/health")
+                    .body(Body::empty())
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::NO_CONTENT);
+        drop(resp);
+        // The server sees the pooled connection closed once it has been idle long enough.
+        tokio::time::timeout(Duration::from_secs(5), closed_rx.recv())
+            .await
+            .expect("the idle connection was closed")
+            .unwrap();
+    }
 
     #[test]
     fn header_targets() {
