@@ -7,7 +7,9 @@ use std::path::PathBuf;
 use std::sync::Mutex;
 
 use cubicle_core::{uid_map, DataDir, SandboxId};
-use cubicle_runtime::{Runtime, RuntimeError, SandboxInfo, SandboxSpec, SandboxStats};
+use cubicle_runtime::{
+    CheckpointInfo, Runtime, RuntimeError, SandboxInfo, SandboxSpec, SandboxStats,
+};
 use cubicle_template::TemplateStore;
 
 /// A runtime that keeps sandboxes as records only.
@@ -21,7 +23,14 @@ pub struct FakeRuntime {
     pub fail_next_create: Mutex<bool>,
     /// Every spec it was given.
     pub created: Mutex<Vec<SandboxSpec>>,
+    /// Makes the next checkpoint fail.
+    pub fail_next_checkpoint: Mutex<bool>,
+    /// Every restore: the checkpoint directory and the new sandbox's spec.
+    pub restored: Mutex<Vec<(PathBuf, SandboxSpec)>>,
 }
+
+/// What [`FakeRuntime::checkpoint`] writes: the sandbox it came from.
+const FAKE_CHECKPOINT: &str = "fake-checkpoint.json";
 
 impl FakeRuntime {
     fn set_paused(&self, id: &SandboxId, paused: bool) -> Result<(), RuntimeError> {
@@ -90,6 +99,51 @@ impl Runtime for FakeRuntime {
     }
     async fn resume(&self, id: &SandboxId) -> Result<(), RuntimeError> {
         self.set_paused(id, false)
+    }
+    async fn checkpoint(
+        &self,
+        id: &SandboxId,
+        dir: &std::path::Path,
+    ) -> Result<CheckpointInfo, RuntimeError> {
+        let layers = match self.running.lock().expect("lock").get(id) {
+            Some(info) => info.layers.clone(),
+            None => return Err(RuntimeError::NotFound(id.clone())),
+        };
+        if std::mem::take(&mut *self.fail_next_checkpoint.lock().expect("lock")) {
+            return Err(RuntimeError::Checkpoint {
+                op: "checkpoint",
+                message: "boom".into(),
+            });
+        }
+        let io = |source| RuntimeError::Io {
+            op: "write",
+            path: dir.to_owned(),
+            source,
+        };
+        std::fs::create_dir(dir).map_err(io)?;
+        std::fs::write(dir.join(FAKE_CHECKPOINT), id.as_str()).map_err(io)?;
+        Ok(CheckpointInfo {
+            size_bytes: 1234,
+            frozen_us: 10,
+            layers,
+        })
+    }
+    async fn restore(
+        &self,
+        dir: &std::path::Path,
+        spec: SandboxSpec,
+    ) -> Result<SandboxInfo, RuntimeError> {
+        if !dir.join(FAKE_CHECKPOINT).is_file() {
+            return Err(RuntimeError::Checkpoint {
+                op: "restore",
+                message: format!("no checkpoint in {}", dir.display()),
+            });
+        }
+        self.restored
+            .lock()
+            .expect("lock")
+            .push((dir.to_owned(), spec.clone()));
+        self.create(spec).await
     }
     async fn stats(&self, _id: &SandboxId) -> Result<SandboxStats, RuntimeError> {
         Ok(SandboxStats {

@@ -10,7 +10,7 @@
 
 pub mod ns;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -52,6 +52,18 @@ pub struct SandboxInfo {
     /// Whether it is paused ([`Runtime::pause`]): its processes exist but do not run.
     #[serde(default)]
     pub paused: bool,
+}
+
+/// A checkpoint a runtime wrote ([`Runtime::checkpoint`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CheckpointInfo {
+    /// Bytes it takes on disk (memory images and the copy of the writable layer).
+    pub size_bytes: u64,
+    /// How long the sandbox's processes were stopped for it, microseconds.
+    pub frozen_us: u64,
+    /// The template layers the sandbox ran on, top first; a restore needs the same.
+    pub layers: Vec<PathBuf>,
 }
 
 /// Resource usage of a running sandbox.
@@ -132,6 +144,17 @@ pub enum RuntimeError {
     /// The agent did not report readiness in time.
     #[error("agent not ready after {0:?}")]
     ReadyTimeout(Duration),
+    /// The runtime cannot do this (yet, or on this host); the message says why.
+    #[error("{0}")]
+    Unsupported(String),
+    /// Checkpointing or restoring failed; the message says at which step and why.
+    #[error("{op} failed: {message}")]
+    Checkpoint {
+        /// `"checkpoint"` or `"restore"`.
+        op: &'static str,
+        /// What went wrong (the checkpoint tool's own error lines, if any).
+        message: String,
+    },
 }
 
 impl RuntimeError {
@@ -143,11 +166,14 @@ impl RuntimeError {
             }
             RuntimeError::TemplateMissing(_) | RuntimeError::NotFound(_) => ErrorKind::NotFound,
             RuntimeError::AlreadyExists(_) => ErrorKind::Conflict,
-            RuntimeError::Config(_) | RuntimeError::ReadyTimeout(_) => ErrorKind::Unavailable,
+            RuntimeError::Config(_)
+            | RuntimeError::ReadyTimeout(_)
+            | RuntimeError::Unsupported(_) => ErrorKind::Unavailable,
             RuntimeError::Cgroup(e) => e.kind(),
-            RuntimeError::Io { .. } | RuntimeError::Spawn { .. } | RuntimeError::Init { .. } => {
-                ErrorKind::Internal
-            }
+            RuntimeError::Io { .. }
+            | RuntimeError::Spawn { .. }
+            | RuntimeError::Init { .. }
+            | RuntimeError::Checkpoint { .. } => ErrorKind::Internal,
         }
     }
 }
@@ -184,6 +210,20 @@ pub trait Runtime: Send + Sync + std::fmt::Debug {
     /// Lets a paused sandbox's processes run again. Resuming a sandbox that is not
     /// paused succeeds.
     async fn resume(&self, id: &SandboxId) -> Result<(), RuntimeError>;
+
+    /// Writes a checkpoint of sandbox `id` into the directory `dir`, which must not exist:
+    /// the memory and state of every process and the sandbox's writable filesystem. The
+    /// sandbox keeps running; its processes are stopped only while the copy is made (a
+    /// paused sandbox stays paused). On error `dir` does not exist and the sandbox runs on
+    /// as before.
+    async fn checkpoint(&self, id: &SandboxId, dir: &Path) -> Result<CheckpointInfo, RuntimeError>;
+
+    /// Starts a new sandbox from the checkpoint in `dir`, every process as it was, with
+    /// `spec`'s id (and host name), limits and agent configuration (access token, env
+    /// vars); `spec.layers` must be the checkpoint's. Returns once its agent answers. The
+    /// checkpoint is only read, so it can be restored any number of times. A failed
+    /// restore leaves nothing behind.
+    async fn restore(&self, dir: &Path, spec: SandboxSpec) -> Result<SandboxInfo, RuntimeError>;
 
     /// Gets ready, in the background, to create sandboxes on these template layers with
     /// this agent configuration quickly (the `ns` runtime starts the template's warm

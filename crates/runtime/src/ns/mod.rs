@@ -646,6 +646,23 @@ impl Runtime for NsRuntime {
         Ok(())
     }
 
+    async fn checkpoint(
+        &self,
+        id: &SandboxId,
+        _dir: &Path,
+    ) -> Result<crate::CheckpointInfo, RuntimeError> {
+        self.running_pid(id)?;
+        Err(RuntimeError::Unsupported(
+            "checkpoints of ns sandboxes are not built yet".into(),
+        ))
+    }
+
+    async fn restore(&self, _dir: &Path, _spec: SandboxSpec) -> Result<SandboxInfo, RuntimeError> {
+        Err(RuntimeError::Unsupported(
+            "restoring ns sandboxes from checkpoints is not built yet".into(),
+        ))
+    }
+
     fn prepare(&self, layers: &[PathBuf], agent: &crate::AgentConfig) {
         if !agent.code_interpreter || check_layers(layers).is_err() {
             return;
