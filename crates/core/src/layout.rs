@@ -9,6 +9,8 @@
 //!   sandboxes/<id>/rootfs/          mount point of the merged root (inside the sandbox only)
 //!   sandboxes/<id>/sock/agent.sock  the agent's unix socket (the daemon's channel)
 //!   sandboxes/<id>/runtime.json     what the runtime needs to find the sandbox again
+//!   snapshots/<key>/                a snapshot's checkpoint (written by the runtime)
+//!   snapshots/fork-<key>/           a fork's temporary checkpoint
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -56,6 +58,11 @@ impl DataDir {
     /// One sandbox's directory.
     pub fn sandbox(&self, id: &SandboxId) -> PathBuf {
         self.sandboxes().join(id.as_str())
+    }
+
+    /// Where snapshots' checkpoints live.
+    pub fn snapshots(&self) -> PathBuf {
+        self.root.join("snapshots")
     }
 
     /// Downloaded or built artefacts that can be thrown away and rebuilt.

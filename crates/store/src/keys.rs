@@ -195,6 +195,16 @@ impl Store {
         Ok(n > 0)
     }
 
+    /// The name of the key with this id (`None` if it was deleted).
+    pub fn key_name(&self, id: i64) -> Result<Option<String>, StoreError> {
+        let conn = self.lock();
+        let name = conn
+            .prepare_cached("SELECT name FROM api_keys WHERE id = ?1")?
+            .query_row([id], |r| r.get(0))
+            .optional()?;
+        Ok(name)
+    }
+
     /// How many keys exist.
     pub fn key_count(&self) -> Result<u64, StoreError> {
         let conn = self.lock();

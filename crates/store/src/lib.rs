@@ -3,7 +3,7 @@
 //! per-sandbox event log. This is the only crate that speaks SQL; everything else goes
 //! through [`Store`].
 //!
-//! # Schema (version 1, `migrations/0001_init.sql`)
+//! # Schema (version 2: `migrations/0001_init.sql`, `0002_snapshots.sql`)
 //!
 //! ```text
 //! api_keys          id INTEGER PK AUTOINCREMENT, name UNIQUE, key_hash BLOB(32) UNIQUE,
@@ -22,9 +22,23 @@
 //! sandbox_events    seq INTEGER PK, sandbox_id → sandboxes ON DELETE CASCADE, at_ms,
 //!                   kind, detail NULL
 //!   index sandbox_events_by_sandbox (sandbox_id, seq)
+//! snapshots         key TEXT PK, id, owner, sandbox_id, name NULL, state CHECK(creating,
+//!                   ready), created_at_ms, size_bytes, template, layers (JSON), uid_shift,
+//!                   env_vars (JSON), default_user, code_interpreter, cpu_count,
+//!                   memory_mb, metadata (JSON), UNIQUE (owner, id)
+//!   index snapshots_by_owner   (owner, created_at_ms, key)
+//!   index snapshots_by_sandbox (sandbox_id)
 //! ```
 //!
 //! All tables are `STRICT`; times are unix milliseconds.
+//!
+//! * **Snapshots** are written `creating` before the runtime writes the checkpoint and
+//!   become `ready` when it is complete ([`Store::finish_snapshot`]); only ready ones are
+//!   listed. A daemon that stops in between leaves a `creating` row, which the start-up
+//!   reconcile deletes ([`Store::delete_creating_snapshots`]) with its directory.
+//!   `key` (Cubicle's id, the directory name) is global; `id` (E2B's snapshot ID, e.g.
+//!   `my-snap:default`) is unique per owner. Snapshots outlive their sandbox (no foreign
+//!   key) and are never purged with it.
 //!
 //! * **API keys** are stored as the SHA-256 of the whole key only (plus an 8-character
 //!   display prefix); the plaintext is returned once by [`Store::create_key`].
@@ -90,6 +104,7 @@
 mod error;
 mod keys;
 mod sandboxes;
+mod snapshots;
 
 use std::fs::{DirBuilder, OpenOptions};
 use std::os::unix::fs::OpenOptionsExt;
@@ -102,9 +117,13 @@ use rusqlite::{Connection, TransactionBehavior};
 pub use error::StoreError;
 pub use keys::{KeyRecord, KEY_PREFIX};
 pub use sandboxes::{Event, ListQuery, Order, Page, SandboxRecord, TemplateUsage};
+pub use snapshots::{SnapshotPage, SnapshotQuery, SnapshotRecord, SnapshotState};
 
 /// The schema migrations, in order; entry `i` brings `user_version` from `i` to `i + 1`.
-pub const MIGRATIONS: &[&str] = &[include_str!("../migrations/0001_init.sql")];
+pub const MIGRATIONS: &[&str] = &[
+    include_str!("../migrations/0001_init.sql"),
+    include_str!("../migrations/0002_snapshots.sql"),
+];
 
 /// The schema version this build writes (the number of migrations).
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
