@@ -1,21 +1,25 @@
 //! [`Controller`]: every sandbox operation, the live index and the background tasks.
 
-use std::collections::{HashMap, HashSet};
-use std::path::PathBuf;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::Duration;
 
 use cubicle_core::{Limits, SandboxId, SandboxState, TemplateName};
 use cubicle_runtime::{AgentConfig, Runtime, SandboxSpec};
-use cubicle_store::{ListQuery, Page, SandboxRecord, Store};
+use cubicle_store::{ListQuery, Page, SandboxRecord, SnapshotRecord, Store};
 use cubicle_template::{TemplateError, TemplateStore};
 use rand::RngCore;
 use tokio::sync::Notify;
 
 use crate::metrics::{MetricSample, Series};
 use crate::request::{CreateRequest, ListRequest};
+
+mod snapshots;
+
 use crate::{now_ms, ControlError};
+pub use snapshots::{SnapshotListRequest, FORK_DEFAULT_TIMEOUT, MAX_FORKS};
 
 /// How the control plane behaves.
 #[derive(Debug, Clone)]
@@ -78,7 +82,8 @@ pub struct TemplateSummary {
 #[derive(Debug)]
 struct Live {
     owner: i64,
-    socket: PathBuf,
+    /// The agent's socket (a rollback starts a new agent).
+    socket: Mutex<PathBuf>,
     cpu_count: u32,
     disk_total: u64,
     end_at_ms: AtomicI64,
@@ -102,6 +107,26 @@ pub struct Controller {
     deadlines_changed: Notify,
     metrics: Mutex<HashMap<SandboxId, Series>>,
     idempotency: Mutex<HashMap<(i64, String), (IdempotencySlot, i64)>>,
+}
+
+/// What a create starts from.
+enum Source {
+    /// A built template, and the name (or alias) it was asked for by.
+    Template(Box<cubicle_template::Template>, TemplateName),
+    /// One of the caller's snapshots.
+    Snapshot(Box<SnapshotRecord>),
+}
+
+/// The record-level settings of a sandbox about to start.
+struct Launch {
+    template: String,
+    alias: Option<String>,
+    timeout_secs: u64,
+    metadata: BTreeMap<String, String>,
+    env_vars: BTreeMap<String, String>,
+    secure: bool,
+    allow_internet_access: bool,
+    auto_pause: bool,
 }
 
 /// The sandbox made by the first create with one idempotency key (locked while that
@@ -232,13 +257,13 @@ impl Controller {
                 self.runtime.destroy(&id).await?;
             }
         }
-        Ok(())
+        self.reconcile_snapshots().await
     }
 
     fn adopt(&self, record: &SandboxRecord, socket: PathBuf) {
         let live = Arc::new(Live {
             owner: record.owner,
-            socket,
+            socket: Mutex::new(socket),
             cpu_count: record.cpu_count,
             disk_total: record.disk_mb << 20,
             end_at_ms: AtomicI64::new(record.end_at_ms),
@@ -257,7 +282,9 @@ impl Controller {
         self.deadlines_changed.notify_one();
     }
 
-    /// Creates a sandbox for `owner`; returns once its agent answers.
+    /// Creates a sandbox for `owner`; returns once its agent answers. The template may
+    /// also name one of `owner`'s snapshots (E2B's create-from-snapshot): the sandbox is
+    /// then restored from it, with a new id and access token.
     pub async fn create(
         &self,
         owner: i64,
@@ -283,64 +310,162 @@ impl Controller {
                 return Ok(existing);
             }
         }
-        // By name or alias; then every layer it stacks on (a missing or rebuilt parent
-        // fails here, before anything is recorded).
-        let template = self.templates.get(&template_name).map_err(|e| match e {
-            TemplateError::NotFound { .. } => {
-                ControlError::TemplateNotFound(request.template.clone())
+        let record = match self.source_of(owner, &request.template, template_name)? {
+            Source::Template(template, name) => {
+                self.create_from_template(owner, request, template, name)
+                    .await?
             }
-            other => other.into(),
-        })?;
+            Source::Snapshot(snapshot) => {
+                let timeout = request
+                    .timeout_secs
+                    .unwrap_or(self.config.default_timeout.as_secs());
+                let mut env_vars = snapshot.env_vars.clone();
+                env_vars.extend(request.env_vars);
+                let launch = Launch {
+                    template: snapshot.template.clone(),
+                    alias: Some(snapshot.id.clone()),
+                    timeout_secs: timeout,
+                    metadata: request.metadata,
+                    env_vars,
+                    secure: request.secure,
+                    allow_internet_access: request.allow_internet_access,
+                    auto_pause: request.auto_pause,
+                };
+                let dir = self.snapshot_dir(&snapshot.key);
+                self.launch(owner, launch, &snapshot, Some(&dir)).await?
+            }
+        };
+        if let Some(guard) = slot_guard.as_deref_mut() {
+            *guard = Some(record.id.clone());
+        }
+        Ok(record)
+    }
+
+    /// What a create starts from: a template by name or alias, else one of `owner`'s
+    /// snapshots. Names with `:` or `/` are snapshot ids only; a bare name is a template
+    /// first, a snapshot's name second.
+    fn source_of(
+        &self,
+        owner: i64,
+        requested: &str,
+        template_name: Option<TemplateName>,
+    ) -> Result<Source, ControlError> {
+        let not_found = || ControlError::TemplateNotFound(requested.to_owned());
+        if let Some(name) = template_name {
+            // By name or alias; then every layer it stacks on (a missing or rebuilt
+            // parent fails here, before anything is recorded).
+            match self.templates.get(&name) {
+                Ok(t) => return Ok(Source::Template(Box::new(t), name)),
+                Err(TemplateError::NotFound { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        match self.find_snapshot(owner, requested)? {
+            Some(s) => Ok(Source::Snapshot(Box::new(s))),
+            None => Err(not_found()),
+        }
+    }
+
+    async fn create_from_template(
+        &self,
+        owner: i64,
+        request: CreateRequest,
+        template: Box<cubicle_template::Template>,
+        template_name: TemplateName,
+    ) -> Result<SandboxRecord, ControlError> {
         let layers = template.layers(&self.templates)?;
-        let id = SandboxId::generate();
-        let token = request.secure.then(random_token);
-        let now = now_ms();
         let timeout = request
             .timeout_secs
             .unwrap_or(self.config.default_timeout.as_secs());
         let limits = self.config.limits;
-        let record = SandboxRecord {
-            id: id.clone(),
+        // What a start needs, in the shape a snapshot has (nothing of it is stored).
+        let from = SnapshotRecord {
+            key: String::new(),
+            id: String::new(),
             owner,
+            sandbox_id: SandboxId::generate(),
+            name: None,
+            state: cubicle_store::SnapshotState::Ready,
+            created_at_ms: now_ms(),
+            size_bytes: 0,
+            template: template.name.to_string(),
+            layers,
+            uid_shift: template.meta.uid_shift,
+            env_vars: BTreeMap::new(),
+            default_user: "user".into(),
+            code_interpreter: template.meta.code_interpreter,
+            cpu_count: limits.cpu_count,
+            memory_mb: limits.memory_mb,
+            metadata: BTreeMap::new(),
+        };
+        let launch = Launch {
             // The template's own name, whatever the request called it; the name asked
             // for (possibly an alias) is the alias, as in E2B.
             template: template.name.to_string(),
             alias: Some(template_name.to_string()),
+            timeout_secs: timeout,
+            metadata: request.metadata,
+            env_vars: request.env_vars,
+            secure: request.secure,
+            allow_internet_access: request.allow_internet_access,
+            auto_pause: request.auto_pause,
+        };
+        self.launch(owner, launch, &from, None).await
+    }
+
+    /// Records a new sandbox as `creating`, starts it (fresh from `from`'s layers, or
+    /// restored from the checkpoint in `checkpoint`), records it running and indexes it.
+    /// A failed start is recorded as killed with the reason.
+    async fn launch(
+        &self,
+        owner: i64,
+        launch: Launch,
+        from: &SnapshotRecord,
+        checkpoint: Option<&Path>,
+    ) -> Result<SandboxRecord, ControlError> {
+        let id = SandboxId::generate();
+        let token = launch.secure.then(random_token);
+        let now = now_ms();
+        let limits = Limits {
+            cpu_count: from.cpu_count,
+            memory_mb: from.memory_mb,
+            ..self.config.limits
+        };
+        let record = SandboxRecord {
+            id: id.clone(),
+            owner,
+            template: launch.template,
+            alias: launch.alias,
             state: SandboxState::Creating,
             created_at_ms: now,
             started_at_ms: None,
-            end_at_ms: now + (timeout as i64) * 1000,
+            end_at_ms: now + (launch.timeout_secs as i64) * 1000,
             ended_at_ms: None,
             end_reason: None,
             cpu_count: limits.cpu_count,
             memory_mb: limits.memory_mb,
             disk_mb: self.config.disk_mb,
-            metadata: request.metadata,
-            env_vars: request.env_vars.clone(),
+            metadata: launch.metadata,
+            env_vars: launch.env_vars.clone(),
             envd_access_token: token.clone(),
-            allow_internet_access: request.allow_internet_access,
-            auto_pause: request.auto_pause,
+            allow_internet_access: launch.allow_internet_access,
+            auto_pause: launch.auto_pause,
         };
         self.store.insert_sandbox(&record)?;
-        let spec = SandboxSpec {
-            id: id.clone(),
-            layers,
-            uid_shift: template.meta.uid_shift,
-            limits,
-            agent: AgentConfig {
-                sandbox_id: id.to_string(),
-                env_vars: request.env_vars,
-                default_user: "user".into(),
-                access_token: token,
-                max_upload_bytes: self.config.max_upload_bytes,
-                code_interpreter: template.meta.code_interpreter,
-                warm_python: None,
-            },
+        let spec = self.spec_for(&record, from);
+        let started = match checkpoint {
+            None => self.runtime.create(spec).await,
+            Some(dir) => self.runtime.restore(dir, spec).await,
         };
-        let info = match self.runtime.create(spec).await {
+        let info = match started {
             Ok(info) => info,
             Err(e) => {
-                let reason = format!("create failed: {e}");
+                let what = if checkpoint.is_some() {
+                    "restore"
+                } else {
+                    "create"
+                };
+                let reason = format!("{what} failed: {e}");
                 if let Err(store_err) =
                     self.store
                         .transition(&id, SandboxState::Killed, now_ms(), Some(&reason))
@@ -362,10 +487,30 @@ impl Controller {
             }
         };
         self.adopt(&record, info.agent_socket);
-        if let Some(guard) = slot_guard.as_deref_mut() {
-            *guard = Some(id);
-        }
         Ok(record)
+    }
+
+    /// The runtime spec of the sandbox `record` on `from`'s layers and agent settings.
+    fn spec_for(&self, record: &SandboxRecord, from: &SnapshotRecord) -> SandboxSpec {
+        SandboxSpec {
+            id: record.id.clone(),
+            layers: from.layers.clone(),
+            uid_shift: from.uid_shift,
+            limits: Limits {
+                cpu_count: record.cpu_count,
+                memory_mb: record.memory_mb,
+                ..self.config.limits
+            },
+            agent: AgentConfig {
+                sandbox_id: record.id.to_string(),
+                env_vars: record.env_vars.clone(),
+                default_user: from.default_user.clone(),
+                access_token: record.envd_access_token.clone(),
+                max_upload_bytes: self.config.max_upload_bytes,
+                code_interpreter: from.code_interpreter,
+                warm_python: None,
+            },
+        }
     }
 
     /// The slot of an idempotency key: holds the sandbox the first create with that key
@@ -678,7 +823,7 @@ impl Controller {
             .get(&id)
             .filter(|l| !l.paused.load(Ordering::Acquire))
             .map(|l| Route {
-                socket: l.socket.clone(),
+                socket: l.socket.lock().expect("socket").clone(),
             })
     }
 

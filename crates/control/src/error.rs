@@ -11,6 +11,9 @@ pub enum ControlError {
     /// No such sandbox (or not the caller's).
     #[error("sandbox {0} not found")]
     SandboxNotFound(SandboxId),
+    /// No such snapshot (or not the caller's).
+    #[error("snapshot '{0}' not found")]
+    SnapshotNotFound(String),
     /// No such template.
     #[error("template '{0}' not found")]
     TemplateNotFound(String),
@@ -39,9 +42,9 @@ impl ControlError {
     pub fn kind(&self) -> ErrorKind {
         match self {
             ControlError::InvalidInput(_) => ErrorKind::InvalidInput,
-            ControlError::SandboxNotFound(_) | ControlError::TemplateNotFound(_) => {
-                ErrorKind::NotFound
-            }
+            ControlError::SandboxNotFound(_)
+            | ControlError::TemplateNotFound(_)
+            | ControlError::SnapshotNotFound(_) => ErrorKind::NotFound,
             ControlError::Conflict(_) => ErrorKind::Conflict,
             ControlError::NotImplemented(_) | ControlError::Unavailable(_) => {
                 ErrorKind::Unavailable

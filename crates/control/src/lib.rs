@@ -12,6 +12,9 @@
 //! - **reconcile** at start: the store is compared with what the runtime really runs;
 //!   running sandboxes survive a daemon restart and are adopted again, dead ones are
 //!   marked killed with the reason, and strays the store does not know are destroyed;
+//! - **snapshots, fork and rollback**: checkpoints of a sandbox (under its operation
+//!   lock) recorded `creating` then `ready`, sandboxes restored from them (a create
+//!   naming a snapshot, a fork), and a sandbox put back to one of its own snapshots;
 //! - **metrics**: a sampler records CPU, memory and disk of every running sandbox every
 //!   few seconds, kept for a while in memory.
 //!
@@ -27,7 +30,10 @@ mod request;
 #[cfg(feature = "testing")]
 pub mod testing;
 
-pub use controller::{ControlConfig, Controller, Route, TemplateSummary};
+pub use controller::{
+    ControlConfig, Controller, Route, SnapshotListRequest, TemplateSummary, FORK_DEFAULT_TIMEOUT,
+    MAX_FORKS,
+};
 pub use error::ControlError;
 pub use metrics::MetricSample;
 pub use request::{CreateRequest, ListRequest};

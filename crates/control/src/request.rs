@@ -25,7 +25,7 @@ pub const MAX_ENV_ENTRY: usize = 32 * 4096 - 1;
 /// `POST /sandboxes`, already decoded from JSON.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CreateRequest {
-    /// Template name (or, later, a snapshot id).
+    /// Template name or alias, or a snapshot id (`my-snap:default`, `ns/my-snap`).
     pub template: String,
     /// Seconds until the sandbox is killed; `None` for the default.
     pub timeout_secs: Option<u64>,
@@ -44,12 +44,20 @@ pub struct CreateRequest {
 }
 
 impl CreateRequest {
-    /// Checks sizes and characters; returns the template name.
-    pub fn validate(&self, max_timeout_secs: u64) -> Result<TemplateName, ControlError> {
-        let template: TemplateName = self
-            .template
-            .parse()
-            .map_err(|e| ControlError::InvalidInput(format!("templateID: {e}")))?;
+    /// Checks sizes and characters; returns the template name, or `None` when
+    /// `template` can only be a snapshot id (it has a `:` tag or a `/` namespace).
+    pub fn validate(&self, max_timeout_secs: u64) -> Result<Option<TemplateName>, ControlError> {
+        let template = if self.template.contains([':', '/']) {
+            check_snapshot_ref(&self.template)
+                .map_err(|e| ControlError::InvalidInput(format!("templateID: {e}")))?;
+            None
+        } else {
+            Some(
+                self.template
+                    .parse::<TemplateName>()
+                    .map_err(|e| ControlError::InvalidInput(format!("templateID: {e}")))?,
+            )
+        };
         if let Some(t) = self.timeout_secs {
             if t == 0 || t > max_timeout_secs {
                 return Err(ControlError::InvalidInput(format!(
@@ -116,6 +124,40 @@ impl CreateRequest {
         }
         Ok(template)
     }
+}
+
+/// Longest snapshot reference (`namespace/name:tag`).
+pub const MAX_SNAPSHOT_REF: usize = 256;
+
+/// Checks the characters of a snapshot reference: `[namespace/]name[:tag]`, each part
+/// of ASCII letters, digits, `.`, `_` and `-`, starting with a letter or digit.
+pub fn check_snapshot_ref(s: &str) -> Result<(), String> {
+    if s.is_empty() || s.len() > MAX_SNAPSHOT_REF {
+        return Err(format!(
+            "a snapshot id is 1 to {MAX_SNAPSHOT_REF} characters long"
+        ));
+    }
+    let (ns, rest) = match s.split_once('/') {
+        Some((ns, rest)) => (Some(ns), rest),
+        None => (None, s),
+    };
+    let (name, tag) = match rest.split_once(':') {
+        Some((name, tag)) => (name, Some(tag)),
+        None => (rest, None),
+    };
+    let part_ok = |p: &str| {
+        p.starts_with(|c: char| c.is_ascii_alphanumeric())
+            && p.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+    };
+    if ns.is_some_and(|n| !part_ok(n)) || !part_ok(name) || tag.is_some_and(|t| !part_ok(t)) {
+        return Err(format!(
+            "{:?} is not a template name or snapshot id ([namespace/]name[:tag] of letters, \
+             digits, '.', '_' and '-')",
+            truncate(s)
+        ));
+    }
+    Ok(())
 }
 
 fn truncate(s: &str) -> &str {
@@ -206,7 +248,13 @@ mod tests {
         r.metadata.insert("user".into(), "abc".into());
         r.env_vars.insert("FOO".into(), "bar=baz".into());
         r.idempotency_key = Some("abc-123".into());
-        assert_eq!(r.validate(3600).unwrap().as_str(), "base");
+        assert_eq!(r.validate(3600).unwrap().unwrap().as_str(), "base");
+        r.template = "team/my-snap:default".into();
+        assert_eq!(r.validate(3600).unwrap(), None);
+        for bad in ["a:b:c", "/x", "x/", "a/b/c", "x:", ":x", "a b:c", "é:x"] {
+            r.template = bad.into();
+            assert!(r.validate(3600).is_err(), "{bad}");
+        }
     }
 
     #[test]
