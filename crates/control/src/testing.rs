@@ -4,7 +4,9 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
+use std::time::Duration;
 
 use cubicle_core::{uid_map, DataDir, SandboxId};
 use cubicle_runtime::{
@@ -27,6 +29,14 @@ pub struct FakeRuntime {
     pub fail_next_checkpoint: Mutex<bool>,
     /// Every restore: the checkpoint directory and the new sandbox's spec.
     pub restored: Mutex<Vec<(PathBuf, SandboxSpec)>>,
+    /// Makes the next restore fail.
+    pub fail_next_restore: Mutex<bool>,
+    /// How long each checkpoint takes.
+    pub checkpoint_delay: Mutex<Duration>,
+    /// Checkpoints running now, and the most that ever ran at once.
+    pub checkpoints_running: AtomicUsize,
+    /// The most checkpoints that ever ran at once.
+    pub max_concurrent_checkpoints: AtomicUsize,
 }
 
 /// What [`FakeRuntime::checkpoint`] writes: the sandbox it came from.
@@ -109,6 +119,12 @@ impl Runtime for FakeRuntime {
             Some(info) => info.layers.clone(),
             None => return Err(RuntimeError::NotFound(id.clone())),
         };
+        let now = self.checkpoints_running.fetch_add(1, Ordering::SeqCst) + 1;
+        self.max_concurrent_checkpoints
+            .fetch_max(now, Ordering::SeqCst);
+        let delay = *self.checkpoint_delay.lock().expect("lock");
+        tokio::time::sleep(delay).await;
+        self.checkpoints_running.fetch_sub(1, Ordering::SeqCst);
         if std::mem::take(&mut *self.fail_next_checkpoint.lock().expect("lock")) {
             return Err(RuntimeError::Checkpoint {
                 op: "checkpoint",
@@ -133,6 +149,12 @@ impl Runtime for FakeRuntime {
         dir: &std::path::Path,
         spec: SandboxSpec,
     ) -> Result<SandboxInfo, RuntimeError> {
+        if std::mem::take(&mut *self.fail_next_restore.lock().expect("lock")) {
+            return Err(RuntimeError::Checkpoint {
+                op: "restore",
+                message: "boom".into(),
+            });
+        }
         if !dir.join(FAKE_CHECKPOINT).is_file() {
             return Err(RuntimeError::Checkpoint {
                 op: "restore",

@@ -199,7 +199,13 @@ impl Controller {
         let record = self.get(owner, id)?;
         let key = SandboxId::generate().to_string();
         let snapshot = self.snapshot_record(&record, key.clone(), name)?;
-        self.store.insert_snapshot(&snapshot)?;
+        self.store.insert_snapshot(&snapshot).map_err(|e| match e {
+            cubicle_store::StoreError::Conflict(_) => ControlError::Conflict(format!(
+                "a snapshot named {} already exists; delete it first or choose another name",
+                snapshot.id
+            )),
+            e => e.into(),
+        })?;
         let dir = self.snapshot_dir(&key);
         if let Err(e) = create_dir(&self.templates.data_dir().snapshots()).await {
             let _ = self.store.delete_snapshot(&key);
