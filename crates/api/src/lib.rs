@@ -13,6 +13,7 @@ pub mod error;
 pub mod models;
 pub mod proxy;
 pub mod sandboxes;
+pub mod snapshots;
 mod templates;
 
 use std::future::Future;
@@ -68,11 +69,16 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/sandboxes/{id}/resume", post(s::resume))
         .route("/sandboxes/{id}/metrics", get(s::metrics))
         .route("/sandboxes/{id}/pause", post(s::pause))
-        .route("/sandboxes/{id}/snapshots", post(s::not_yet))
-        .route("/sandboxes/{id}/fork", post(s::not_yet))
-        .route("/snapshots", get(s::not_yet))
+        .route("/sandboxes/{id}/snapshots", post(snapshots::create))
+        .route("/sandboxes/{id}/fork", post(snapshots::fork))
+        .route("/sandboxes/{id}/clone", post(snapshots::fork))
+        .route("/sandboxes/{id}/rollback", post(snapshots::rollback))
+        .route("/snapshots", get(snapshots::list))
         .route("/templates", get(templates::list))
-        .route("/templates/{id}", get(templates::get).delete(s::not_yet))
+        .route(
+            "/templates/{id}",
+            get(templates::get).delete(snapshots::delete),
+        )
         .fallback(no_route)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY))

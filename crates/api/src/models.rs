@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use cubicle_control::{MetricSample, TemplateSummary};
-use cubicle_store::SandboxRecord;
+use cubicle_store::{SandboxRecord, SnapshotRecord};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -99,6 +99,108 @@ pub struct PauseBody {
     /// Refuse to pause a sandbox whose agent does not answer.
     #[serde(default)]
     pub require_healthy_guest: Option<bool>,
+}
+
+/// `POST /sandboxes/{id}/snapshots` body.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotBody {
+    /// The snapshot's name (its id is then `<name>:default`).
+    #[serde(default)]
+    pub name: Option<String>,
+    /// `false`: filesystem only (not built).
+    #[serde(default)]
+    pub memory: Option<bool>,
+}
+
+/// `POST /sandboxes/{id}/fork` and `/clone` body.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ForkBody {
+    /// How many sandboxes (1–20, default 1).
+    #[serde(default)]
+    pub count: Option<i64>,
+    /// Their timeout in seconds (default 15, E2B's).
+    #[serde(default)]
+    pub timeout: Option<i64>,
+}
+
+/// `POST /sandboxes/{id}/rollback` body (Cubicle's own endpoint).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RollbackBody {
+    /// The snapshot to go back to (one of this sandbox's).
+    #[serde(rename = "snapshotID")]
+    pub snapshot_id: String,
+    /// The sandbox's new timeout in seconds from now (default: the daemon's default).
+    #[serde(default)]
+    pub timeout: Option<i64>,
+}
+
+/// The answer of `POST /sandboxes/{id}/snapshots` and an item of `GET /snapshots`
+/// (E2B's `SnapshotInfo`, plus Cubicle's own fields, which the SDK ignores).
+#[derive(Debug, Serialize)]
+pub struct SnapshotInfo {
+    #[serde(rename = "snapshotID")]
+    snapshot_id: String,
+    names: Vec<String>,
+    #[serde(rename = "sandboxID")]
+    sandbox_id: String,
+    #[serde(rename = "templateID")]
+    template_id: String,
+    #[serde(rename = "createdAt")]
+    created_at: String,
+    #[serde(rename = "sizeBytes")]
+    size_bytes: u64,
+    #[serde(rename = "cpuCount")]
+    cpu_count: u32,
+    #[serde(rename = "memoryMB")]
+    memory_mb: u64,
+    metadata: BTreeMap<String, String>,
+}
+
+impl SnapshotInfo {
+    /// From a record and its full names.
+    pub fn from_record(r: &SnapshotRecord, names: Vec<String>) -> Self {
+        SnapshotInfo {
+            snapshot_id: r.id.clone(),
+            names,
+            sandbox_id: r.sandbox_id.to_string(),
+            template_id: r.template.clone(),
+            created_at: rfc3339(r.created_at_ms),
+            size_bytes: r.size_bytes,
+            cpu_count: r.cpu_count,
+            memory_mb: r.memory_mb,
+            metadata: r.metadata.clone(),
+        }
+    }
+}
+
+/// One item of the fork answer: exactly one of `sandbox` and `error`.
+#[derive(Debug, Serialize)]
+pub struct ForkResult {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sandbox: Option<Sandbox>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<Value>,
+}
+
+impl ForkResult {
+    /// A fork that started.
+    pub fn sandbox(s: Sandbox) -> Self {
+        ForkResult {
+            sandbox: Some(s),
+            error: None,
+        }
+    }
+
+    /// A fork that failed, as E2B's `{code, message}`.
+    pub fn error(code: u16, message: String) -> Self {
+        ForkResult {
+            sandbox: None,
+            error: Some(serde_json::json!({"code": code, "message": message})),
+        }
+    }
 }
 
 /// `POST /sandboxes/{id}/refreshes` body.

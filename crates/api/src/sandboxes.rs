@@ -59,12 +59,12 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
     }
 }
 
-fn sandbox_id(id: &str) -> Result<SandboxId, ApiError> {
+pub(crate) fn sandbox_id(id: &str) -> Result<SandboxId, ApiError> {
     id.parse().map_err(|_| ApiError::sandbox_not_found(id))
 }
 
 /// A timeout in seconds from a signed JSON number.
-fn seconds(field: &str, value: i64) -> Result<u64, ApiError> {
+pub(crate) fn seconds(field: &str, value: i64) -> Result<u64, ApiError> {
     u64::try_from(value)
         .map_err(|_| ApiError::bad_request(format!("{field} must not be negative, got {value}")))
 }
@@ -412,15 +412,6 @@ fn percent_decode(s: &str) -> String {
     percent_encoding::percent_decode_str(s)
         .decode_utf8_lossy()
         .into_owned()
-}
-
-/// Endpoints of the E2B API that need snapshots, which Cubicle does not have yet: a
-/// clear 501 instead of a 404 that the SDK would misread.
-pub async fn not_yet(
-    State(_state): State<Arc<AppState>>,
-    _owner: Owner,
-) -> Result<StatusCode, ApiError> {
-    Err(cubicle_control::ControlError::NotImplemented("snapshots and fork").into())
 }
 
 #[cfg(test)]

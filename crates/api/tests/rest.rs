@@ -412,7 +412,49 @@ async fn bad_input_is_a_4xx_json_error_and_changes_nothing() {
             Method::POST,
             "/sandboxes/abc/snapshots",
             String::new(),
+            StatusCode::NOT_FOUND,
+        ),
+        (
+            Method::POST,
+            "/sandboxes/abc/fork",
+            String::new(),
+            StatusCode::NOT_FOUND,
+        ),
+        (
+            Method::POST,
+            "/sandboxes/abc/rollback",
+            r#"{"snapshotID":"x:default"}"#.into(),
+            StatusCode::NOT_FOUND,
+        ),
+        (
+            Method::DELETE,
+            "/templates/nope%3Adefault",
+            String::new(),
+            StatusCode::NOT_FOUND,
+        ),
+        (
+            Method::DELETE,
+            "/templates/base",
+            String::new(),
             StatusCode::NOT_IMPLEMENTED,
+        ),
+        (
+            Method::GET,
+            "/snapshots?limit=0",
+            String::new(),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            Method::GET,
+            "/snapshots?limit=x",
+            String::new(),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            Method::GET,
+            "/snapshots?nextToken=garbage!",
+            String::new(),
+            StatusCode::BAD_REQUEST,
         ),
     ];
     for (method, uri, body, expected) in cases {
@@ -647,4 +689,202 @@ async fn pause_connect_and_resume_have_e2b_statuses() {
         .key(Method::POST, &format!("/v2{}", path("/connect")), "{}")
         .await;
     assert_error(s, &v, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn snapshots_fork_rollback_have_e2b_shapes_and_statuses() {
+    let api = api().await;
+    let sbx = api
+        .create(json!({"templateID": "base", "envVars": {"A": "1"}}))
+        .await;
+    let id = sbx["sandboxID"].as_str().unwrap();
+    let path = |p: &str| format!("/sandboxes/{id}{p}");
+
+    // Create: 201 {snapshotID, names}.
+    let (s, v) = api
+        .key(Method::POST, &path("/snapshots"), r#"{"name":"snap-1"}"#)
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    assert_eq!(v["snapshotID"], "snap-1:default");
+    assert_eq!(v["names"], json!(["main/snap-1:default"]));
+    assert_eq!(v["sandboxID"], id);
+    let (s, unnamed) = api.key(Method::POST, &path("/snapshots"), "{}").await;
+    assert_eq!(s, StatusCode::CREATED, "{unnamed}");
+    assert_eq!(unnamed["names"], json!([]));
+    let unnamed_id = unnamed["snapshotID"].as_str().unwrap().to_owned();
+    assert!(unnamed_id.ends_with(":default"));
+    // Same name again → 409; bad name, unknown field → 400; memory:false → 501;
+    // another key → 404.
+    let (s, v) = api
+        .key(Method::POST, &path("/snapshots"), r#"{"name":"snap-1"}"#)
+        .await;
+    assert_error(s, &v, StatusCode::CONFLICT);
+    for body in [
+        r#"{"name":"Bad Name"}"#,
+        r#"{"name":""}"#,
+        r#"{"nme":"x"}"#,
+        r#"{"name":5}"#,
+        "[]",
+    ] {
+        let (s, v) = api.key(Method::POST, &path("/snapshots"), body).await;
+        assert_error(s, &v, StatusCode::BAD_REQUEST);
+    }
+    let (s, v) = api
+        .key(Method::POST, &path("/snapshots"), r#"{"memory":false}"#)
+        .await;
+    assert_error(s, &v, StatusCode::NOT_IMPLEMENTED);
+    let (s, _, v) = api
+        .call(
+            Method::POST,
+            &path("/snapshots"),
+            Some(&api.other_key),
+            "{}",
+        )
+        .await;
+    assert_error(s, &v, StatusCode::NOT_FOUND);
+
+    // List: SnapshotInfo items, pagination through x-next-token, filters.
+    let (s, h, v) = api
+        .call(Method::GET, "/snapshots?limit=1", Some(&api.key), "")
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v.as_array().unwrap().len(), 1);
+    assert!(v[0]["snapshotID"].is_string() && v[0]["names"].is_array());
+    let next = h["x-next-token"].to_str().unwrap().to_owned();
+    let (_, h2, v2) = api
+        .call(
+            Method::GET,
+            &format!("/snapshots?limit=1&nextToken={next}"),
+            Some(&api.key),
+            "",
+        )
+        .await;
+    assert_eq!(v2.as_array().unwrap().len(), 1);
+    assert!(h2.get("x-next-token").is_none());
+    assert_ne!(v[0]["snapshotID"], v2[0]["snapshotID"]);
+    let (_, v) = api
+        .key(
+            Method::GET,
+            &format!("/snapshots?sandboxID={id}&name=snap-1"),
+            "",
+        )
+        .await;
+    assert_eq!(v.as_array().unwrap().len(), 1);
+    let (_, _, v) = api
+        .call(Method::GET, "/snapshots", Some(&api.other_key), "")
+        .await;
+    assert_eq!(v, json!([]));
+
+    // Create from the snapshot: a plain create naming it.
+    let copy = api.create(json!({"templateID": "snap-1:default"})).await;
+    assert_ne!(copy["sandboxID"], sbx["sandboxID"]);
+    assert_eq!(copy["templateID"], "base");
+    assert_eq!(copy["alias"], "snap-1:default");
+    assert_eq!(api.runtime.restored.lock().unwrap().len(), 1);
+    let (s, _, v) = api
+        .call(
+            Method::POST,
+            "/v2/sandboxes",
+            Some(&api.other_key),
+            r#"{"templateID":"snap-1:default"}"#,
+        )
+        .await;
+    assert_error(s, &v, StatusCode::NOT_FOUND);
+
+    // Fork: 201, one entry per fork.
+    let (s, v) = api
+        .key(Method::POST, &path("/fork"), r#"{"count":3,"timeout":60}"#)
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let forks = v.as_array().unwrap();
+    assert_eq!(forks.len(), 3);
+    for f in forks {
+        assert!(f["sandbox"]["sandboxID"].is_string(), "{f}");
+        assert!(f["sandbox"]["envdAccessToken"].is_string(), "{f}");
+        assert!(f.get("error").is_none());
+    }
+    let (s, v) = api.key(Method::POST, &path("/clone"), "").await;
+    assert_eq!(
+        (s, v.as_array().map(Vec::len)),
+        (StatusCode::CREATED, Some(1))
+    );
+    *api.runtime.fail_next_restore.lock().unwrap() = true;
+    let (s, v) = api
+        .key(Method::POST, &path("/fork"), r#"{"count":2}"#)
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let errors: Vec<_> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| f.get("error").is_some())
+        .collect();
+    assert_eq!(errors.len(), 1, "{v}");
+    assert_eq!(errors[0]["error"]["code"], 500);
+    assert!(errors[0]["error"]["message"].is_string());
+    for body in [
+        r#"{"count":0}"#,
+        r#"{"count":21}"#,
+        r#"{"count":-1}"#,
+        r#"{"timeout":-5}"#,
+        r#"{"cnt":1}"#,
+    ] {
+        let (s, v) = api.key(Method::POST, &path("/fork"), body).await;
+        assert_error(s, &v, StatusCode::BAD_REQUEST);
+    }
+
+    // Rollback: 200 Sandbox, same id and token.
+    let (s, v) = api
+        .key(
+            Method::POST,
+            &path("/rollback"),
+            r#"{"snapshotID":"snap-1:default"}"#,
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["sandboxID"], id);
+    assert_eq!(v["envdAccessToken"], sbx["envdAccessToken"]);
+    let copy_id = copy["sandboxID"].as_str().unwrap();
+    let (s, v) = api
+        .key(
+            Method::POST,
+            &format!("/sandboxes/{copy_id}/rollback"),
+            r#"{"snapshotID":"snap-1:default"}"#,
+        )
+        .await;
+    assert_error(s, &v, StatusCode::CONFLICT);
+    for (body, status) in [
+        (r#"{"snapshotID":"nope:default"}"#, StatusCode::NOT_FOUND),
+        ("{}", StatusCode::BAD_REQUEST),
+        (r#"{"snapshotID":"snap-1","x":1}"#, StatusCode::BAD_REQUEST),
+    ] {
+        let (s, v) = api.key(Method::POST, &path("/rollback"), body).await;
+        assert_error(s, &v, status);
+    }
+
+    // Delete: percent-encoded ids, 204 then 404; other keys 404.
+    let (s, _, v) = api
+        .call(
+            Method::DELETE,
+            "/templates/snap-1%3Adefault",
+            Some(&api.other_key),
+            "",
+        )
+        .await;
+    assert_error(s, &v, StatusCode::NOT_FOUND);
+    let (s, _) = api
+        .key(Method::DELETE, "/templates/main%2Fsnap-1%3Adefault", "")
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let (s, v) = api
+        .key(Method::DELETE, "/templates/snap-1%3Adefault", "")
+        .await;
+    assert_error(s, &v, StatusCode::NOT_FOUND);
+    let enc = unnamed_id.replace(':', "%3A");
+    let (s, _) = api
+        .key(Method::DELETE, &format!("/templates/{enc}"), "")
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let (_, v) = api.key(Method::GET, "/snapshots", "").await;
+    assert_eq!(v, json!([]));
 }
