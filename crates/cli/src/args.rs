@@ -36,6 +36,36 @@ pub enum Command {
     /// Manage API keys (directly in the data dir's database).
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// List and remove snapshots of sandboxes (`sandbox snapshot` takes them).
+    #[command(subcommand, alias = "snap", after_help = API_ENV_HELP)]
+    Snapshot(SnapshotCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SnapshotCommand {
+    /// List your snapshots, newest first: ID, SANDBOX, TEMPLATE, SIZE, CREATED.
+    #[command(alias = "list", after_help = API_ENV_HELP)]
+    Ls(SnapshotLsArgs),
+    /// Delete snapshots; missing ones are reported and skipped (exit code 1).
+    #[command(after_help = API_ENV_HELP)]
+    Rm(SnapshotRmArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct SnapshotLsArgs {
+    /// Only snapshots of this sandbox.
+    #[arg(long)]
+    pub sandbox: Option<String>,
+    /// Print the daemon's objects as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct SnapshotRmArgs {
+    /// Snapshot ids (`my-snap:default`, or the name).
+    #[arg(required = true)]
+    pub ids: Vec<String>,
 }
 
 #[derive(Debug, Args)]
@@ -143,6 +173,53 @@ pub enum SandboxCommand {
     /// Resuming a running sandbox only extends its timeout, if that is later.
     #[command(after_help = API_ENV_HELP)]
     Resume(SandboxResumeArgs),
+    /// Snapshot a sandbox (memory, processes, files) and print the snapshot's id.
+    ///
+    /// The sandbox runs on (a paused one stays paused). `sandbox create -t <snapshot>`
+    /// starts new sandboxes from it, `sandbox rollback` puts this sandbox back to it.
+    #[command(after_help = API_ENV_HELP)]
+    Snapshot(SandboxSnapshotArgs),
+    /// Put a sandbox back to one of its own snapshots: same id and token, running.
+    ///
+    /// Every process and file is the snapshot's again; its timeout starts again from
+    /// now. If the restore fails the sandbox is gone (recorded as killed).
+    #[command(after_help = API_ENV_HELP)]
+    Rollback(SandboxRollbackArgs),
+    /// Clone a running sandbox N times (E2B's fork) and print the new ids.
+    ///
+    /// The sandbox is checkpointed once and each clone is restored from that
+    /// checkpoint with its own id. Exit code 1 if any clone failed.
+    #[command(after_help = API_ENV_HELP)]
+    Clone(SandboxCloneArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct SandboxSnapshotArgs {
+    /// Sandbox id.
+    pub id: String,
+    /// Name the snapshot (its id is then `<name>:default`).
+    #[arg(long)]
+    pub name: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct SandboxRollbackArgs {
+    /// Sandbox id.
+    pub id: String,
+    /// One of its snapshots.
+    pub snapshot: String,
+}
+
+#[derive(Debug, Args)]
+pub struct SandboxCloneArgs {
+    /// Sandbox id.
+    pub id: String,
+    /// How many clones (1-20).
+    #[arg(short = 'n', long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=20))]
+    pub count: u32,
+    /// Seconds until the daemon kills each clone (default: 300).
+    #[arg(long, default_value_t = 300)]
+    pub timeout: u64,
 }
 
 #[derive(Debug, Args)]

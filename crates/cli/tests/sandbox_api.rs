@@ -553,3 +553,34 @@ fn pause_and_resume() {
     d.stop();
     assert!(d.sandbox_dirs().is_empty(), "{:?}", d.sandbox_dirs());
 }
+
+#[test]
+fn snapshot_commands_report_missing_things() {
+    let mut d = Daemon::start();
+    assert_eq!(
+        d.cli(&["snapshot", "ls"]).ok(),
+        "ID  SANDBOX  TEMPLATE  SIZE  CREATED\n"
+    );
+    let json = d.cli(&["snapshot", "ls", "--json"]).code(0).json();
+    assert_eq!(json, serde_json::json!([]));
+    let rm = d.cli(&["snapshot", "rm", "nope:default"]).code(1);
+    assert_eq!(rm.stderr, "snapshot nope:default not found\n");
+    let snap = d.cli(&["sandbox", "snapshot", "nosuchsandbox"]).code(1);
+    assert!(snap.stderr.contains("not found"), "{}", snap.stderr);
+    let clone = d
+        .cli(&["sandbox", "clone", "nosuchsandbox", "-n", "2"])
+        .code(1);
+    assert!(clone.stderr.contains("not found"), "{}", clone.stderr);
+    d.cli(&["sandbox", "clone", "x", "-n", "21"]).code(2);
+    let id = d.cli(&["sandbox", "create"]).ok().trim().to_owned();
+    let rollback = d.cli(&["sandbox", "rollback", &id, "nope:default"]).code(1);
+    assert!(
+        rollback
+            .stderr
+            .contains("snapshot 'nope:default' not found"),
+        "{}",
+        rollback.stderr
+    );
+    d.cli(&["sandbox", "kill", &id]).code(0);
+    d.stop();
+}

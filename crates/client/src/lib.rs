@@ -31,8 +31,8 @@ use serde::de::DeserializeOwned;
 pub use crate::code::{CodeEvent, CodeResult, CodeRun, RunCode, INTERPRETER_PORT};
 pub use crate::error::ClientError;
 pub use crate::models::{
-    CreateSandbox, Health, ListParams, Order, Page, Sandbox, SandboxDetail, SandboxMetric,
-    SandboxState, Template,
+    CreateSandbox, ForkResult, Health, ListParams, Order, Page, Sandbox, SandboxDetail,
+    SandboxMetric, SandboxState, Snapshot, Template,
 };
 
 /// Where the API is when `E2B_API_URL` is not set: `cubicle serve`'s default listen address.
@@ -270,6 +270,113 @@ impl ApiClient {
         resp.json(&url)
     }
 
+    /// `POST /sandboxes/{id}/snapshots`: a snapshot of the sandbox (memory, processes,
+    /// files), optionally named.
+    pub async fn snapshot(&self, id: &str, name: Option<&str>) -> Result<Snapshot, ClientError> {
+        let body = match name {
+            Some(n) => serde_json::json!({ "name": n }),
+            None => serde_json::json!({}),
+        };
+        let (url, resp) = self
+            .call(
+                Method::POST,
+                &sandbox_path(id, "/snapshots"),
+                HeaderMap::new(),
+                Some(serde_json::to_vec(&body).expect("json")),
+            )
+            .await?;
+        resp.json(&url)
+    }
+
+    /// Every snapshot of the key (`GET /snapshots`, all pages), optionally only those of
+    /// one sandbox; newest first.
+    pub async fn snapshots(&self, sandbox: Option<&str>) -> Result<Vec<Snapshot>, ClientError> {
+        let mut all = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let mut query = form_urlencoded_pairs(&[
+                ("limit", Some("1000")),
+                ("sandboxID", sandbox),
+                ("nextToken", token.as_deref()),
+            ]);
+            if !query.is_empty() {
+                query.insert(0, '?');
+            }
+            let (url, resp) = self
+                .call(
+                    Method::GET,
+                    &format!("/snapshots{query}"),
+                    HeaderMap::new(),
+                    None,
+                )
+                .await?;
+            let next = resp
+                .headers
+                .get("x-next-token")
+                .and_then(|v| v.to_str().ok())
+                .filter(|v| !v.is_empty())
+                .map(str::to_owned);
+            let items: Vec<Snapshot> = resp.json(&url)?;
+            all.extend(items);
+            match next {
+                Some(t) if token.as_ref() != Some(&t) => token = Some(t),
+                _ => return Ok(all),
+            }
+        }
+    }
+
+    /// `DELETE /templates/{id}` for a snapshot: `true` if deleted, `false` if there was
+    /// no such snapshot (as the SDK's `delete_snapshot`).
+    pub async fn delete_snapshot(&self, id: &str) -> Result<bool, ClientError> {
+        let path = format!("/templates/{}", utf8_percent_encode(id, SEGMENT));
+        match self
+            .call(Method::DELETE, &path, HeaderMap::new(), None)
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(e) if e.is_not_found() => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// `POST /sandboxes/{id}/fork`: `count` new sandboxes from one checkpoint of `id`,
+    /// each living `timeout` seconds (the daemon's fork default if `None`).
+    pub async fn fork(
+        &self,
+        id: &str,
+        count: u32,
+        timeout: Option<u64>,
+    ) -> Result<Vec<ForkResult>, ClientError> {
+        let mut body = serde_json::json!({ "count": count });
+        if let Some(t) = timeout {
+            body["timeout"] = t.into();
+        }
+        let (url, resp) = self
+            .call(
+                Method::POST,
+                &sandbox_path(id, "/fork"),
+                HeaderMap::new(),
+                Some(serde_json::to_vec(&body).expect("json")),
+            )
+            .await?;
+        resp.json(&url)
+    }
+
+    /// `POST /sandboxes/{id}/rollback` (Cubicle's own): the sandbox back at one of its
+    /// snapshots, same id and token, running.
+    pub async fn rollback(&self, id: &str, snapshot: &str) -> Result<Sandbox, ClientError> {
+        let body = serde_json::json!({ "snapshotID": snapshot });
+        let (url, resp) = self
+            .call(
+                Method::POST,
+                &sandbox_path(id, "/rollback"),
+                HeaderMap::new(),
+                Some(serde_json::to_vec(&body).expect("json")),
+            )
+            .await?;
+        resp.json(&url)
+    }
+
     /// `GET /sandboxes/{id}/metrics`: resource samples, oldest first.
     pub async fn metrics(&self, id: &str) -> Result<Vec<SandboxMetric>, ClientError> {
         let (url, resp) = self
@@ -397,6 +504,15 @@ impl Answer {
 }
 
 /// `/sandboxes/<id><rest>` with the id escaped.
+/// `k=v&k2=v2` of the pairs that have a value, percent-encoded.
+fn form_urlencoded_pairs(pairs: &[(&str, Option<&str>)]) -> String {
+    pairs
+        .iter()
+        .filter_map(|(k, v)| v.map(|v| format!("{k}={}", utf8_percent_encode(v, SEGMENT))))
+        .collect::<Vec<_>>()
+        .join("&")
+}
+
 fn sandbox_path(id: &str, rest: &str) -> String {
     format!("/sandboxes/{}{rest}", utf8_percent_encode(id, SEGMENT))
 }

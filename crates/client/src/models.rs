@@ -235,6 +235,43 @@ impl ListParams {
     }
 }
 
+/// A snapshot as `POST /sandboxes/{id}/snapshots` and `GET /snapshots` return it.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+pub struct Snapshot {
+    /// Its id (`<name>:default`), what a create's template names to start from it.
+    #[serde(rename = "snapshotID")]
+    pub snapshot_id: String,
+    /// Full names (`<namespace>/<name>:default`); empty without a name.
+    #[serde(default)]
+    pub names: Vec<String>,
+    /// The sandbox it was taken of (Cubicle).
+    #[serde(rename = "sandboxID", default)]
+    pub sandbox_id: Option<String>,
+    /// The source's template (Cubicle).
+    #[serde(rename = "templateID", default)]
+    pub template_id: Option<String>,
+    /// When it was taken (Cubicle).
+    #[serde(rename = "createdAt", default)]
+    pub created_at: Option<DateTime<Utc>>,
+    /// Bytes on disk (Cubicle).
+    #[serde(rename = "sizeBytes", default)]
+    pub size_bytes: Option<u64>,
+    /// Fields this client does not know.
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+/// One entry of a fork answer: the new sandbox, or why it did not start.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+pub struct ForkResult {
+    /// The fork, if it started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sandbox: Option<Sandbox>,
+    /// `{code, message}` if it did not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<Value>,
+}
+
 /// One page of a list.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Page<T> {

@@ -4,6 +4,7 @@ mod bench;
 mod keys;
 mod sandbox;
 mod serve;
+mod snapshot;
 mod tpl;
 
 use std::path::PathBuf;
@@ -25,6 +26,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Bench(cmd) => block_on(bench::run(&data, agent_bin, cmd)),
         Command::Serve(args) => block_on(serve::run(&data, agent_bin, args)),
         Command::Keys(cmd) => keys::run(&data, cmd),
+        Command::Snapshot(cmd) => block_on(snapshot::run(cmd)),
     }
 }
 

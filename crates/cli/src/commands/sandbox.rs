@@ -41,6 +41,17 @@ pub async fn run(cmd: SandboxCommand) -> anyhow::Result<ExitCode> {
         SandboxCommand::Kill(args) => kill(&api, &args.ids).await,
         SandboxCommand::Pause(args) => pause(&api, &args.ids).await,
         SandboxCommand::Resume(args) => resume(&api, &args.ids, args.timeout).await,
+        SandboxCommand::Snapshot(args) => {
+            let snap = api.snapshot(&args.id, args.name.as_deref()).await?;
+            println!("{}", snap.snapshot_id);
+            Ok(ExitCode::SUCCESS)
+        }
+        SandboxCommand::Rollback(args) => {
+            let sbx = api.rollback(&args.id, &args.snapshot).await?;
+            eprintln!("rolled back {} to {}", sbx.sandbox_id, args.snapshot);
+            Ok(ExitCode::SUCCESS)
+        }
+        SandboxCommand::Clone(args) => clone(&api, &args.id, args.count, args.timeout).await,
     };
     result.map_err(|e| super::explain(e, &api))
 }
@@ -219,6 +230,32 @@ async fn resume(api: &ApiClient, ids: &[String], timeout: Option<u64>) -> anyhow
         })
     })
     .await
+}
+
+/// Prints each clone's id on stdout, each failure on stderr; exit code 1 if any failed.
+async fn clone(api: &ApiClient, id: &str, count: u32, timeout: u64) -> anyhow::Result<ExitCode> {
+    let results = api.fork(id, count, Some(timeout)).await?;
+    let mut failed = 0;
+    for r in results {
+        match (r.sandbox, r.error) {
+            (Some(s), _) => println!("{}", s.sandbox_id),
+            (None, error) => {
+                failed += 1;
+                let message = error
+                    .as_ref()
+                    .and_then(|e| e.get("message"))
+                    .and_then(|m| m.as_str())
+                    .unwrap_or("the clone did not start")
+                    .to_owned();
+                eprintln!("error: clone of {id}: {message}");
+            }
+        }
+    }
+    Ok(if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
 
 /// Runs `op` on every id, reporting each outcome on stderr; transport and key problems
