@@ -178,15 +178,13 @@ def test_bad_request(daemon, sandbox, unchanged, method, path, kwargs, expected)
 
 
 def test_not_implemented_endpoints_are_501_json(daemon, sandbox, unchanged):
-    """Snapshots, fork, filesystem-only pauses and auto-resume are documented as not
-    implemented (501)."""
+    """Filesystem-only pauses and snapshots, template deletion and auto-resume are
+    documented as not implemented (501)."""
     sid = sandbox.sandbox_id
     with daemon.http() as c:
         for method, path, body in [
             ("POST", f"/sandboxes/{sid}/pause", {"memory": False}),
-            ("POST", f"/sandboxes/{sid}/snapshots", {}),
-            ("POST", f"/sandboxes/{sid}/fork", {}),
-            ("GET", "/snapshots", None),
+            ("POST", f"/sandboxes/{sid}/snapshots", {"memory": False}),
             ("DELETE", "/templates/base", None),
             ("POST", "/v2/sandboxes", {"templateID": "base", "autoPause": True, "autoPauseMemory": False}),
             ("POST", "/v2/sandboxes", {"templateID": "base", "autoResume": {"enabled": True}}),

@@ -1,6 +1,6 @@
 """Fuzzing the REST API (brief item 11): random and mutated bodies and query strings.
 
-Every answer must be below 500 (a 501 "not implemented" for the documented endpoints is
+Every answer must be below 500 (a 501 "not implemented" for the documented variants is
 allowed), every error body must be E2B's JSON {"code", "message"}, the daemon must stay
 up, and every sandbox a (valid by chance) request created is killed at the end, after
 which nothing may be left. The seed is random unless CUBICLE_FUZZ_SEED is set; it is
