@@ -6,6 +6,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use cubicle_envd::connect::{Code, ConnectError};
+use cubicle_runtime::ns::message::AgentIdentity;
 use cubicle_runtime::ns::message::{AGENT_SOCKET_NAME, SANDBOX_RUN_DIR};
 use cubicle_runtime::AgentConfig;
 use http::{Method, Request, Response, StatusCode};
@@ -30,17 +31,80 @@ pub struct Agent {
     pub processes: process::Processes,
     /// Polling watchers (`CreateWatcher` ...).
     pub watchers: watch::Watchers,
+    /// Connections from the host, so a checkpoint can close them all first.
+    pub host_connections: HostConnections,
+    /// Id, access token and env vars: set from `config`, replaced after a restore.
+    pub identity: SharedIdentity,
+}
+
+/// The agent's [`AgentIdentity`], shared with the code interpreter.
+pub type SharedIdentity = Arc<std::sync::RwLock<AgentIdentity>>;
+
+/// The connections the agent serves for the host (the daemon's proxy, the runtime).
+///
+/// A checkpoint cannot include them: each is one end of a socket pair whose other end is
+/// a host process. Before the runtime freezes the sandbox it asks `POST
+/// /_cubicle/quiesce`, which ends all of them but its own; their processes run on, and
+/// their clients reconnect after the checkpoint.
+#[derive(Debug, Default)]
+pub struct HostConnections {
+    next: std::sync::atomic::AtomicU64,
+    open: std::sync::Mutex<std::collections::HashMap<u64, tokio::task::JoinHandle<()>>>,
+}
+
+impl HostConnections {
+    /// A number for a new host connection, before its task exists.
+    fn reserve(&self) -> u64 {
+        self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn add(&self, id: u64, task: tokio::task::JoinHandle<()>) {
+        self.open.lock().expect("host connections").insert(id, task);
+    }
+
+    fn remove(&self, id: u64) {
+        self.open.lock().expect("host connections").remove(&id);
+    }
+
+    /// Ends every host connection but `keep` and returns once their sockets are closed;
+    /// returns how many were ended.
+    async fn close_all_but(&self, keep: u64) -> usize {
+        let ended: Vec<tokio::task::JoinHandle<()>> = {
+            let mut open = self.open.lock().expect("host connections");
+            let ids: Vec<u64> = open.keys().copied().filter(|id| *id != keep).collect();
+            ids.iter().filter_map(|id| open.remove(id)).collect()
+        };
+        let count = ended.len();
+        for task in ended {
+            task.abort();
+            // Resolves once the task, and with it the connection's socket, is dropped.
+            let _ = task.await;
+        }
+        count
+    }
 }
 
 impl Agent {
     /// A fresh agent for `config`, with the sandbox's `/etc` as account database.
     pub fn new(config: AgentConfig) -> Self {
         Agent {
+            identity: Arc::new(std::sync::RwLock::new(AgentIdentity::of(&config))),
             config,
             accounts: Accounts::default(),
             processes: process::Processes::default(),
             watchers: watch::Watchers::default(),
+            host_connections: HostConnections::default(),
         }
+    }
+
+    /// The envd access token requests must carry, if any.
+    pub fn access_token(&self) -> Option<String> {
+        self.identity.read().expect("identity").access_token.clone()
+    }
+
+    /// The sandbox's environment variables.
+    pub fn env_vars(&self) -> std::collections::BTreeMap<String, String> {
+        self.identity.read().expect("identity").env_vars.clone()
     }
 
     /// Resolves the request's user (`None`: the default user).
@@ -89,7 +153,7 @@ async fn start_interpreter(agent: &Arc<Agent>) -> Result<(), String> {
         .map_err(|e| format!("no default user: {e}"))?;
     let env = crate::interpreter::kernel::KernelEnv {
         user,
-        env_vars: agent.config.env_vars.clone(),
+        identity: agent.identity.clone(),
         reaper: agent.processes.reaper().clone(),
     };
     let port = crate::interpreter::PORT;
@@ -98,10 +162,9 @@ async fn start_interpreter(agent: &Arc<Agent>) -> Result<(), String> {
         .map_err(|e| format!("listen on port {port}: {e}"))?;
     let started = std::time::Instant::now();
     let warm = agent.config.warm_python;
-    let interpreter =
-        crate::interpreter::Interpreter::start(env, agent.config.access_token.clone(), warm)
-            .await
-            .map_err(|e| e.to_string())?;
+    let interpreter = crate::interpreter::Interpreter::start(env, warm)
+        .await
+        .map_err(|e| e.to_string())?;
     tracing::info!(took = ?started.elapsed(), warm = warm.is_some(), "code interpreter ready");
     tokio::spawn(async move {
         if let Err(e) = crate::interpreter::serve(listener, interpreter).await {
@@ -115,24 +178,63 @@ async fn start_interpreter(agent: &Arc<Agent>) -> Result<(), String> {
 pub async fn serve(listener: UnixListener, agent: Arc<Agent>) -> io::Result<()> {
     loop {
         let (stream, _) = listener.accept().await?;
-        let agent = agent.clone();
-        tokio::spawn(async move {
-            if let Err(e) = serve_connection(stream, agent).await {
+        // A peer outside our pid namespace (the host's runtime or daemon) shows pid 0.
+        let from_host = stream
+            .peer_cred()
+            .map(|c| c.pid() == Some(0))
+            .unwrap_or(false);
+        let conn_agent = agent.clone();
+        let conn_id = from_host.then(|| agent.host_connections.reserve());
+        let task = tokio::spawn(async move {
+            if let Err(e) = serve_connection(stream, conn_agent.clone(), from_host, conn_id).await {
                 tracing::debug!(error = %e, "connection ended with an error");
             }
+            if let Some(id) = conn_id {
+                conn_agent.host_connections.remove(id);
+            }
         });
+        if let Some(id) = conn_id {
+            // A task that already ended removed nothing; drop its entry again.
+            agent.host_connections.add(id, task);
+            if agent
+                .host_connections
+                .open
+                .lock()
+                .expect("host connections")
+                .get(&id)
+                .is_some_and(|t| t.is_finished())
+            {
+                agent.host_connections.remove(id);
+            }
+        }
     }
 }
 
-async fn serve_connection(stream: UnixStream, agent: Arc<Agent>) -> Result<(), hyper::Error> {
-    // A peer outside our pid namespace (the host's runtime or daemon) shows pid 0.
-    let from_host = stream
-        .peer_cred()
-        .map(|c| c.pid() == Some(0))
-        .unwrap_or(false);
+async fn serve_connection(
+    stream: UnixStream,
+    agent: Arc<Agent>,
+    from_host: bool,
+    conn_id: Option<u64>,
+) -> Result<(), hyper::Error> {
     let service = service_fn(move |req: Request<Incoming>| {
         let agent = agent.clone();
         async move {
+            if from_host && req.method() == Method::POST && req.uri().path() == QUIESCE_PATH {
+                let ended = match conn_id {
+                    Some(id) => agent.host_connections.close_all_but(id).await,
+                    None => 0,
+                };
+                tracing::info!(ended, "host connections closed for a checkpoint");
+                let mut resp = rpc::empty(StatusCode::NO_CONTENT);
+                resp.headers_mut().insert(
+                    http::header::CONNECTION,
+                    http::HeaderValue::from_static("close"),
+                );
+                return Ok::<_, std::convert::Infallible>(resp);
+            }
+            if from_host && req.method() == Method::POST && req.uri().path() == IDENTITY_PATH {
+                return Ok(set_identity(&agent, req).await);
+            }
             let has_body = has_body(&req);
             let mut resp = route(&agent, from_host, req).await;
             close_after_refusal(has_body, &mut resp);
@@ -144,6 +246,24 @@ async fn serve_connection(stream: UnixStream, agent: Arc<Agent>) -> Result<(), h
         .serve_connection(TokioIo::new(stream), service)
         .with_upgrades()
         .await
+}
+
+use cubicle_runtime::ns::checkpoint::{IDENTITY_PATH, QUIESCE_PATH};
+
+/// Takes over the identity a restored sandbox is given (host only).
+async fn set_identity(agent: &Agent, req: Request<Incoming>) -> Response<Body> {
+    let body = match rpc::read_body(req.into_body(), 1 << 20).await {
+        Ok(b) => b,
+        Err(e) => return rpc::http_error(StatusCode::BAD_REQUEST, e.message),
+    };
+    match serde_json::from_slice::<AgentIdentity>(&body) {
+        Ok(identity) => {
+            tracing::info!(sandbox = %identity.sandbox_id, "identity set after a restore");
+            *agent.identity.write().expect("identity") = identity;
+            rpc::empty(StatusCode::NO_CONTENT)
+        }
+        Err(e) => rpc::http_error(StatusCode::BAD_REQUEST, format!("identity: {e}")),
+    }
 }
 
 fn has_body(req: &Request<Incoming>) -> bool {
@@ -187,8 +307,8 @@ pub async fn route(agent: &Arc<Agent>, from_host: bool, req: Request<Incoming>) 
             _ => rpc::http_error(StatusCode::METHOD_NOT_ALLOWED, "use GET or POST on /files"),
         };
     }
-    let token = agent.config.access_token.as_deref();
-    if !auth::token_ok(token, req.headers()) {
+    let token = agent.access_token();
+    if !auth::token_ok(token.as_deref(), req.headers()) {
         let err = ConnectError::new(Code::Unauthenticated, auth::AuthError::BadToken.to_string());
         return if path.starts_with("/process.") || path.starts_with("/filesystem.") {
             rpc::unary_err(&err)
@@ -197,7 +317,7 @@ pub async fn route(agent: &Arc<Agent>, from_host: bool, req: Request<Incoming>) 
         };
     }
     match (method, path.as_str()) {
-        (Method::GET, "/envs") => rpc::json(StatusCode::OK, &agent.config.env_vars),
+        (Method::GET, "/envs") => rpc::json(StatusCode::OK, &agent.env_vars()),
         (Method::POST, p) if p.starts_with("/process.Process/") => {
             process::rpc(agent, &p["/process.Process/".len()..], req).await
         }

@@ -151,9 +151,10 @@ fn authorize(
     q: &FileQuery,
     op: FileOperation,
 ) -> Result<(), FileError> {
-    let Some(token) = agent.config.access_token.as_deref() else {
+    let Some(token) = agent.access_token() else {
         return Ok(());
     };
+    let token = token.as_str();
     let unauthorized = |m: &str| FileError::new(StatusCode::UNAUTHORIZED, m);
     if headers.contains_key("x-access-token") {
         return if auth::token_ok(Some(token), headers) {

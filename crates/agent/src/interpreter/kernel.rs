@@ -87,15 +87,16 @@ pub enum KernelError {
 pub struct KernelEnv {
     /// The user kernels run as.
     pub user: User,
-    /// The sandbox's environment variables.
-    pub env_vars: BTreeMap<String, String>,
+    /// The sandbox's identity, with the environment variables (replaced after a restore).
+    pub identity: crate::server::SharedIdentity,
     /// Reaps kernels and tells us when they exit.
     pub reaper: Arc<Reaper>,
 }
 
 impl KernelEnv {
     fn environment(&self) -> BTreeMap<String, String> {
-        let mut env = environment(&self.user, &self.env_vars, &BTreeMap::new());
+        let env_vars = self.identity.read().expect("identity").env_vars.clone();
+        let mut env = environment(&self.user, &env_vars, &BTreeMap::new());
         env.insert("SHELL".into(), "/bin/bash".into());
         env
     }

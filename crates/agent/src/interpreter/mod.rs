@@ -64,7 +64,6 @@ impl Context {
 #[derive(Debug)]
 pub struct Interpreter {
     env: KernelEnv,
-    access_token: Option<String>,
     zygote: tokio::sync::Mutex<Option<Zygote>>,
     contexts: Mutex<BTreeMap<String, Arc<Context>>>,
     defaults: Mutex<HashMap<Language, String>>,
@@ -76,11 +75,7 @@ impl Interpreter {
     /// execution is fast, and registers the default JavaScript context (started on first
     /// use). With `warm` (the sandbox was forked by a template zygote) both Python
     /// processes already exist and are adopted instead; if that fails they are started.
-    pub async fn start(
-        env: KernelEnv,
-        access_token: Option<String>,
-        warm: Option<WarmPython>,
-    ) -> Result<Arc<Self>, KernelError> {
+    pub async fn start(env: KernelEnv, warm: Option<WarmPython>) -> Result<Arc<Self>, KernelError> {
         let (zygote, kernel) = match warm {
             Some(warm) => {
                 let (zygote, kernel) = tokio::join!(
@@ -93,7 +88,6 @@ impl Interpreter {
         };
         let interpreter = Arc::new(Interpreter {
             env,
-            access_token,
             zygote: tokio::sync::Mutex::new(zygote),
             contexts: Mutex::new(BTreeMap::new()),
             defaults: Mutex::new(HashMap::new()),
@@ -603,7 +597,14 @@ async fn route(interpreter: &Arc<Interpreter>, req: Request<Incoming>) -> Respon
     let answer = match (method, segments.as_slice()) {
         (Method::GET, ["health"]) => Ok(text(StatusCode::OK, "ok")),
         (Method::POST, ["execute"]) => {
-            if !crate::auth::token_ok(interpreter.access_token.as_deref(), req.headers()) {
+            let token = interpreter
+                .env
+                .identity
+                .read()
+                .expect("identity")
+                .access_token
+                .clone();
+            if !crate::auth::token_ok(token.as_deref(), req.headers()) {
                 return text(StatusCode::UNAUTHORIZED, "missing or invalid access token");
             }
             execute(interpreter, req).await

@@ -127,7 +127,7 @@ impl Processes {
             ));
         }
         let user = agent.rpc_user(user)?;
-        let env = spawn::environment(&user, &agent.config.env_vars, &request.process.envs);
+        let env = spawn::environment(&user, &agent.env_vars(), &request.process.envs);
         let cwd = spawn::working_dir(request.process.cwd.as_deref(), &user)?;
         let with_stdin = request.stdin.unwrap_or(true);
         let pty_size = request.pty.map(|p| p.size);

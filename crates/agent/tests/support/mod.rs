@@ -102,16 +102,32 @@ impl TestEnv {
     pub async fn create_spec(&self, spec: SandboxSpec) -> Result<Sandbox, RuntimeError> {
         let token = spec.agent.access_token.clone();
         let info = self.runtime.create(spec).await?;
+        Ok(self.wrap(info, token))
+    }
+
+    /// A sandbox restored from the checkpoint in `dir`.
+    #[allow(dead_code)] // not every test binary restores
+    pub async fn create_restored(
+        &self,
+        dir: &std::path::Path,
+        spec: SandboxSpec,
+    ) -> Result<Sandbox, RuntimeError> {
+        let token = spec.agent.access_token.clone();
+        let info = self.runtime.restore(dir, spec).await?;
+        Ok(self.wrap(info, token))
+    }
+
+    fn wrap(&self, info: SandboxInfo, token: Option<String>) -> Sandbox {
         let mut client = EnvdClient::new(&info.agent_socket);
         if let Some(t) = token {
             client = client.with_access_token(t);
         }
-        Ok(Sandbox {
+        Sandbox {
             info,
             client,
             runtime: self.runtime.clone(),
             destroyed: false,
-        })
+        }
     }
 }
 

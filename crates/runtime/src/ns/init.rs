@@ -368,6 +368,26 @@ fn enter_root(root: &Path) -> io::Result<()> {
     Ok(())
 }
 
+/// The mount points, as the sandbox sees them, of every bind mount init makes from a
+/// host file: the device nodes, the masked files (those this kernel has), the agent's run
+/// directory and binary. A checkpoint names them as external mounts, and a restore binds
+/// them to the new sandbox's host files.
+pub fn host_bind_mounts() -> Vec<PathBuf> {
+    let mut points: Vec<PathBuf> = HOST_DEVICES
+        .iter()
+        .map(|d| Path::new("/dev").join(d))
+        .collect();
+    points.extend(
+        MASKED
+            .iter()
+            .map(PathBuf::from)
+            .filter(|p| fs::symlink_metadata(p).is_ok_and(|m| !m.is_dir())),
+    );
+    points.push(PathBuf::from(SANDBOX_RUN_DIR));
+    points.push(PathBuf::from(SANDBOX_AGENT_BIN));
+    points
+}
+
 /// Files hidden behind /dev/null and directories hidden behind an empty read-only tmpfs
 /// (what runc masks by default).
 const MASKED: &[&str] = &[
@@ -423,13 +443,15 @@ fn mask_paths() -> io::Result<()> {
 /// host name). Written into the sandbox's own layer; user code may change them.
 fn write_host_files(hostname: &str) -> io::Result<()> {
     fs::write("/etc/hostname", format!("{hostname}\n"))?;
-    fs::write(
-        "/etc/hosts",
-        format!(
-            "127.0.0.1\tlocalhost\n127.0.1.1\t{hostname}\n\
-             ::1\tlocalhost ip6-localhost ip6-loopback\n\
-             ff02::1\tip6-allnodes\nff02::2\tip6-allrouters\n"
-        ),
+    fs::write("/etc/hosts", hosts_file(hostname))
+}
+
+/// The `/etc/hosts` of a sandbox named `hostname`.
+pub(super) fn hosts_file(hostname: &str) -> String {
+    format!(
+        "127.0.0.1\tlocalhost\n127.0.1.1\t{hostname}\n\
+         ::1\tlocalhost ip6-localhost ip6-loopback\n\
+         ff02::1\tip6-allnodes\nff02::2\tip6-allrouters\n"
     )
 }
 

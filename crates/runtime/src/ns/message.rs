@@ -49,6 +49,30 @@ pub struct AgentConfig {
     pub warm_python: Option<WarmPython>,
 }
 
+/// What a sandbox restored from a checkpoint takes over from its new spec (the agent's
+/// `POST /_cubicle/identity`): everything else of the agent is the checkpoint's.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentIdentity {
+    /// The sandbox id.
+    pub sandbox_id: String,
+    /// The envd access token, if the sandbox has one.
+    pub access_token: Option<String>,
+    /// Environment variables of every process started from now on.
+    pub env_vars: BTreeMap<String, String>,
+}
+
+impl AgentIdentity {
+    /// The identity part of `config`.
+    pub fn of(config: &AgentConfig) -> Self {
+        AgentIdentity {
+            sandbox_id: config.sandbox_id.clone(),
+            access_token: config.access_token.clone(),
+            env_vars: config.env_vars.clone(),
+        }
+    }
+}
+
 /// The sockets on which a zygote-made sandbox's Python processes wait for the agent's
 /// `setup` (inherited by the agent from init).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -18,6 +18,7 @@
 //! the sandbox's mount namespace, so they vanish with it; nothing is mounted on the host.
 
 pub mod cgroup;
+pub mod checkpoint;
 pub mod init;
 pub mod message;
 pub mod security;
@@ -553,6 +554,253 @@ impl NsRuntime {
         unreachable!("loop returns")
     }
 
+    /// Freezes the sandbox (unless it is paused), dumps it with CRIU, copies its writable
+    /// layer and agent log, thaws it. Returns how long it was frozen.
+    async fn checkpoint_into(
+        &self,
+        id: &SandboxId,
+        pid: i32,
+        paths: &SandboxPaths,
+        dir: &Path,
+    ) -> Result<u64, RuntimeError> {
+        let was_paused = matches!(
+            self.cgroups.freezer_state(id.as_str()),
+            Ok(cgroup::FreezerState::Frozen)
+        );
+        const ATTEMPTS: u32 = 3;
+        let mut attempt = 1;
+        // A paused sandbox is dumped as it is: `pause` ended the host's connections
+        // before freezing, and the proxy opens none to a paused sandbox.
+        let mut frozen = was_paused;
+        loop {
+            // Connections from the host cannot be in a checkpoint: have the agent end
+            // them, then freeze.
+            if !frozen {
+                checkpoint::quiesce_agent(&paths.socket).await?;
+            }
+            let started = std::time::Instant::now();
+            if !frozen {
+                cgroup::freeze(self.cgroups.as_ref(), id.as_str()).await?;
+            }
+            let dumped = self.dump_frozen(id, pid, paths, dir).await;
+            let retry = attempt < ATTEMPTS
+                && matches!(&dumped, Err(e) if checkpoint::is_transient_dump_error(e));
+            if !was_paused || retry {
+                cgroup::thaw(self.cgroups.as_ref(), id.as_str())?;
+                frozen = false;
+            }
+            match dumped {
+                Ok(()) => return Ok(checkpoint::micros_since(started)),
+                // A passing failure (a host connection that arrived after the quiesce,
+                // or one a paused sandbox kept; a process caught mid-fork): try again. A
+                // paused sandbox runs for that moment and is frozen again for the dump.
+                Err(_) if retry => {
+                    tracing::debug!(sandbox = %id, attempt, "transient checkpoint failure; retrying");
+                    let _ = std::fs::remove_dir_all(dir.join("images"));
+                    let _ = std::fs::remove_dir_all(dir.join("upper"));
+                    attempt += 1;
+                }
+                Err(e) => {
+                    if was_paused && !frozen {
+                        cgroup::freeze(self.cgroups.as_ref(), id.as_str()).await?;
+                    }
+                    return Err(e);
+                }
+            }
+        }
+    }
+
+    /// Dumps the frozen sandbox's processes with CRIU and copies its writable layer and
+    /// agent log next to the images.
+    async fn dump_frozen(
+        &self,
+        id: &SandboxId,
+        pid: i32,
+        paths: &SandboxPaths,
+        dir: &Path,
+    ) -> Result<(), RuntimeError> {
+        let images = dir.join("images");
+        let args = checkpoint::dump_args(
+            pid,
+            &images,
+            &self.cgroups.freezer_dir(id.as_str()),
+            &init::host_bind_mounts(),
+        );
+        let (upper, run, dir) = (paths.upper.clone(), paths.run.clone(), dir.to_owned());
+        tokio::task::spawn_blocking(move || {
+            std::fs::create_dir(&images).map_err(io_error("create", &images))?;
+            let log = images.join("dump.log");
+            let mut criu = std::process::Command::new(checkpoint::criu_binary());
+            // Code-interpreter processes map files of the template zygote's mount
+            // namespace, which are the same files under the sandbox's root
+            // (scripts/criu-patches/0001).
+            criu.env("CRIU_FOREIGN_MNT_FALLBACK", "1");
+            checkpoint::run_criu("checkpoint", criu, &args, &log)?;
+            // While still frozen: the files must be what the processes' memory expects.
+            checkpoint::copy_tree(&upper, &dir.join("upper"))?;
+            let agent_log = run.join("agent.log");
+            if agent_log.exists() {
+                checkpoint::copy_tree(&agent_log, &dir.join("agent.log"))?;
+            }
+            Ok::<_, RuntimeError>(())
+        })
+        .await
+        .map_err(|e| RuntimeError::Checkpoint {
+            op: "checkpoint",
+            message: e.to_string(),
+        })
+        .and_then(|r| r)
+    }
+
+    /// Builds the new sandbox's directories and cgroups from the checkpoint in `dir` and
+    /// restores its processes; returns its pid 1 once the agent answers.
+    async fn restore_into(
+        &self,
+        dir: &Path,
+        spec: &SandboxSpec,
+        paths: &SandboxPaths,
+    ) -> Result<(i32, OwnedFd), (RuntimeError, Option<OwnedFd>)> {
+        let shift = spec.uid_shift;
+        let prepared = (|| {
+            checkpoint::copy_tree(&dir.join("upper"), &paths.upper)?;
+            checkpoint::write_host_files(&paths.upper, spec.id.as_str(), shift)?;
+            for (d, mode) in [
+                (&paths.work, 0o700),
+                (&paths.merged, 0o755),
+                (&paths.run, 0o700),
+            ] {
+                std::fs::DirBuilder::new()
+                    .mode(mode)
+                    .create(d)
+                    .map_err(io_error("create", d))?;
+                std::os::unix::fs::chown(d, Some(shift), Some(shift))
+                    .map_err(io_error("chown", d))?;
+            }
+            std::fs::File::create(&paths.agent_mount_point)
+                .map_err(io_error("create", &paths.agent_mount_point))?;
+            let agent_log = dir.join("agent.log");
+            if agent_log.exists() {
+                checkpoint::copy_tree(&agent_log, &paths.run.join("agent.log"))?;
+            }
+            // The images as the checkpoint has them, but for the new host name.
+            let images = paths.dir.join("restore-images");
+            std::fs::create_dir(&images).map_err(io_error("create", &images))?;
+            let source = dir.join("images");
+            for entry in std::fs::read_dir(&source).map_err(io_error("read", &source))? {
+                let entry = entry.map_err(io_error("read", &source))?;
+                let name = entry.file_name();
+                let target = images.join(&name);
+                if name.to_string_lossy().starts_with("utsns-") {
+                    let image =
+                        std::fs::read(entry.path()).map_err(io_error("read", &entry.path()))?;
+                    let rewritten =
+                        checkpoint::rewrite_utsns(&image, spec.id.as_str()).map_err(|message| {
+                            RuntimeError::Checkpoint {
+                                op: "restore",
+                                message,
+                            }
+                        })?;
+                    std::fs::write(&target, rewritten).map_err(io_error("write", &target))?;
+                } else if name != "dump.log" {
+                    // Hard links (CRIU opens some images from inside the restored
+                    // mount namespace, where a symlink's target does not exist); a
+                    // copy when the checkpoint is on another filesystem.
+                    if std::fs::hard_link(entry.path(), &target).is_err() {
+                        std::fs::copy(entry.path(), &target).map_err(io_error("copy", &target))?;
+                    }
+                }
+            }
+            self.cgroups.create(spec.id.as_str(), &spec.limits)?;
+            Ok::<_, RuntimeError>(images)
+        })();
+        let images = prepared.map_err(|e| (e, None))?;
+
+        let pidfile = paths.dir.join("restore.pid");
+        let args = checkpoint::restore_args(
+            &images,
+            &paths.merged,
+            &pidfile,
+            &init::host_bind_mounts(),
+            &checkpoint::RestoreMounts {
+                run_dir: paths.run.clone(),
+                agent_bin: self.config.agent_bin.clone(),
+            },
+            &self.cgroups.criu_roots(spec.id.as_str()),
+        );
+        let lower = spec
+            .layers
+            .iter()
+            .map(|l| l.display().to_string())
+            .collect::<Vec<_>>()
+            .join(":");
+        let options = format!(
+            "lowerdir={lower},upperdir={},workdir={},userxattr",
+            paths.upper.display(),
+            paths.work.display()
+        );
+        let mut cmd = std::process::Command::new(checkpoint::criu_binary());
+        sys::in_private_overlay_ns(&mut cmd, &paths.merged, &options).map_err(|e| {
+            (
+                spawn_error("prepare the restore's mount namespace")(e),
+                None,
+            )
+        })?;
+        let log = images.join("restore.log");
+        let restored =
+            tokio::task::spawn_blocking(move || checkpoint::run_criu("restore", cmd, &args, &log))
+                .await
+                .map_err(|e| RuntimeError::Checkpoint {
+                    op: "restore",
+                    message: e.to_string(),
+                })
+                .and_then(|r| r);
+        let pid = restored
+            .and_then(|()| {
+                std::fs::read_to_string(&pidfile)
+                    .map_err(io_error("read", &pidfile))?
+                    .trim()
+                    .parse::<i32>()
+                    .map_err(|e| RuntimeError::Checkpoint {
+                        op: "restore",
+                        message: format!("criu wrote no pid: {e}"),
+                    })
+            })
+            .map_err(|e| (e, None))?;
+        let pidfd =
+            sys::pidfd_open(pid).map_err(|e| (io_error("open pidfd of", &pidfile)(e), None))?;
+        let finish = async {
+            let record = RuntimeRecord {
+                pid,
+                rootfs: spec.layers[0].clone(),
+                layers: spec.layers.clone(),
+                start_time: process_start_time(pid)
+                    .map_err(io_error("read start time of", Path::new("/proc")))?,
+            };
+            write_json(&paths.record, &record)?;
+            let _ = std::fs::remove_dir_all(&images);
+            let _ = std::fs::remove_file(&pidfile);
+            // The agent's socket is restored listening; wait for its first answer.
+            let deadline = tokio::time::Instant::now() + self.config.ready_timeout;
+            let client = cubicle_envd::client::EnvdClient::new(&paths.socket);
+            loop {
+                match client.health().await {
+                    Ok(status) if status.is_success() => break,
+                    _ if tokio::time::Instant::now() >= deadline => {
+                        return Err(RuntimeError::ReadyTimeout(self.config.ready_timeout))
+                    }
+                    _ => tokio::time::sleep(std::time::Duration::from_millis(1)).await,
+                }
+            }
+            // The checkpoint's agent still has the source's token and env vars.
+            checkpoint::set_agent_identity(&paths.socket, &message::AgentIdentity::of(&spec.agent))
+                .await
+        };
+        match finish.await {
+            Ok(()) => Ok((pid, pidfd)),
+            Err(e) => Err((e, Some(pidfd))),
+        }
+    }
+
     /// The host pid of a running sandbox's first process; [`RuntimeError::NotFound`] if
     /// the sandbox does not run.
     fn running_pid(&self, id: &SandboxId) -> Result<i32, RuntimeError> {
@@ -636,6 +884,14 @@ impl Runtime for NsRuntime {
 
     async fn pause(&self, id: &SandboxId) -> Result<(), RuntimeError> {
         self.running_pid(id)?;
+        if self.cgroups.freezer_state(id.as_str())? == cgroup::FreezerState::Thawed {
+            // Connections from the host end at a pause (as an E2B sandbox's do), so a
+            // paused sandbox can be checkpointed as it is.
+            let socket = SandboxPaths::new(&self.config.data_dir, id).socket;
+            if let Err(e) = checkpoint::quiesce_agent(&socket).await {
+                tracing::warn!(sandbox = %id, error = %e, "agent did not close host connections before the pause");
+            }
+        }
         cgroup::freeze(self.cgroups.as_ref(), id.as_str()).await?;
         Ok(())
     }
@@ -649,18 +905,102 @@ impl Runtime for NsRuntime {
     async fn checkpoint(
         &self,
         id: &SandboxId,
-        _dir: &Path,
+        dir: &Path,
     ) -> Result<crate::CheckpointInfo, RuntimeError> {
-        self.running_pid(id)?;
-        Err(RuntimeError::Unsupported(
-            "checkpoints of ns sandboxes are not built yet".into(),
-        ))
+        let pid = self.running_pid(id)?;
+        let paths = SandboxPaths::new(&self.config.data_dir, id);
+        let record =
+            read_record(&paths.record)?.ok_or_else(|| RuntimeError::NotFound(id.clone()))?;
+        // Traversable (not listable) by others: CRIU opens some images from inside the
+        // restored sandbox's user namespace.
+        std::fs::DirBuilder::new()
+            .mode(0o711)
+            .create(dir)
+            .map_err(io_error("create", dir))?;
+        let taken = self.checkpoint_into(id, pid, &paths, dir).await;
+        let frozen_us = match taken {
+            Ok(us) => us,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(dir);
+                return Err(e);
+            }
+        };
+        let meta = checkpoint::CheckpointMeta {
+            format: checkpoint::FORMAT,
+            layers: record.layers(),
+            uid_shift: uid_map::HOST_BASE,
+            hostname: id.to_string(),
+            size_bytes: checkpoint::tree_size(dir),
+            frozen_us,
+        };
+        if let Err(e) = write_json(&dir.join(checkpoint::META_FILE), &meta) {
+            let _ = std::fs::remove_dir_all(dir);
+            return Err(e);
+        }
+        tracing::info!(sandbox = %id, bytes = meta.size_bytes, frozen_us, "checkpoint written");
+        Ok(crate::CheckpointInfo {
+            size_bytes: meta.size_bytes,
+            frozen_us,
+            layers: meta.layers,
+        })
     }
 
-    async fn restore(&self, _dir: &Path, _spec: SandboxSpec) -> Result<SandboxInfo, RuntimeError> {
-        Err(RuntimeError::Unsupported(
-            "restoring ns sandboxes from checkpoints is not built yet".into(),
-        ))
+    async fn restore(&self, dir: &Path, spec: SandboxSpec) -> Result<SandboxInfo, RuntimeError> {
+        spec.limits.validate()?;
+        check_layers(&spec.layers)?;
+        let meta_path = dir.join(checkpoint::META_FILE);
+        let meta: checkpoint::CheckpointMeta = std::fs::read(&meta_path)
+            .map_err(|e| RuntimeError::Checkpoint {
+                op: "restore",
+                message: format!("no checkpoint in {}: {e}", dir.display()),
+            })
+            .and_then(|bytes| {
+                serde_json::from_slice(&bytes).map_err(|e| RuntimeError::Checkpoint {
+                    op: "restore",
+                    message: format!("{}: {e}", meta_path.display()),
+                })
+            })?;
+        if meta.format != checkpoint::FORMAT || meta.uid_shift != uid_map::HOST_BASE {
+            return Err(RuntimeError::Checkpoint {
+                op: "restore",
+                message: format!("checkpoint format {} is not this runtime's", meta.format),
+            });
+        }
+        if meta.layers != spec.layers {
+            return Err(RuntimeError::Checkpoint {
+                op: "restore",
+                message: "the checkpoint was taken on other template layers".into(),
+            });
+        }
+        let paths = SandboxPaths::new(&self.config.data_dir, &spec.id);
+        match std::fs::DirBuilder::new().mode(0o711).create(&paths.dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                return Err(RuntimeError::AlreadyExists(spec.id.clone()))
+            }
+            Err(e) => return Err(io_error("create", &paths.dir)(e)),
+        }
+        match self.restore_into(dir, &spec, &paths).await {
+            Ok((pid, pidfd)) => {
+                self.live
+                    .lock()
+                    .expect("live map poisoned")
+                    .insert(spec.id.clone(), Live { pidfd });
+                Ok(SandboxInfo {
+                    id: spec.id,
+                    pid,
+                    layers: spec.layers,
+                    agent_socket: paths.socket,
+                    paused: false,
+                })
+            }
+            Err((err, pidfd)) => {
+                if let Err(cleanup) = self.tear_down(&spec.id, pidfd).await {
+                    tracing::error!(sandbox = %spec.id, error = %cleanup, "cleanup after failed restore");
+                }
+                Err(err)
+            }
+        }
     }
 
     fn prepare(&self, layers: &[PathBuf], agent: &crate::AgentConfig) {

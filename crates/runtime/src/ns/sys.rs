@@ -348,3 +348,42 @@ pub async fn readable(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<()> {
     let _guard = registered.readable().await?;
     Ok(())
 }
+
+/// Makes `cmd` start in a mount namespace of its own (private propagation) with an
+/// overlay mounted on `target` with `options`, so that whatever it builds on the overlay
+/// (CRIU restoring a sandbox's mount namespace) never shows in the caller's namespace,
+/// and the overlay goes away with the last process using it.
+pub fn in_private_overlay_ns(
+    cmd: &mut std::process::Command,
+    target: &std::path::Path,
+    options: &str,
+) -> io::Result<()> {
+    use std::os::unix::process::CommandExt;
+    let target = CString::new(target.as_os_str().as_encoded_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in overlay target"))?;
+    let options = CString::new(options)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in overlay options"))?;
+    // SAFETY: the closure runs in the forked child before exec and only makes raw
+    // syscalls on strings prepared before the fork (no allocation, no locks).
+    unsafe {
+        cmd.pre_exec(move || {
+            check(libc::unshare(libc::CLONE_NEWNS) as libc::c_long)?;
+            check(libc::mount(
+                c"none".as_ptr(),
+                c"/".as_ptr(),
+                std::ptr::null(),
+                libc::MS_REC | libc::MS_PRIVATE,
+                std::ptr::null(),
+            ) as libc::c_long)?;
+            check(libc::mount(
+                c"overlay".as_ptr(),
+                target.as_ptr(),
+                c"overlay".as_ptr(),
+                0,
+                options.as_ptr().cast(),
+            ) as libc::c_long)?;
+            Ok(())
+        });
+    }
+    Ok(())
+}

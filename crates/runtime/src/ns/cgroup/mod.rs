@@ -106,6 +106,11 @@ pub trait CgroupManager: Send + Sync + Debug {
     fn set_frozen(&self, name: &str, frozen: bool) -> Result<(), CgroupError>;
     /// Where the freezer of cgroup `name` is.
     fn freezer_state(&self, name: &str) -> Result<FreezerState, CgroupError>;
+    /// The directory of cgroup `name` that holds its freezer.
+    fn freezer_dir(&self, name: &str) -> PathBuf;
+    /// CRIU's `--cgroup-root` values that put a restored tree into cgroup `name`: one per
+    /// v1 hierarchy (`<controllers>:/<parent>/<name>`), or the bare path on v2.
+    fn criu_roots(&self, name: &str) -> Vec<String>;
 }
 
 /// The freezer state of a cgroup.
@@ -431,6 +436,12 @@ mod tests {
         fn set_frozen(&self, _: &str, frozen: bool) -> Result<(), CgroupError> {
             *self.frozen.lock().unwrap() = Some(frozen);
             Ok(())
+        }
+        fn freezer_dir(&self, _: &str) -> PathBuf {
+            PathBuf::new()
+        }
+        fn criu_roots(&self, _: &str) -> Vec<String> {
+            Vec::new()
         }
         fn freezer_state(&self, _: &str) -> Result<FreezerState, CgroupError> {
             let reads = self

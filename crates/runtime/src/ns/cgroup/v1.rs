@@ -172,6 +172,25 @@ impl CgroupManager for CgroupV1 {
         write_file(&self.file(name, "freezer.state"), state)
     }
 
+    fn freezer_dir(&self, name: &str) -> PathBuf {
+        self.dir(&self.mounts.freezer, name)
+    }
+
+    fn criu_roots(&self, name: &str) -> Vec<String> {
+        let m = &self.mounts;
+        let path = format!("/{}/{name}", self.parent);
+        let mut roots = vec![format!("memory:{path}")];
+        if m.cpu == m.cpuacct {
+            roots.push(format!("cpu,cpuacct:{path}"));
+        } else {
+            roots.push(format!("cpu:{path}"));
+            roots.push(format!("cpuacct:{path}"));
+        }
+        roots.push(format!("pids:{path}"));
+        roots.push(format!("freezer:{path}"));
+        roots
+    }
+
     fn freezer_state(&self, name: &str) -> Result<FreezerState, CgroupError> {
         Ok(match read_text(&self.file(name, "freezer.state"))?.trim() {
             "FROZEN" => FreezerState::Frozen,
@@ -245,6 +264,21 @@ mod tests {
         cg.set_frozen("sbx", false).unwrap();
         assert_eq!(std::fs::read_to_string(&state).unwrap(), "THAWED");
         assert_eq!(cg.freezer_state("sbx").unwrap(), FreezerState::Thawed);
+    }
+
+    #[test]
+    fn criu_roots_name_each_hierarchy() {
+        let (_tmp, cg) = fake();
+        assert_eq!(
+            cg.criu_roots("sbx"),
+            [
+                "memory:/cubicle/sbx",
+                "cpu,cpuacct:/cubicle/sbx",
+                "pids:/cubicle/sbx",
+                "freezer:/cubicle/sbx"
+            ]
+        );
+        assert!(cg.freezer_dir("sbx").ends_with("freezer/cubicle/sbx"));
     }
 
     #[test]

@@ -133,6 +133,14 @@ impl CgroupManager for CgroupV2 {
         )
     }
 
+    fn freezer_dir(&self, name: &str) -> PathBuf {
+        self.dir(name)
+    }
+
+    fn criu_roots(&self, name: &str) -> Vec<String> {
+        vec![format!("/{}/{name}", self.parent)]
+    }
+
     fn freezer_state(&self, name: &str) -> Result<FreezerState, CgroupError> {
         let dir = self.dir(name);
         // `cgroup.events` says whether the freeze has completed; `cgroup.freeze` what

@@ -1,0 +1,184 @@
+//! Checkpoints of real sandboxes with CRIU: taken while the sandbox runs, restored as
+//! new sandboxes (create-from-snapshot and clone) with everything inside as it was.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use cubicle_core::SandboxId;
+use cubicle_runtime::{Runtime, RuntimeError};
+use support::TestEnv;
+
+const COUNTER: &str = "nohup sh -c 'i=0; while :; do i=$((i+1)); echo $i > /tmp/count.new; \
+     mv /tmp/count.new /tmp/count; sleep 0.01; done' >/dev/null 2>&1 &";
+
+async fn count(sbx: &support::Sandbox) -> u64 {
+    sbx.sh("cat /tmp/count")
+        .await
+        .stdout_text()
+        .trim()
+        .parse()
+        .unwrap_or(0)
+}
+
+async fn wait_count_above(sbx: &support::Sandbox, n: u64) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let c = count(sbx).await;
+        if c > n {
+            return c;
+        }
+        assert!(Instant::now() < deadline, "counter stuck at {c}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_checkpoint_restores_as_independent_sandboxes_with_everything_inside() {
+    let env = TestEnv::new();
+    let sbx = env.create().await;
+    sbx.sh("echo on-disk > /home/user/kept.txt && echo in-shm > /dev/shm/kept")
+        .await;
+    sbx.sh(COUNTER).await;
+    // A process that keeps a file open and writes through it.
+    sbx.sh("nohup python3 -c 'import time\nf = open(\"/tmp/fd.log\", \"a\", buffering=1)\nn = 0\nwhile True:\n    n += 1; f.write(str(n) + chr(10)); time.sleep(0.01)' >/dev/null 2>&1 &")
+        .await;
+    wait_count_above(&sbx, 2).await;
+
+    let dir = env.data.path().join("ckpt");
+    let started = Instant::now();
+    let info = env
+        .runtime
+        .checkpoint(sbx.id(), &dir)
+        .await
+        .expect("checkpoint");
+    let took = started.elapsed();
+    assert!(info.size_bytes > 0);
+    assert_eq!(info.layers, env.layers);
+    // The source runs on.
+    let c = count(&sbx).await;
+    wait_count_above(&sbx, c).await;
+
+    let mut clones = Vec::new();
+    let mut restore_times = Vec::new();
+    for i in 0..2 {
+        let mut spec = env.spec();
+        spec.agent.access_token = Some(format!("token-of-clone-{i}"));
+        spec.agent.env_vars.insert("CLONE".into(), i.to_string());
+        let started = Instant::now();
+        let clone = env.create_restored(&dir, spec).await.expect("restore");
+        restore_times.push(started.elapsed());
+        clones.push(clone);
+    }
+    eprintln!(
+        "checkpoint {took:?} (frozen {} us, {} bytes), restores {restore_times:?}",
+        info.frozen_us, info.size_bytes
+    );
+    for (i, clone) in clones.iter().enumerate() {
+        // The clone's own token and env vars, not the source's.
+        assert_eq!(
+            clone.sh("echo $CLONE").await.stdout_text(),
+            format!("{i}\n")
+        );
+        let tokenless = cubicle_envd::client::EnvdClient::new(&clone.info.agent_socket);
+        assert!(
+            tokenless.run("true", None).await.is_err(),
+            "a clone accepted no token"
+        );
+        assert_eq!(
+            clone.sh("hostname").await.stdout_text().trim(),
+            clone.id().as_str()
+        );
+        assert_eq!(
+            clone.sh("cat /etc/hostname").await.stdout_text().trim(),
+            clone.id().as_str()
+        );
+        assert_eq!(
+            clone
+                .sh("cat /home/user/kept.txt /dev/shm/kept")
+                .await
+                .stdout_text(),
+            "on-disk\nin-shm\n"
+        );
+        // Processes go on from where the checkpoint caught them.
+        let c = count(clone).await;
+        assert!(c > 0);
+        wait_count_above(clone, c).await;
+        let lines = clone.sh("cat /tmp/fd.log").await.stdout_text();
+        let numbers: Vec<u64> = lines
+            .split_whitespace()
+            .map(|n| n.parse().unwrap())
+            .collect();
+        assert_eq!(numbers, (1..=numbers.len() as u64).collect::<Vec<_>>());
+    }
+    // Clones diverge: a file written in one is in neither the other nor the source.
+    clones[0].sh("echo mine > /tmp/only-here").await;
+    assert_ne!(clones[1].sh("cat /tmp/only-here").await.end.exit_code, 0);
+    assert_ne!(sbx.sh("cat /tmp/only-here").await.end.exit_code, 0);
+    // Every clone is in its own cgroup.
+    for clone in &clones {
+        let procs =
+            std::fs::read_to_string(env.runtime.cgroup_file(clone.id(), "cgroup.procs")).unwrap();
+        assert!(
+            procs.lines().any(|p| p == clone.info.pid.to_string()),
+            "{procs}"
+        );
+    }
+
+    // A paused sandbox can be checkpointed and stays paused.
+    env.runtime.pause(sbx.id()).await.unwrap();
+    let dir2 = env.data.path().join("ckpt2");
+    env.runtime
+        .checkpoint(sbx.id(), &dir2)
+        .await
+        .expect("checkpoint of a paused sandbox");
+    assert!(env
+        .runtime
+        .list()
+        .await
+        .unwrap()
+        .iter()
+        .any(|s| &s.id == sbx.id() && s.paused));
+    env.runtime.resume(sbx.id()).await.unwrap();
+
+    for clone in clones {
+        clone.destroy().await;
+    }
+    sbx.destroy().await;
+}
+
+#[tokio::test]
+async fn failed_checkpoints_and_restores_leave_nothing_behind() {
+    let env = TestEnv::new();
+    let sbx = env.create().await;
+    // An existing target directory is refused and left alone.
+    let taken = env.data.path().join("taken");
+    std::fs::create_dir(&taken).unwrap();
+    assert!(env.runtime.checkpoint(sbx.id(), &taken).await.is_err());
+    assert!(taken.is_dir());
+    // Unknown sandbox.
+    let missing = SandboxId::generate();
+    assert!(matches!(
+        env.runtime
+            .checkpoint(&missing, &env.data.path().join("x"))
+            .await,
+        Err(RuntimeError::NotFound(_))
+    ));
+    assert!(!env.data.path().join("x").exists());
+    // A directory that holds no checkpoint.
+    let spec = env.spec();
+    let id = spec.id.clone();
+    assert!(matches!(
+        env.runtime.restore(&taken, spec).await,
+        Err(RuntimeError::Checkpoint { .. })
+    ));
+    assert!(!env.data.path().join("sandboxes").join(id.as_str()).exists());
+    assert!(!env
+        .runtime
+        .cgroup_names()
+        .unwrap()
+        .contains(&id.to_string()));
+    // The sandbox is untouched.
+    assert_eq!(sbx.sh("echo ok").await.stdout_text(), "ok\n");
+    sbx.destroy().await;
+}

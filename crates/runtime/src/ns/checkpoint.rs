@@ -1,0 +1,525 @@
+//! Checkpoints of `ns` sandboxes with CRIU: writing one while the sandbox runs, and
+//! restoring one as a new sandbox.
+//!
+//! A checkpoint directory holds:
+//!
+//! ```text
+//! checkpoint.json   what it was taken from (layers, uid shift, host name, cost)
+//! images/           CRIU's images of every process of the sandbox
+//! upper/            a copy of the sandbox's writable layer, taken with the memory
+//! agent.log         the agent's log (its open file must exist on restore)
+//! ```
+//!
+//! **Checkpoint:** freeze the sandbox's cgroup, `criu dump --leave-running` of its pid 1
+//! (the bind mounts from the host named as external mounts), copy the writable layer
+//! while still frozen (so files and memory agree), thaw.
+//!
+//! **Restore:** a new sandbox directory whose writable layer is a copy of the
+//! checkpoint's, its cgroups created with limits, then `criu restore` started in a mount
+//! namespace of its own with the overlay mounted, so nothing stays mounted on the host;
+//! external mounts map to the new sandbox's run directory and the current agent binary,
+//! `--cgroup-root` puts every process in the new cgroups, and the host name is the new
+//! sandbox id (rewritten in the UTS image and in `/etc/hostname` / `/etc/hosts`).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+use crate::RuntimeError;
+
+/// The metadata file of a checkpoint directory.
+pub const META_FILE: &str = "checkpoint.json";
+/// Format of [`CheckpointMeta`]; a restore refuses other versions.
+pub const FORMAT: u32 = 1;
+
+/// What a checkpoint was taken from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CheckpointMeta {
+    /// [`FORMAT`].
+    pub format: u32,
+    /// Template layers, top first.
+    pub layers: Vec<PathBuf>,
+    /// Host uid of the sandbox's root.
+    pub uid_shift: u32,
+    /// The sandbox's host name (its id) when the checkpoint was taken.
+    pub hostname: String,
+    /// Bytes of images and writable layer.
+    pub size_bytes: u64,
+    /// How long the sandbox was frozen, microseconds.
+    pub frozen_us: u64,
+}
+
+/// The CRIU binary: `$CUBICLE_CRIU`, else `/usr/local/sbin/criu` (what `scripts/criu`
+/// installs), else `criu` on the PATH.
+pub fn criu_binary() -> PathBuf {
+    if let Some(p) = std::env::var_os("CUBICLE_CRIU") {
+        return PathBuf::from(p);
+    }
+    let local = Path::new("/usr/local/sbin/criu");
+    if local.is_file() {
+        return local.to_owned();
+    }
+    PathBuf::from("criu")
+}
+
+/// The key CRIU knows an external (host bind) mount by: its path in the sandbox with
+/// `/` made `-`.
+pub fn external_key(mount_point: &Path) -> String {
+    mount_point
+        .to_string_lossy()
+        .trim_start_matches('/')
+        .replace('/', "-")
+}
+
+/// Arguments of `criu dump` for a sandbox whose pid 1 is `pid`.
+pub fn dump_args(pid: i32, images: &Path, freezer: &Path, externals: &[PathBuf]) -> Vec<String> {
+    let mut args: Vec<String> = vec![
+        "dump".into(),
+        "--leave-running".into(),
+        "-t".into(),
+        pid.to_string(),
+        "-D".into(),
+        images.display().to_string(),
+        "-o".into(),
+        "dump.log".into(),
+        // A process CRIU cannot seize within this is reported (and the dump retried).
+        "--timeout".into(),
+        "2".into(),
+        "--freeze-cgroup".into(),
+        freezer.display().to_string(),
+        // Loopback is the sandbox's only network; nothing outside can reach its sockets
+        // while it is frozen.
+        "--network-lock".into(),
+        "skip".into(),
+        "--tcp-established".into(),
+        "--file-locks".into(),
+    ];
+    for point in externals {
+        args.push("--external".into());
+        args.push(format!("mnt[{}]:{}", point.display(), external_key(point)));
+    }
+    args
+}
+
+/// Where each external mount of a restored sandbox comes from on the host.
+#[derive(Debug, Clone)]
+pub struct RestoreMounts {
+    /// The new sandbox's run directory (`/run/cubicle` inside).
+    pub run_dir: PathBuf,
+    /// The agent binary (`/run/cubicle/cubicle-agent` inside).
+    pub agent_bin: PathBuf,
+}
+
+/// Arguments of `criu restore` of `images` onto the overlay at `root`.
+pub fn restore_args(
+    images: &Path,
+    root: &Path,
+    pidfile: &Path,
+    externals: &[PathBuf],
+    mounts: &RestoreMounts,
+    cgroup_roots: &[String],
+) -> Vec<String> {
+    let mut args: Vec<String> = vec![
+        "restore".into(),
+        "-d".into(),
+        "-D".into(),
+        images.display().to_string(),
+        "-o".into(),
+        "restore.log".into(),
+        "--root".into(),
+        root.display().to_string(),
+        "--pidfile".into(),
+        pidfile.display().to_string(),
+        "--tcp-established".into(),
+        "--file-locks".into(),
+    ];
+    for point in externals {
+        let source = match point.to_str() {
+            Some(super::message::SANDBOX_RUN_DIR) => mounts.run_dir.clone(),
+            Some(super::message::SANDBOX_AGENT_BIN) => mounts.agent_bin.clone(),
+            Some(p) if p.starts_with("/dev/") => point.clone(),
+            // Masked /proc files are /dev/null.
+            _ => PathBuf::from("/dev/null"),
+        };
+        args.push("--external".into());
+        args.push(format!("mnt[{}]:{}", external_key(point), source.display()));
+    }
+    for root in cgroup_roots {
+        args.push("--cgroup-root".into());
+        args.push(root.clone());
+    }
+    args
+}
+
+/// Runs CRIU with `args` in `workdir` (its log goes there); the error carries the log's
+/// error lines.
+pub fn run_criu(
+    op: &'static str,
+    mut cmd: Command,
+    args: &[String],
+    log: &Path,
+) -> Result<(), RuntimeError> {
+    let out = cmd
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| RuntimeError::Checkpoint {
+            op,
+            message: format!("cannot run {}: {e}", criu_binary().display()),
+        })?;
+    if out.status.success() {
+        return Ok(());
+    }
+    let log_text = std::fs::read_to_string(log).unwrap_or_default();
+    let errors: Vec<&str> = log_text
+        .lines()
+        .filter(|l| l.contains("Error") && !l.contains("RLIMIT_NOFILE"))
+        .collect();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    Err(RuntimeError::Checkpoint {
+        op,
+        message: format!(
+            "criu {} ({}): {}",
+            args.first().map(String::as_str).unwrap_or(""),
+            out.status,
+            if errors.is_empty() {
+                stderr.trim().to_owned()
+            } else {
+                errors.join("; ")
+            }
+        ),
+    })
+}
+
+/// Copies a directory tree with owners, modes, times and extended attributes (overlayfs
+/// keeps whiteouts and opaque marks in `user.overlay.*` xattrs).
+pub fn copy_tree(from: &Path, to: &Path) -> Result<(), RuntimeError> {
+    let out = Command::new("cp")
+        .arg("-a")
+        .arg("--reflink=auto")
+        .arg("--")
+        .arg(from)
+        .arg(to)
+        .output()
+        .map_err(|e| RuntimeError::Io {
+            op: "copy",
+            path: from.to_owned(),
+            source: e,
+        })?;
+    if out.status.success() {
+        return Ok(());
+    }
+    Err(RuntimeError::Io {
+        op: "copy",
+        path: from.to_owned(),
+        source: std::io::Error::other(String::from_utf8_lossy(&out.stderr).trim().to_owned()),
+    })
+}
+
+/// Bytes of regular files under `dir`.
+pub fn tree_size(dir: &Path) -> u64 {
+    fn walk(dir: &Path, total: &mut u64) {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let Ok(md) = e.metadata() else { continue };
+            if md.is_dir() {
+                walk(&e.path(), total);
+            } else if md.is_file() {
+                *total += md.len();
+            }
+        }
+    }
+    let mut total = 0;
+    walk(dir, &mut total);
+    total
+}
+
+/// Asks the agent behind `socket` to end every other connection from the host (its
+/// `POST /_cubicle/quiesce`), and returns once the agent has closed this connection too
+/// (end of file), so no host connection is left in the agent.
+pub async fn quiesce_agent(socket: &Path) -> Result<(), RuntimeError> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let failed = |message: String| RuntimeError::Checkpoint {
+        op: "checkpoint",
+        message: format!("closing the host's connections to the agent: {message}"),
+    };
+    let mut stream = tokio::net::UnixStream::connect(socket)
+        .await
+        .map_err(|e| failed(e.to_string()))?;
+    let request =
+        format!("POST {QUIESCE_PATH} HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\n\r\n");
+    stream
+        .write_all(request.as_bytes())
+        .await
+        .map_err(|e| failed(e.to_string()))?;
+    let mut answer = Vec::new();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        stream.read_to_end(&mut answer),
+    )
+    .await
+    .map_err(|_| failed("no answer within 10 s".into()))?
+    .map_err(|e| failed(e.to_string()))?;
+    // End of file means the agent shut down its side; the checkpoint needs its socket
+    // closed. A write fails with EPIPE once it is.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(1);
+    while tokio::time::Instant::now() < deadline {
+        match stream.write(b"\n").await {
+            Ok(_) => tokio::time::sleep(std::time::Duration::from_micros(100)).await,
+            Err(_) => break,
+        }
+    }
+    let status_line = answer.split(|b| *b == b'\n').next().unwrap_or_default();
+    if status_line.starts_with(b"HTTP/1.1 204") {
+        Ok(())
+    } else {
+        Err(failed(format!(
+            "the agent answered {:?}",
+            String::from_utf8_lossy(status_line).trim()
+        )))
+    }
+}
+
+/// Whether a dump failed for a passing reason worth another try: a connection from the
+/// host that reached the agent after it had ended the others, or a process CRIU could
+/// not seize because it was in the middle of a fork when the sandbox froze.
+pub fn is_transient_dump_error(e: &RuntimeError) -> bool {
+    matches!(e, RuntimeError::Checkpoint { message, .. }
+        if message.contains("unix: Unix socket") || message.contains("Unseizable"))
+}
+
+/// The agent's host-only request that ends every other host connection.
+pub const QUIESCE_PATH: &str = "/_cubicle/quiesce";
+/// The agent's host-only request that sets a restored sandbox's identity.
+pub const IDENTITY_PATH: &str = "/_cubicle/identity";
+
+/// Gives the agent of a restored sandbox its new id, access token and env vars.
+pub async fn set_agent_identity(
+    socket: &Path,
+    identity: &super::message::AgentIdentity,
+) -> Result<(), RuntimeError> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let failed = |message: String| RuntimeError::Checkpoint {
+        op: "restore",
+        message: format!("giving the agent its new identity: {message}"),
+    };
+    let body = serde_json::to_vec(identity).map_err(|e| failed(e.to_string()))?;
+    let mut stream = tokio::net::UnixStream::connect(socket)
+        .await
+        .map_err(|e| failed(e.to_string()))?;
+    let head = format!(
+        "POST {IDENTITY_PATH} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    stream
+        .write_all(&[head.as_bytes(), &body].concat())
+        .await
+        .map_err(|e| failed(e.to_string()))?;
+    let mut answer = Vec::new();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        stream.read_to_end(&mut answer),
+    )
+    .await
+    .map_err(|_| failed("no answer within 10 s".into()))?
+    .map_err(|e| failed(e.to_string()))?;
+    let status_line = answer.split(|b| *b == b'\n').next().unwrap_or_default();
+    if status_line.starts_with(b"HTTP/1.1 204") {
+        Ok(())
+    } else {
+        Err(failed(format!(
+            "the agent answered {:?}",
+            String::from_utf8_lossy(status_line).trim()
+        )))
+    }
+}
+
+/// Microseconds since `start`.
+pub fn micros_since(start: Instant) -> u64 {
+    start.elapsed().as_micros().try_into().unwrap_or(u64::MAX)
+}
+
+/// CRIU image magic numbers of a UTS namespace image (`utsns-<id>.img`), from CRIU's
+/// `criu/include/magic.h`.
+const IMG_COMMON_MAGIC: u32 = 0x5456_4319;
+const UTSNS_MAGIC: u32 = 0x5447_3203;
+
+/// Rewrites the host name in a CRIU UTS namespace image: the image is two magic words,
+/// then one length-prefixed `UtsnsEntry { nodename = 1; domainname = 2 }` protobuf.
+pub fn rewrite_utsns(image: &[u8], hostname: &str) -> Result<Vec<u8>, String> {
+    let word = |at: usize| -> Result<u32, String> {
+        image
+            .get(at..at + 4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .ok_or_else(|| "UTS image too short".to_owned())
+    };
+    if word(0)? != IMG_COMMON_MAGIC && word(0)? != UTSNS_MAGIC {
+        return Err(format!("not a CRIU image (magic {:#x})", word(0)?));
+    }
+    let (header, entry_at) = if word(0)? == IMG_COMMON_MAGIC {
+        (8, 8)
+    } else {
+        (4, 4)
+    };
+    if word(header - 4)? != UTSNS_MAGIC {
+        return Err("not a UTS namespace image".into());
+    }
+    let len = word(entry_at)? as usize;
+    let body = image
+        .get(entry_at + 4..entry_at + 4 + len)
+        .ok_or("UTS image truncated")?;
+    // Keep every field but the node name.
+    let mut fields = Vec::new();
+    let mut at = 0;
+    while at < body.len() {
+        let key = body[at];
+        at += 1;
+        if key & 7 != 2 {
+            return Err(format!(
+                "unexpected protobuf wire type in UTS image: {key:#x}"
+            ));
+        }
+        let (n, used) = read_varint(&body[at..]).ok_or("bad varint in UTS image")?;
+        at += used;
+        let value = body
+            .get(at..at + n as usize)
+            .ok_or("UTS image field truncated")?;
+        at += n as usize;
+        if key >> 3 != 1 {
+            fields.push((key, value.to_vec()));
+        }
+    }
+    let mut entry = Vec::new();
+    push_field(&mut entry, 0x0a, hostname.as_bytes());
+    for (key, value) in fields {
+        push_field(&mut entry, key, &value);
+    }
+    let mut out = image[..entry_at].to_vec();
+    out.extend_from_slice(&(entry.len() as u32).to_le_bytes());
+    out.extend_from_slice(&entry);
+    out.extend_from_slice(&image[entry_at + 4 + len..]);
+    Ok(out)
+}
+
+fn read_varint(bytes: &[u8]) -> Option<(u64, usize)> {
+    let mut value = 0u64;
+    for (i, b) in bytes.iter().enumerate().take(10) {
+        value |= u64::from(b & 0x7f) << (7 * i);
+        if b & 0x80 == 0 {
+            return Some((value, i + 1));
+        }
+    }
+    None
+}
+
+fn push_field(out: &mut Vec<u8>, key: u8, value: &[u8]) {
+    out.push(key);
+    let mut n = value.len() as u64;
+    loop {
+        let byte = (n & 0x7f) as u8;
+        n >>= 7;
+        if n == 0 {
+            out.push(byte);
+            break;
+        }
+        out.push(byte | 0x80);
+    }
+    out.extend_from_slice(value);
+}
+
+/// Writes `/etc/hostname` and `/etc/hosts` naming `hostname` into a writable layer, as
+/// init does at create, owned by the sandbox's root (`uid_shift`).
+pub fn write_host_files(upper: &Path, hostname: &str, uid_shift: u32) -> Result<(), RuntimeError> {
+    let etc = upper.join("etc");
+    let io = |op: &'static str, path: &Path| {
+        let path = path.to_owned();
+        move |source| RuntimeError::Io { op, path, source }
+    };
+    if !etc.exists() {
+        std::fs::create_dir(&etc).map_err(io("create", &etc))?;
+        std::os::unix::fs::chown(&etc, Some(uid_shift), Some(uid_shift))
+            .map_err(io("chown", &etc))?;
+    }
+    for (name, text) in [
+        ("hostname", format!("{hostname}\n")),
+        ("hosts", super::init::hosts_file(hostname)),
+    ] {
+        let path = etc.join(name);
+        std::fs::write(&path, text).map_err(io("write", &path))?;
+        std::os::unix::fs::chown(&path, Some(uid_shift), Some(uid_shift))
+            .map_err(io("chown", &path))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn utsns_image(nodename: &str, domainname: &str) -> Vec<u8> {
+        let mut entry = Vec::new();
+        push_field(&mut entry, 0x0a, nodename.as_bytes());
+        push_field(&mut entry, 0x12, domainname.as_bytes());
+        let mut img = Vec::new();
+        img.extend_from_slice(&IMG_COMMON_MAGIC.to_le_bytes());
+        img.extend_from_slice(&UTSNS_MAGIC.to_le_bytes());
+        img.extend_from_slice(&(entry.len() as u32).to_le_bytes());
+        img.extend_from_slice(&entry);
+        img
+    }
+
+    #[test]
+    fn the_host_name_is_rewritten_and_the_domain_kept() {
+        let img = utsns_image("oldsandboxid", "(none)");
+        let new = rewrite_utsns(&img, "a-much-longer-new-sandbox-id").unwrap();
+        assert_eq!(new, utsns_image("a-much-longer-new-sandbox-id", "(none)"));
+        assert!(rewrite_utsns(&img[..10], "x").is_err());
+        assert!(rewrite_utsns(b"not an image at all", "x").is_err());
+    }
+
+    #[test]
+    fn dump_and_restore_name_the_same_external_mounts() {
+        let externals = vec![
+            PathBuf::from("/dev/null"),
+            PathBuf::from("/proc/keys"),
+            PathBuf::from(super::super::message::SANDBOX_RUN_DIR),
+            PathBuf::from(super::super::message::SANDBOX_AGENT_BIN),
+        ];
+        let dump = dump_args(7, Path::new("/i"), Path::new("/f"), &externals);
+        assert!(
+            dump.contains(&"mnt[/proc/keys]:proc-keys".to_string()),
+            "{dump:?}"
+        );
+        assert!(dump.contains(&"--leave-running".to_string()));
+        let mounts = RestoreMounts {
+            run_dir: PathBuf::from("/data/sandboxes/new/run"),
+            agent_bin: PathBuf::from("/usr/local/bin/cubicle-agent"),
+        };
+        let restore = restore_args(
+            Path::new("/i"),
+            Path::new("/r"),
+            Path::new("/p"),
+            &externals,
+            &mounts,
+            &["memory:/cubicle/new".to_string()],
+        );
+        for expected in [
+            "mnt[dev-null]:/dev/null",
+            "mnt[proc-keys]:/dev/null",
+            "mnt[run-cubicle]:/data/sandboxes/new/run",
+            "mnt[run-cubicle-cubicle-agent]:/usr/local/bin/cubicle-agent",
+            "memory:/cubicle/new",
+        ] {
+            assert!(
+                restore.contains(&expected.to_string()),
+                "{expected}: {restore:?}"
+            );
+        }
+    }
+}
