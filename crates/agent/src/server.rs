@@ -184,29 +184,47 @@ pub async fn serve(listener: UnixListener, agent: Arc<Agent>) -> io::Result<()> 
             .map(|c| c.pid() == Some(0))
             .unwrap_or(false);
         let conn_agent = agent.clone();
-        let conn_id = from_host.then(|| agent.host_connections.reserve());
-        let task = tokio::spawn(async move {
-            if let Err(e) = serve_connection(stream, conn_agent.clone(), from_host, conn_id).await {
-                tracing::debug!(error = %e, "connection ended with an error");
-            }
-            if let Some(id) = conn_id {
-                conn_agent.host_connections.remove(id);
-            }
-        });
-        if let Some(id) = conn_id {
-            // A task that already ended removed nothing; drop its entry again.
-            agent.host_connections.add(id, task);
-            if agent
-                .host_connections
-                .open
-                .lock()
-                .expect("host connections")
-                .get(&id)
-                .is_some_and(|t| t.is_finished())
-            {
-                agent.host_connections.remove(id);
-            }
+        if from_host {
+            spawn_host_task(&agent, move |id| async move {
+                if let Err(e) = serve_connection(stream, conn_agent, true, Some(id)).await {
+                    tracing::debug!(error = %e, "connection ended with an error");
+                }
+            });
+        } else {
+            tokio::spawn(async move {
+                if let Err(e) = serve_connection(stream, conn_agent, false, None).await {
+                    tracing::debug!(error = %e, "connection ended with an error");
+                }
+            });
         }
+    }
+}
+
+/// Spawns a task that holds a connection from the host (a served connection, a
+/// tunnel), registered in [`HostConnections`] while it runs so a checkpoint can end it.
+pub(crate) fn spawn_host_task<F, Fut>(agent: &Arc<Agent>, task: F)
+where
+    F: FnOnce(u64) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let connections = &agent.host_connections;
+    let id = connections.reserve();
+    let owner = agent.clone();
+    let fut = task(id);
+    let handle = tokio::spawn(async move {
+        fut.await;
+        owner.host_connections.remove(id);
+    });
+    connections.add(id, handle);
+    // A task that ended before it was added removed nothing: drop its entry again.
+    let finished = connections
+        .open
+        .lock()
+        .expect("host connections")
+        .get(&id)
+        .is_some_and(|t| t.is_finished());
+    if finished {
+        connections.remove(id);
     }
 }
 
@@ -291,7 +309,7 @@ pub async fn route(agent: &Arc<Agent>, from_host: bool, req: Request<Incoming>) 
     tracing::debug!(%method, %path, "request");
     if method == Method::CONNECT {
         return if from_host {
-            tunnel::connect(req).await
+            tunnel::connect(agent, req).await
         } else {
             rpc::http_error(StatusCode::FORBIDDEN, "tunnels are for the host only")
         };

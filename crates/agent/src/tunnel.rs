@@ -7,10 +7,14 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
-use crate::rpc::{self, Body};
+use std::sync::Arc;
 
-/// Answers a CONNECT request: dials the port, then splices both directions.
-pub async fn connect(req: Request<Incoming>) -> Response<Body> {
+use crate::rpc::{self, Body};
+use crate::server::{spawn_host_task, Agent};
+
+/// Answers a CONNECT request: dials the port, then splices both directions (a host
+/// connection of `agent`'s, ended like the others before a checkpoint).
+pub async fn connect(agent: &Arc<Agent>, req: Request<Incoming>) -> Response<Body> {
     let port = match target_port(req.uri()) {
         Ok(p) => p,
         Err(msg) => return rpc::http_error(StatusCode::BAD_REQUEST, msg),
@@ -26,7 +30,7 @@ pub async fn connect(req: Request<Incoming>) -> Response<Body> {
         }
     };
     let _ = upstream.set_nodelay(true);
-    tokio::spawn(async move {
+    spawn_host_task(agent, move |_| async move {
         match hyper::upgrade::on(req).await {
             Ok(upgraded) => {
                 let mut upgraded = TokioIo::new(upgraded);

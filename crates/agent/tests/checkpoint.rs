@@ -125,6 +125,23 @@ async fn a_checkpoint_restores_as_independent_sandboxes_with_everything_inside()
         );
     }
 
+    // A restored sandbox can be checkpointed and restored again (CRIU's user namespace
+    // check on a restored, non-dumpable agent: scripts/criu-patches/0003).
+    let again = env.data.path().join("ckpt-of-clone");
+    env.runtime
+        .checkpoint(clones[0].id(), &again)
+        .await
+        .expect("checkpoint of a restored sandbox");
+    let grandchild = env
+        .create_restored(&again, env.spec())
+        .await
+        .expect("restore again");
+    assert_eq!(
+        grandchild.sh("cat /tmp/only-here").await.stdout_text(),
+        "mine\n"
+    );
+    grandchild.destroy().await;
+
     // A paused sandbox can be checkpointed and stays paused.
     env.runtime.pause(sbx.id()).await.unwrap();
     let dir2 = env.data.path().join("ckpt2");

@@ -286,8 +286,8 @@ pub async fn quiesce_agent(socket: &Path) -> Result<(), RuntimeError> {
 }
 
 /// Whether a dump failed for a passing reason worth another try: a connection from the
-/// host that reached the agent after it had ended the others, or a process CRIU could
-/// not seize because it was in the middle of a fork when the sandbox froze.
+/// host that reached the agent after it had ended the others, or a process caught in
+/// the middle of a fork when the sandbox froze (CRIU cannot seize it).
 pub fn is_transient_dump_error(e: &RuntimeError) -> bool {
     matches!(e, RuntimeError::Checkpoint { message, .. }
         if message.contains("unix: Unix socket") || message.contains("Unseizable"))
