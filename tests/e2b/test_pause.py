@@ -150,3 +150,45 @@ def test_pause_resume_cycles_are_fast_and_lossless(new_sandbox, conn):
         f"pause via SDK: p50 {harness.percentile(pauses, 50):.1f} ms, "
         f"resume (connect) p50 {harness.percentile(resumes, 50):.1f} ms over 10 cycles"
     )
+
+
+def test_hibernate_frees_memory_and_connect_restores_everything(new_sandbox, daemon, conn):
+    """Cubicle's deep pause ({"hibernate": true}): processes are checkpointed to disk and
+    end, and `Sandbox.connect` restores them under the same id."""
+    sbx = new_sandbox()
+    sbx.commands.run(COUNTER)
+    sbx.files.write("/home/user/kept.txt", "on disk")
+    sbx.commands.run("echo in-shm > /dev/shm/kept")
+    harness.wait_until(lambda: _count(sbx) > 2, 10, what="the counter")
+    with daemon.http() as c:
+        r = c.post(f"/sandboxes/{sbx.sandbox_id}/pause", json={"hibernate": True})
+        assert r.status_code == 204, r.text
+        # No process of it is left on the host: its cgroups are gone.
+        assert harness.cgroups_of([sbx.sandbox_id]) == []
+        assert Sandbox.get_info(sbx.sandbox_id, **conn).state == SandboxState.PAUSED
+        again = c.post(f"/sandboxes/{sbx.sandbox_id}/pause", json={})
+        assert again.status_code == 409, again.text
+    t = time.perf_counter()
+    back = Sandbox.connect(sbx.sandbox_id, **conn)
+    resume_ms = (time.perf_counter() - t) * 1000
+    assert back.commands.run("hostname").stdout.strip() == sbx.sandbox_id
+    before = _count(back)
+    harness.wait_until(lambda: _count(back) > before, 10, what="the counter to go on")
+    assert back.files.read("/home/user/kept.txt") == "on disk"
+    assert back.commands.run("cat /dev/shm/kept").stdout == "in-shm\n"
+    harness.MEASUREMENTS.append(f"hibernate: resume (connect, restore from disk) {resume_ms:.0f} ms")
+
+
+def test_code_interpreter_variables_survive_hibernation(daemon, conn):
+    sbx = harness.create_ci(conn)
+    try:
+        sbx.run_code("x = 41")
+        with daemon.http() as c:
+            r = c.post(f"/sandboxes/{sbx.sandbox_id}/pause", json={"hibernate": True})
+            assert r.status_code == 204, r.text
+        from e2b_code_interpreter import Sandbox as CiSandbox
+
+        back = CiSandbox.connect(sbx.sandbox_id, **conn)
+        assert back.run_code("x + 1").text == "42"
+    finally:
+        harness.kill_quietly(sbx)

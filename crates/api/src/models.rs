@@ -99,6 +99,10 @@ pub struct PauseBody {
     /// Refuse to pause a sandbox whose agent does not answer.
     #[serde(default)]
     pub require_healthy_guest: Option<bool>,
+    /// Cubicle: hibernate at once (memory checkpointed to disk and freed) instead of
+    /// freezing in memory.
+    #[serde(default)]
+    pub hibernate: Option<bool>,
 }
 
 /// `POST /sandboxes/{id}/snapshots` body.

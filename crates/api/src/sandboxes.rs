@@ -271,7 +271,11 @@ pub async fn pause(
         )
         .into());
     }
-    state.controller.pause(owner.0, &id).await?;
+    if body.hibernate == Some(true) {
+        state.controller.hibernate(owner.0, &id).await?;
+    } else {
+        state.controller.pause(owner.0, &id).await?;
+    }
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -82,6 +82,10 @@ pub struct ServeArgs {
     /// Longest timeout in seconds a client may ask for.
     #[arg(long, default_value_t = 86_400)]
     pub max_timeout: u64,
+    /// Seconds a sandbox may stay paused (frozen, in memory) before it hibernates (its
+    /// memory is checkpointed to disk and freed); 0: only when a pause asks for it.
+    #[arg(long, env = "CUBICLE_HIBERNATE_AFTER", default_value_t = 600)]
+    pub hibernate_after: u64,
     /// Log format.
     #[arg(long, value_enum, default_value = "text")]
     pub log_format: LogFormat,
@@ -166,7 +170,7 @@ pub enum SandboxCommand {
     /// that is already paused is reported and is not an error. The exit code is 1 if a
     /// sandbox was not found or the daemon failed for one.
     #[command(after_help = API_ENV_HELP)]
-    Pause(SandboxIdsArgs),
+    Pause(SandboxPauseArgs),
     /// Resume paused sandboxes where they stopped.
     ///
     /// Each one's timeout starts again from now (`--timeout`, or the daemon's default).
@@ -220,6 +224,18 @@ pub struct SandboxCloneArgs {
     /// Seconds until the daemon kills each clone (default: 300).
     #[arg(long, default_value_t = 300)]
     pub timeout: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct SandboxPauseArgs {
+    /// Sandbox ids.
+    #[arg(required = true)]
+    pub ids: Vec<String>,
+    /// Hibernate: checkpoint the memory to disk and free it (resume takes longer than
+    /// from a frozen pause). Pausing already hibernates after the daemon's
+    /// `--hibernate-after`.
+    #[arg(long)]
+    pub hibernate: bool,
 }
 
 #[derive(Debug, Args)]

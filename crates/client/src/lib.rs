@@ -222,12 +222,27 @@ impl ApiClient {
 
     /// `POST /sandboxes/{id}/pause`: `true` once paused, `false` if it already was.
     pub async fn pause(&self, id: &str) -> Result<bool, ClientError> {
+        self.pause_with(id, false).await
+    }
+
+    /// `POST /sandboxes/{id}/pause` with Cubicle's `hibernate`: the memory is
+    /// checkpointed to disk and freed. `true` once hibernated, `false` if it already was.
+    pub async fn hibernate(&self, id: &str) -> Result<bool, ClientError> {
+        self.pause_with(id, true).await
+    }
+
+    async fn pause_with(&self, id: &str, hibernate: bool) -> Result<bool, ClientError> {
+        let body: &[u8] = if hibernate {
+            br#"{"hibernate":true}"#
+        } else {
+            b"{}"
+        };
         match self
             .call(
                 Method::POST,
                 &sandbox_path(id, "/pause"),
                 HeaderMap::new(),
-                Some(b"{}".to_vec()),
+                Some(body.to_vec()),
             )
             .await
         {

@@ -16,6 +16,7 @@ use tokio::sync::Notify;
 use crate::metrics::{MetricSample, Series};
 use crate::request::{CreateRequest, ListRequest};
 
+mod hibernate;
 mod snapshots;
 
 use crate::{now_ms, ControlError};
@@ -38,6 +39,9 @@ pub struct ControlConfig {
     pub metrics_interval: Duration,
     /// How long killed sandboxes stay in the store (history, events).
     pub keep_killed: Duration,
+    /// A sandbox paused (frozen) for longer than this hibernates: its memory goes to a
+    /// checkpoint on disk. `None`: only when the pause asks for it.
+    pub hibernate_after: Option<Duration>,
 }
 
 impl Default for ControlConfig {
@@ -50,6 +54,7 @@ impl Default for ControlConfig {
             max_upload_bytes: 1 << 30,
             metrics_interval: Duration::from_secs(5),
             keep_killed: Duration::from_secs(7 * 24 * 3600),
+            hibernate_after: Some(Duration::from_secs(600)),
         }
     }
 }
@@ -91,6 +96,8 @@ struct Live {
     auto_pause: bool,
     /// Paused: no traffic is routed to it and its deadline does not run.
     paused: AtomicBool,
+    /// When it was paused, ms since the epoch (for hibernating idle pauses).
+    paused_at_ms: AtomicI64,
     /// Held while a lifecycle operation (pause, resume, kill) runs on the sandbox, so
     /// that operations on one sandbox happen one after another.
     ops: tokio::sync::Mutex<()>,
@@ -163,6 +170,10 @@ impl Controller {
             weak.clone(),
             controller.config.metrics_interval,
         ));
+        if let Some(after) = controller.config.hibernate_after {
+            let every = (after / 4).clamp(Duration::from_millis(10), Duration::from_secs(5));
+            tokio::spawn(hibernate::hibernate_idle(weak.clone(), after, every));
+        }
         tokio::spawn(purge_history(weak));
         Ok(controller)
     }
@@ -223,6 +234,14 @@ impl Controller {
                     kept.insert(record.id.clone());
                     tracing::info!(sandbox = %record.id, %state, "adopted sandbox");
                 }
+                (SandboxState::Paused, None) if self.is_hibernated(&record.id) => {
+                    // Nothing runs; the checkpoint is restored on resume. The socket is
+                    // set then.
+                    self.adopt(&record, PathBuf::new());
+                    kept.insert(record.id.clone());
+                    tracing::info!(sandbox = %record.id, "adopted hibernated sandbox");
+                    continue;
+                }
                 (SandboxState::Creating, _) => {
                     self.store.transition(
                         &record.id,
@@ -257,6 +276,19 @@ impl Controller {
                 self.runtime.destroy(&id).await?;
             }
         }
+        // Checkpoints of hibernated sandboxes no paused record claims.
+        if let Ok(entries) = std::fs::read_dir(self.templates.data_dir().hibernated()) {
+            for entry in entries.flatten() {
+                let id = entry
+                    .file_name()
+                    .to_str()
+                    .and_then(|n| n.parse::<SandboxId>().ok());
+                if !id.is_some_and(|id| kept.contains(&id)) {
+                    tracing::warn!(path = %entry.path().display(), "removing an unclaimed hibernation checkpoint");
+                    let _ = std::fs::remove_dir_all(entry.path());
+                }
+            }
+        }
         self.reconcile_snapshots().await
     }
 
@@ -269,6 +301,7 @@ impl Controller {
             end_at_ms: AtomicI64::new(record.end_at_ms),
             auto_pause: record.auto_pause,
             paused: AtomicBool::new(record.state == SandboxState::Paused),
+            paused_at_ms: AtomicI64::new(now_ms()),
             ops: tokio::sync::Mutex::new(()),
         });
         self.live
@@ -589,6 +622,12 @@ impl Controller {
             self.deadlines_changed.notify_one();
             return Err(e.into());
         }
+        let hibernated = self.hibernation_dir(id);
+        if hibernated.exists() {
+            if let Err(e) = std::fs::remove_dir_all(&hibernated) {
+                tracing::warn!(sandbox = %id, error = %e, "removing a killed sandbox's hibernation checkpoint");
+            }
+        }
         self.metrics.lock().expect("metrics").remove(id);
         self.store
             .transition(id, SandboxState::Killed, now_ms(), Some(reason))?;
@@ -707,10 +746,36 @@ impl Controller {
                 return Err(e.into());
             }
         };
+        live.paused_at_ms.store(now_ms(), Ordering::Relaxed);
         live.paused.store(true, Ordering::Release);
         self.deadlines_changed.notify_one();
         tracing::info!(sandbox = %id, "sandbox paused");
         Ok(record)
+    }
+
+    /// Hibernates a sandbox of `owner` (Cubicle's deep pause): paused if it runs, then
+    /// checkpointed to disk with its processes ended, so it holds no memory. Resumed like
+    /// any paused sandbox. Hibernating a hibernated sandbox is a conflict.
+    pub async fn hibernate(
+        &self,
+        owner: i64,
+        id: &SandboxId,
+    ) -> Result<SandboxRecord, ControlError> {
+        let live = self.live_of(owner, id)?;
+        let _op = live.ops.lock().await;
+        if !self.still_indexed(id, &live) {
+            return Err(ControlError::SandboxNotFound(id.clone()));
+        }
+        if self.is_hibernated(id) {
+            return Err(ControlError::Conflict(format!(
+                "sandbox {id} is already paused (hibernated)"
+            )));
+        }
+        if !live.paused.load(Ordering::Acquire) {
+            self.pause_locked(id, &live).await?;
+        }
+        self.hibernate_locked(id).await?;
+        self.get(owner, id)
     }
 
     /// E2B `resume` (v1): resumes a paused sandbox of `owner`; a running one is a
@@ -745,7 +810,11 @@ impl Controller {
         }
         let timeout = timeout_secs.unwrap_or(self.config.default_timeout.as_secs());
         let end_at_ms = now_ms() + (timeout as i64) * 1000;
-        self.runtime.resume(id).await?;
+        if self.is_hibernated(id) {
+            self.wake_locked(id, live).await?;
+        } else {
+            self.runtime.resume(id).await?;
+        }
         let record = self
             .store
             .transition(id, SandboxState::Running, now_ms(), None)

@@ -445,3 +445,95 @@ async fn restart_keeps_paused_sandboxes_paused_and_repairs_half_done_pauses() {
     let (_, resumed) = c.connect(1, &paused.id, None).await.unwrap();
     assert!(resumed);
 }
+
+#[tokio::test]
+async fn hibernation_frees_the_sandbox_and_resume_restores_it_under_its_id() {
+    let rt = Arc::new(FakeRuntime::default());
+    let store = Store::open_in_memory().unwrap();
+    let (tmp, c) = controller(rt.clone(), store.clone()).await;
+    let r = c.create(1, create("base")).await.unwrap();
+    let dir = tmp.path().join("hibernated").join(r.id.as_str());
+
+    let record = c.hibernate(1, &r.id).await.unwrap();
+    assert_eq!(record.state, SandboxState::Paused);
+    assert!(dir.is_dir(), "checkpoint on disk");
+    assert!(
+        !rt.running.lock().unwrap().contains_key(&r.id),
+        "processes ended"
+    );
+    assert!(c.route(r.id.as_str()).is_none());
+    assert!(matches!(
+        c.hibernate(1, &r.id).await,
+        Err(ControlError::Conflict(_))
+    ));
+    assert!(matches!(
+        c.pause(1, &r.id).await,
+        Err(ControlError::Conflict(_))
+    ));
+
+    // A restart (same data dir) adopts it as paused, and resume restores it under the
+    // same id.
+    drop(c);
+    let config = ControlConfig {
+        max_timeout: Duration::from_secs(3600),
+        ..ControlConfig::default()
+    };
+    let templates = cubicle_template::TemplateStore::new(cubicle_core::DataDir::new(tmp.path()));
+    let c = Controller::start(config, rt.clone(), store.clone(), templates)
+        .await
+        .unwrap();
+    assert_eq!(c.get(1, &r.id).unwrap().state, SandboxState::Paused);
+    let (record, resumed) = c.connect(1, &r.id, Some(60)).await.unwrap();
+    assert!(resumed);
+    assert_eq!(record.state, SandboxState::Running);
+    let restored = rt.restored.lock().unwrap().clone();
+    assert_eq!(restored.len(), 1);
+    assert_eq!(restored[0].0, dir);
+    assert_eq!(restored[0].1.id, r.id);
+    assert_eq!(restored[0].1.agent.access_token, r.envd_access_token);
+    assert!(!dir.exists(), "the checkpoint goes once restored");
+    assert!(c.route(r.id.as_str()).is_some());
+
+    // Killing a hibernated sandbox removes its checkpoint.
+    c.hibernate(1, &r.id).await.unwrap();
+    assert!(dir.is_dir());
+    c.kill(1, &r.id).await.unwrap();
+    assert!(!dir.exists());
+}
+
+#[tokio::test]
+async fn a_long_pause_hibernates() {
+    let rt = Arc::new(FakeRuntime::default());
+    let (tmp, templates) = fake_templates();
+    let config = ControlConfig {
+        hibernate_after: Some(Duration::from_millis(50)),
+        ..ControlConfig::default()
+    };
+    let c = Controller::start(
+        config,
+        rt.clone(),
+        Store::open_in_memory().unwrap(),
+        templates,
+    )
+    .await
+    .unwrap();
+    let r = c.create(1, create("base")).await.unwrap();
+    let running = c.create(1, create("base")).await.unwrap();
+    c.pause(1, &r.id).await.unwrap();
+    let dir = tmp.path().join("hibernated").join(r.id.as_str());
+    let hibernated = async {
+        while !dir.is_dir() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), hibernated)
+        .await
+        .expect("the paused sandbox hibernated");
+    assert!(!rt.running.lock().unwrap().contains_key(&r.id));
+    assert!(
+        rt.running.lock().unwrap().contains_key(&running.id),
+        "a running one stays"
+    );
+    let (_, resumed) = c.connect(1, &r.id, None).await.unwrap();
+    assert!(resumed);
+}

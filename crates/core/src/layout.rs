@@ -65,6 +65,11 @@ impl DataDir {
         self.root.join("snapshots")
     }
 
+    /// Where hibernated sandboxes' checkpoints live (one directory per sandbox id).
+    pub fn hibernated(&self) -> PathBuf {
+        self.root.join("hibernated")
+    }
+
     /// Downloaded or built artefacts that can be thrown away and rebuilt.
     pub fn cache(&self) -> PathBuf {
         self.root.join("cache")

@@ -39,7 +39,7 @@ pub async fn run(cmd: SandboxCommand) -> anyhow::Result<ExitCode> {
         SandboxCommand::Exec(args) => exec(&api, args).await,
         SandboxCommand::RunCode(args) => run_code(&api, args).await,
         SandboxCommand::Kill(args) => kill(&api, &args.ids).await,
-        SandboxCommand::Pause(args) => pause(&api, &args.ids).await,
+        SandboxCommand::Pause(args) => pause(&api, &args.ids, args.hibernate).await,
         SandboxCommand::Resume(args) => resume(&api, &args.ids, args.timeout).await,
         SandboxCommand::Snapshot(args) => {
             let snap = api.snapshot(&args.id, args.name.as_deref()).await?;
@@ -210,11 +210,16 @@ async fn kill(api: &ApiClient, ids: &[String]) -> anyhow::Result<ExitCode> {
     })
 }
 
-async fn pause(api: &ApiClient, ids: &[String]) -> anyhow::Result<ExitCode> {
+async fn pause(api: &ApiClient, ids: &[String], hibernate: bool) -> anyhow::Result<ExitCode> {
     each(ids, |id| async move {
-        Ok(match api.pause(&id).await? {
-            true => format!("paused {id}"),
-            false => format!("sandbox {id} is already paused"),
+        let done = match hibernate {
+            true => api.hibernate(&id).await?,
+            false => api.pause(&id).await?,
+        };
+        Ok(match (done, hibernate) {
+            (true, false) => format!("paused {id}"),
+            (true, true) => format!("hibernated {id}"),
+            (false, _) => format!("sandbox {id} is already paused"),
         })
     })
     .await

@@ -51,6 +51,8 @@ pub async fn run(
     let config = ControlConfig {
         default_timeout: Duration::from_secs(args.default_timeout),
         max_timeout: Duration::from_secs(args.max_timeout),
+        hibernate_after: (args.hibernate_after > 0)
+            .then(|| Duration::from_secs(args.hibernate_after)),
         ..ControlConfig::default()
     };
     let controller = Controller::start(config, runtime, store, TemplateStore::new(data.clone()))
