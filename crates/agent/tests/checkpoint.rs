@@ -199,3 +199,40 @@ async fn failed_checkpoints_and_restores_leave_nothing_behind() {
     assert_eq!(sbx.sh("echo ok").await.stdout_text(), "ok\n");
     sbx.destroy().await;
 }
+
+#[tokio::test]
+async fn a_full_disk_fails_the_checkpoint_clearly_and_leaves_the_sandbox_running() {
+    let env = TestEnv::new();
+    let sbx = env.create().await;
+    // Enough room for CRIU's first images, not for all of them.
+    let full = env.data.path().join("full");
+    std::fs::create_dir(&full).unwrap();
+    nix::mount::mount(
+        Some("tmpfs"),
+        &full,
+        Some("tmpfs"),
+        nix::mount::MsFlags::empty(),
+        Some("size=256k"),
+    )
+    .unwrap();
+    let dir = full.join("ckpt");
+    let result = env.runtime.checkpoint(sbx.id(), &dir).await;
+    let listed = std::fs::read_dir(&full).unwrap().count();
+    nix::mount::umount(&full).unwrap();
+    let err = result.expect_err("a checkpoint onto a full disk");
+    assert!(
+        err.to_string().contains("No space left") || format!("{err:?}").contains("No space left"),
+        "{err:?}"
+    );
+    assert_eq!(listed, 0, "the half-written checkpoint was removed");
+    // The sandbox runs on, thawed.
+    assert_eq!(sbx.sh("echo ok").await.stdout_text(), "ok\n");
+    assert!(env
+        .runtime
+        .list()
+        .await
+        .unwrap()
+        .iter()
+        .any(|s| s.id == *sbx.id() && !s.paused));
+    sbx.destroy().await;
+}
