@@ -240,48 +240,66 @@ pub fn tree_size(dir: &Path) -> u64 {
 }
 
 /// Asks the agent behind `socket` to end every other connection from the host (its
-/// `POST /_cubicle/quiesce`), and returns once the agent has closed this connection too
-/// (end of file), so no host connection is left in the agent.
+/// `POST /_cubicle/quiesce`), and returns once the agent has closed this connection too,
+/// so no host connection is left in the agent.
 pub async fn quiesce_agent(socket: &Path) -> Result<(), RuntimeError> {
+    host_request(socket, QUIESCE_PATH, b"", true)
+        .await
+        .map_err(|message| RuntimeError::Checkpoint {
+            op: "checkpoint",
+            message: format!("closing the host's connections to the agent: {message}"),
+        })
+}
+
+/// A host-only `POST path` to the agent behind `socket` on a connection of its own,
+/// which the agent closes after its answer (`204` expected). With `until_closed`, it
+/// returns only once the agent's end of the connection is closed, not just shut down.
+async fn host_request(
+    socket: &Path,
+    path: &str,
+    body: &[u8],
+    until_closed: bool,
+) -> Result<(), String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let failed = |message: String| RuntimeError::Checkpoint {
-        op: "checkpoint",
-        message: format!("closing the host's connections to the agent: {message}"),
-    };
     let mut stream = tokio::net::UnixStream::connect(socket)
         .await
-        .map_err(|e| failed(e.to_string()))?;
-    let request =
-        format!("POST {QUIESCE_PATH} HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\n\r\n");
+        .map_err(|e| e.to_string())?;
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
     stream
-        .write_all(request.as_bytes())
+        .write_all(&[head.as_bytes(), body].concat())
         .await
-        .map_err(|e| failed(e.to_string()))?;
+        .map_err(|e| e.to_string())?;
     let mut answer = Vec::new();
     tokio::time::timeout(
         std::time::Duration::from_secs(10),
         stream.read_to_end(&mut answer),
     )
     .await
-    .map_err(|_| failed("no answer within 10 s".into()))?
-    .map_err(|e| failed(e.to_string()))?;
-    // End of file means the agent shut down its side; the checkpoint needs its socket
-    // closed. A write fails with EPIPE once it is.
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(1);
-    while tokio::time::Instant::now() < deadline {
-        match stream.write(b"\n").await {
-            Ok(_) => tokio::time::sleep(std::time::Duration::from_micros(100)).await,
-            Err(_) => break,
+    .map_err(|_| "no answer within 10 s".to_owned())?
+    .map_err(|e| e.to_string())?;
+    if until_closed {
+        // End of file means the agent shut down its side; a write fails with EPIPE once
+        // its socket is closed.
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(1);
+        while tokio::time::Instant::now() < deadline {
+            match stream.write(b"\n").await {
+                Ok(_) => tokio::time::sleep(std::time::Duration::from_micros(100)).await,
+                Err(_) => break,
+            }
         }
     }
     let status_line = answer.split(|b| *b == b'\n').next().unwrap_or_default();
     if status_line.starts_with(b"HTTP/1.1 204") {
         Ok(())
     } else {
-        Err(failed(format!(
+        Err(format!(
             "the agent answered {:?}",
             String::from_utf8_lossy(status_line).trim()
-        )))
+        ))
     }
 }
 
@@ -303,41 +321,14 @@ pub async fn set_agent_identity(
     socket: &Path,
     identity: &super::message::AgentIdentity,
 ) -> Result<(), RuntimeError> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let failed = |message: String| RuntimeError::Checkpoint {
         op: "restore",
         message: format!("giving the agent its new identity: {message}"),
     };
     let body = serde_json::to_vec(identity).map_err(|e| failed(e.to_string()))?;
-    let mut stream = tokio::net::UnixStream::connect(socket)
+    host_request(socket, IDENTITY_PATH, &body, false)
         .await
-        .map_err(|e| failed(e.to_string()))?;
-    let head = format!(
-        "POST {IDENTITY_PATH} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    stream
-        .write_all(&[head.as_bytes(), &body].concat())
-        .await
-        .map_err(|e| failed(e.to_string()))?;
-    let mut answer = Vec::new();
-    tokio::time::timeout(
-        std::time::Duration::from_secs(10),
-        stream.read_to_end(&mut answer),
-    )
-    .await
-    .map_err(|_| failed("no answer within 10 s".into()))?
-    .map_err(|e| failed(e.to_string()))?;
-    let status_line = answer.split(|b| *b == b'\n').next().unwrap_or_default();
-    if status_line.starts_with(b"HTTP/1.1 204") {
-        Ok(())
-    } else {
-        Err(failed(format!(
-            "the agent answered {:?}",
-            String::from_utf8_lossy(status_line).trim()
-        )))
-    }
+        .map_err(failed)
 }
 
 /// Microseconds since `start`.

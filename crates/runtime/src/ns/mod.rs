@@ -801,6 +801,37 @@ impl NsRuntime {
         }
     }
 
+    /// The end of a create or restore: the sandbox is tracked and described, or, if it
+    /// failed, everything it had is removed.
+    async fn started(
+        &self,
+        spec: SandboxSpec,
+        paths: SandboxPaths,
+        outcome: Result<(i32, OwnedFd), (RuntimeError, Option<OwnedFd>)>,
+    ) -> Result<SandboxInfo, RuntimeError> {
+        match outcome {
+            Ok((pid, pidfd)) => {
+                self.live
+                    .lock()
+                    .expect("live map poisoned")
+                    .insert(spec.id.clone(), Live { pidfd });
+                Ok(SandboxInfo {
+                    id: spec.id,
+                    pid,
+                    layers: spec.layers,
+                    agent_socket: paths.socket,
+                    paused: false,
+                })
+            }
+            Err((err, pidfd)) => {
+                if let Err(cleanup) = self.tear_down(&spec.id, pidfd).await {
+                    tracing::error!(sandbox = %spec.id, error = %cleanup, "cleanup after a failed start");
+                }
+                Err(err)
+            }
+        }
+    }
+
     /// The host pid of a running sandbox's first process; [`RuntimeError::NotFound`] if
     /// the sandbox does not run.
     fn running_pid(&self, id: &SandboxId) -> Result<i32, RuntimeError> {
@@ -854,27 +885,7 @@ impl Runtime for NsRuntime {
             Ok(()) => self.start(&spec, &paths).await,
             Err(e) => Err((e.into(), None)),
         };
-        match started {
-            Ok((pid, pidfd)) => {
-                self.live
-                    .lock()
-                    .expect("live map poisoned")
-                    .insert(spec.id.clone(), Live { pidfd });
-                Ok(SandboxInfo {
-                    id: spec.id,
-                    pid,
-                    layers: spec.layers,
-                    agent_socket: paths.socket,
-                    paused: false,
-                })
-            }
-            Err((err, pidfd)) => {
-                if let Err(cleanup) = self.tear_down(&spec.id, pidfd).await {
-                    tracing::error!(sandbox = %spec.id, error = %cleanup, "cleanup after failed create");
-                }
-                Err(err)
-            }
-        }
+        self.started(spec, paths, started).await
     }
 
     async fn destroy(&self, id: &SandboxId) -> Result<(), RuntimeError> {
@@ -980,27 +991,8 @@ impl Runtime for NsRuntime {
             }
             Err(e) => return Err(io_error("create", &paths.dir)(e)),
         }
-        match self.restore_into(dir, &spec, &paths).await {
-            Ok((pid, pidfd)) => {
-                self.live
-                    .lock()
-                    .expect("live map poisoned")
-                    .insert(spec.id.clone(), Live { pidfd });
-                Ok(SandboxInfo {
-                    id: spec.id,
-                    pid,
-                    layers: spec.layers,
-                    agent_socket: paths.socket,
-                    paused: false,
-                })
-            }
-            Err((err, pidfd)) => {
-                if let Err(cleanup) = self.tear_down(&spec.id, pidfd).await {
-                    tracing::error!(sandbox = %spec.id, error = %cleanup, "cleanup after failed restore");
-                }
-                Err(err)
-            }
-        }
+        let restored = self.restore_into(dir, &spec, &paths).await;
+        self.started(spec, paths, restored).await
     }
 
     fn prepare(&self, layers: &[PathBuf], agent: &crate::AgentConfig) {
