@@ -227,7 +227,7 @@ pub(super) fn redirect_stdio(stdin: &Path, log: Option<&Path>) -> io::Result<()>
 }
 
 fn mount_overlay(spec: &InitSpec) -> io::Result<()> {
-    let opts = overlay_options(spec)?;
+    let opts = overlay_options(&spec.lower, &spec.upper, &spec.work)?;
     mount(
         Some("overlay"),
         &spec.merged,
@@ -244,23 +244,22 @@ fn mount_overlay(spec: &InitSpec) -> io::Result<()> {
 /// removing a template directory fails with EIO and renaming any directory with EXDEV.
 /// It also makes overlayfs read the `user.overlay.*` marks (opaque directories) that
 /// layered templates were built with.
-fn overlay_options(spec: &InitSpec) -> io::Result<String> {
-    if spec.lower.is_empty() {
+pub(super) fn overlay_options(lower: &[PathBuf], upper: &Path, work: &Path) -> io::Result<String> {
+    if lower.is_empty() {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
             "no template layer",
         ));
     }
-    let lower = spec
-        .lower
+    let lower = lower
         .iter()
         .map(|l| l.display().to_string())
         .collect::<Vec<_>>()
         .join(":");
     Ok(format!(
         "lowerdir={lower},upperdir={},workdir={},userxattr",
-        spec.upper.display(),
-        spec.work.display()
+        upper.display(),
+        work.display()
     ))
 }
 
@@ -582,20 +581,24 @@ mod tests {
 
     #[test]
     fn overlay_lower_layers_are_joined_top_first() {
+        let opts = |layers: &[&str]| {
+            let s = spec(layers);
+            overlay_options(&s.lower, &s.upper, &s.work)
+        };
         assert_eq!(
-            overlay_options(&spec(&["/d/templates/base/rootfs"])).unwrap(),
+            opts(&["/d/templates/base/rootfs"]).unwrap(),
             "lowerdir=/d/templates/base/rootfs,upperdir=/d/sandboxes/x/upper,\
              workdir=/d/sandboxes/x/work,userxattr"
         );
         assert_eq!(
-            overlay_options(&spec(&[
+            opts(&[
                 "/d/templates/code-interpreter/rootfs",
                 "/d/templates/base/rootfs"
-            ]))
+            ])
             .unwrap(),
             "lowerdir=/d/templates/code-interpreter/rootfs:/d/templates/base/rootfs,\
              upperdir=/d/sandboxes/x/upper,workdir=/d/sandboxes/x/work,userxattr"
         );
-        assert!(overlay_options(&spec(&[])).is_err());
+        assert!(opts(&[]).is_err());
     }
 }

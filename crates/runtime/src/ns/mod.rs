@@ -130,6 +130,25 @@ impl RuntimeRecord {
     }
 }
 
+/// The overlay's work directory, the root's mount point and the run directory, owned
+/// by the sandbox's root (host uid `shift`), and the agent binary's mount point.
+fn create_mount_dirs(paths: &SandboxPaths, shift: u32) -> Result<(), RuntimeError> {
+    for (dir, mode) in [
+        (&paths.work, 0o700),
+        (&paths.merged, 0o755),
+        (&paths.run, 0o700),
+    ] {
+        std::fs::DirBuilder::new()
+            .mode(mode)
+            .create(dir)
+            .map_err(io_error("create", dir))?;
+        std::os::unix::fs::chown(dir, Some(shift), Some(shift)).map_err(io_error("chown", dir))?;
+    }
+    std::fs::File::create(&paths.agent_mount_point)
+        .map_err(io_error("create", &paths.agent_mount_point))?;
+    Ok(())
+}
+
 /// Checks the template layers of a spec: at least one, each an existing directory whose
 /// path overlayfs' options can carry (absolute, UTF-8, no `:` `,` or newline).
 fn check_layers(layers: &[PathBuf]) -> Result<(), RuntimeError> {
@@ -295,23 +314,13 @@ impl NsRuntime {
             }
             Err(e) => return Err(io_error("create", &paths.dir)(e)),
         }
-        // The sandbox's root (host uid `shift`) must own what it writes to.
-        let owner = Some(spec.uid_shift);
-        for (dir, mode) in [
-            (&paths.upper, 0o755),
-            (&paths.work, 0o700),
-            (&paths.merged, 0o755),
-            (&paths.run, 0o700),
-        ] {
-            std::fs::DirBuilder::new()
-                .mode(mode)
-                .create(dir)
-                .map_err(io_error("create", dir))?;
-            std::os::unix::fs::chown(dir, owner, owner).map_err(io_error("chown", dir))?;
-        }
-        std::fs::File::create(&paths.agent_mount_point)
-            .map_err(io_error("create", &paths.agent_mount_point))?;
-        Ok(())
+        std::fs::DirBuilder::new()
+            .mode(0o755)
+            .create(&paths.upper)
+            .map_err(io_error("create", &paths.upper))?;
+        std::os::unix::fs::chown(&paths.upper, Some(spec.uid_shift), Some(spec.uid_shift))
+            .map_err(io_error("chown", &paths.upper))?;
+        create_mount_dirs(paths, spec.uid_shift)
     }
 
     /// Clones the sandbox's first process and drives it to `Ready`.
@@ -664,20 +673,7 @@ impl NsRuntime {
         let prepared = (|| {
             checkpoint::copy_tree(&dir.join("upper"), &paths.upper)?;
             checkpoint::write_host_files(&paths.upper, spec.id.as_str(), shift)?;
-            for (d, mode) in [
-                (&paths.work, 0o700),
-                (&paths.merged, 0o755),
-                (&paths.run, 0o700),
-            ] {
-                std::fs::DirBuilder::new()
-                    .mode(mode)
-                    .create(d)
-                    .map_err(io_error("create", d))?;
-                std::os::unix::fs::chown(d, Some(shift), Some(shift))
-                    .map_err(io_error("chown", d))?;
-            }
-            std::fs::File::create(&paths.agent_mount_point)
-                .map_err(io_error("create", &paths.agent_mount_point))?;
+            create_mount_dirs(paths, shift)?;
             let agent_log = dir.join("agent.log");
             if agent_log.exists() {
                 checkpoint::copy_tree(&agent_log, &paths.run.join("agent.log"))?;
@@ -727,17 +723,8 @@ impl NsRuntime {
             },
             &self.cgroups.criu_roots(spec.id.as_str()),
         );
-        let lower = spec
-            .layers
-            .iter()
-            .map(|l| l.display().to_string())
-            .collect::<Vec<_>>()
-            .join(":");
-        let options = format!(
-            "lowerdir={lower},upperdir={},workdir={},userxattr",
-            paths.upper.display(),
-            paths.work.display()
-        );
+        let options = init::overlay_options(&spec.layers, &paths.upper, &paths.work)
+            .map_err(|e| (spawn_error("build the overlay options")(e), None))?;
         let mut cmd = std::process::Command::new(checkpoint::criu_binary());
         sys::in_private_overlay_ns(&mut cmd, &paths.merged, &options).map_err(|e| {
             (
