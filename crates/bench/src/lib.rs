@@ -11,4 +11,5 @@ pub mod api_create;
 pub mod code_interpreter;
 pub mod ns_create;
 pub mod peers;
+pub mod snapshot;
 pub mod stats;

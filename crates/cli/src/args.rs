@@ -384,6 +384,52 @@ pub enum BenchCommand {
     /// sandboxes are killed at the end, also on Ctrl-C or an error.
     #[command(after_help = BENCH_CODE_INTERPRETER_HELP)]
     CodeInterpreter(BenchCodeInterpreterArgs),
+    /// Snapshots, create from a snapshot, rollback, clone, pause and resume through the
+    /// E2B API of a running `cubicle serve`, one at a time, next to the seed's figures.
+    ///
+    /// Each round creates a sandbox (untimed), pauses it (POST /sandboxes/{id}/pause)
+    /// and resumes it (POST /v2/sandboxes/{id}/connect), snapshots it (POST
+    /// /sandboxes/{id}/snapshots), creates a sandbox from the snapshot (POST
+    /// /v2/sandboxes, timed until 201), rolls the first back to it (POST
+    /// /sandboxes/{id}/rollback), hibernates it (a pause that checkpoints it to disk) and
+    /// resumes it again. Then a second sandbox gets --dirty-mib MiB of memory
+    /// made dirty by a background Python process (untimed; done once its RSS is there)
+    /// and is snapshotted, created from, cloned once and 5 times (POST
+    /// /sandboxes/{id}/fork) and rolled back. Each operation is timed from the request
+    /// sent to the answer. Every sandbox and snapshot of the run is removed at the end,
+    /// also on Ctrl-C or an error.
+    #[command(after_help = BENCH_SNAPSHOT_HELP)]
+    Snapshot(BenchSnapshotArgs),
+}
+
+const BENCH_SNAPSHOT_HELP: &str = "\
+Reported per operation in milliseconds: n, min, p50, p90, p99, max, avg, the seed's figure
+(its c=1 average, chapter 4) and p50 / seed; the 5-clone fork is reported per clone (the
+call's time / 5). Also the snapshots' image sizes (sizeBytes) and the dirtying process's
+RSS. Warm-up rounds (-w) run the same operations first and are not counted. Failed
+operations are counted and listed, what depends on them is skipped; the exit code is 1 if
+any operation, set-up step, kill or delete failed. Bad parameters, or a daemon that cannot
+be reached, refuses the key or lacks the template exit 2. The daemon and key come from
+E2B_API_URL (default http://127.0.0.1:3000) and E2B_API_KEY; commands reach sandboxes
+through E2B_SANDBOX_URL (default: E2B_API_URL). The template needs python3 and bash.";
+
+#[derive(Debug, Args)]
+pub struct BenchSnapshotArgs {
+    /// Measured rounds (each operation once per round).
+    #[arg(long = "rounds", short = 'n', default_value_t = 10)]
+    pub rounds: usize,
+    /// Warm-up rounds, not counted.
+    #[arg(long, short, default_value_t = 1)]
+    pub warmup: usize,
+    /// Template to create sandboxes from.
+    #[arg(long, short, default_value = "base")]
+    pub template: String,
+    /// MiB of memory made dirty in the second sandbox before its snapshot and clones.
+    #[arg(long, value_name = "MIB", default_value_t = 8)]
+    pub dirty_mib: u64,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 const BENCH_CODE_INTERPRETER_HELP: &str = "\

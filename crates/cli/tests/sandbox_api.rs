@@ -515,6 +515,72 @@ fn bench_code_interpreter() {
 }
 
 #[test]
+fn bench_snapshot() {
+    let d = Daemon::start();
+    let run = d.cli(&["bench", "snapshot", "-n", "2", "--json"]);
+    let report = run.code(0).json();
+    let ops = report["operations"].as_array().unwrap();
+    let keys: Vec<&str> = ops.iter().map(|o| o["op"].as_str().unwrap()).collect();
+    assert_eq!(
+        keys,
+        [
+            "pause",
+            "resume",
+            "hibernate",
+            "resume_hibernated",
+            "snapshot",
+            "create_from_snapshot",
+            "rollback",
+            "snapshot_dirty",
+            "create_from_dirty",
+            "clone",
+            "clone_x5_per_sandbox",
+            "rollback_dirty"
+        ],
+        "{report:#}"
+    );
+    for o in ops {
+        assert_eq!(o["ms"]["n"], 2, "{}: {report:#}", o["op"]);
+        assert_eq!(
+            (&o["failed"], &o["skipped"]),
+            (&0.into(), &0.into()),
+            "{report:#}"
+        );
+    }
+    assert_eq!(report["errors"], serde_json::json!([]), "{report:#}");
+    assert_eq!(
+        report["cleanup_errors"],
+        serde_json::json!([]),
+        "{report:#}"
+    );
+    // The dirty snapshot holds the 8 MiB of random bytes; the sandbox's process did.
+    let dirty = report["snapshot_dirty_size_mib"]["min"].as_f64().unwrap();
+    assert!(dirty >= 8.0, "{report:#}");
+    assert!(report["dirty_rss_mib"]["min"].as_f64().unwrap() >= 8.0);
+    assert_eq!(report["snapshot_size_mib"]["n"], 2, "{report:#}");
+
+    // Set-up problems exit 2 with a message.
+    let tpl = d.cli(&["bench", "snapshot", "-t", "nope"]).code(2);
+    assert!(
+        tpl.stderr.contains("has no template \"nope\""),
+        "{}",
+        tpl.stderr
+    );
+    d.cli(&["bench", "snapshot", "-n", "0"]).code(2);
+    d.cli(&["bench", "snapshot", "--dirty-mib", "0"]).code(2);
+
+    // Every sandbox and snapshot of the run was removed.
+    assert_eq!(
+        d.cli(&["sandbox", "ls", "--json"]).code(0).json(),
+        serde_json::json!([])
+    );
+    assert_eq!(
+        d.cli(&["snapshot", "ls", "--json"]).code(0).json(),
+        serde_json::json!([])
+    );
+}
+
+#[test]
 fn pause_and_resume() {
     let mut d = Daemon::start();
     let id = d.cli(&["sandbox", "create"]).ok().trim().to_owned();

@@ -9,7 +9,10 @@ use cubicle_core::{DataDir, Limits, SandboxId, TemplateName};
 use cubicle_runtime::{AgentConfig, SandboxSpec};
 use cubicle_template::TemplateStore;
 
-use crate::args::{BenchApiCreateArgs, BenchCodeInterpreterArgs, BenchCommand, BenchNsCreateArgs};
+use crate::args::{
+    BenchApiCreateArgs, BenchCodeInterpreterArgs, BenchCommand, BenchNsCreateArgs,
+    BenchSnapshotArgs,
+};
 
 /// Runs one benchmark.
 pub async fn run(
@@ -21,6 +24,7 @@ pub async fn run(
         BenchCommand::NsCreate(args) => ns_create(data, agent_bin, args).await,
         BenchCommand::ApiCreate(args) => api_create(args).await,
         BenchCommand::CodeInterpreter(args) => code_interpreter(data, args).await,
+        BenchCommand::Snapshot(args) => snapshot(args).await,
     }
 }
 
@@ -219,6 +223,223 @@ async fn code_interpreter(
     } else {
         ExitCode::from(1)
     })
+}
+
+async fn snapshot(args: BenchSnapshotArgs) -> anyhow::Result<ExitCode> {
+    use cubicle_bench::snapshot::{self as bench, Live, Plan, Progress};
+    let plan = match Plan::new(args.rounds, args.warmup, &args.template, args.dirty_mib) {
+        Ok(p) => p,
+        Err(e) => return Ok(usage_error(e)),
+    };
+    let client = match cubicle_client::ApiClient::from_env() {
+        // A checkpoint or clone of a big sandbox takes longer than the SDK's 60 s.
+        Ok(c) => c.with_timeout(std::time::Duration::from_secs(300)),
+        Err(e) => return Ok(usage_error(e)),
+    };
+    if let Err(code) = check_daemon(&client, &args.template).await {
+        return Ok(code);
+    }
+
+    let tty = std::io::stderr().is_terminal();
+    let progress = |p: Progress| {
+        match p {
+            Progress::Warmup { done, total } if tty => {
+                eprint!("\rwarm-up round {done}/{total}   ")
+            }
+            Progress::Warmup { done, total } => eprintln!("warm-up round {done}/{total}"),
+            Progress::Round {
+                done,
+                total,
+                failed,
+            } => {
+                let failed = match failed {
+                    0 => String::new(),
+                    n => format!(" ({n} failed)"),
+                };
+                if tty {
+                    eprint!("\rround {done}/{total}{failed}   ");
+                } else if done % 5 == 0 || done == total {
+                    eprintln!("round {done}/{total}{failed}");
+                }
+            }
+        }
+        let _ = std::io::stderr().flush();
+    };
+
+    let live = Live::default();
+    let outcome = tokio::select! {
+        report = bench::run(&client, &plan, &live, &progress) => Ok(report),
+        signal = interrupted() => Err(signal),
+    };
+    if tty {
+        eprint!("\r\x1b[K");
+    }
+    // Whatever happened, no sandbox or snapshot of this run stays.
+    let (sandboxes, snapshots) = (live.sandboxes().len(), live.snapshots().len());
+    if sandboxes + snapshots > 0 {
+        eprintln!(
+            "removing the {sandboxes} sandbox(es) and {snapshots} snapshot(s) this run created"
+        );
+        for e in bench::remove_all(&client, &live).await {
+            eprintln!(
+                "  {}x {} (sandboxes die at their timeout; `cubicle snapshot rm` removes \
+                 snapshots)",
+                e.count, e.message
+            );
+        }
+    }
+    let report = match outcome {
+        Err(signal) => {
+            eprintln!("interrupted by {signal}: no report");
+            return Ok(ExitCode::from(130));
+        }
+        Ok(report) => report,
+    };
+    if args.json {
+        let mut json = serde_json::to_value(&report)?;
+        json["api_url"] = client.base_url().into();
+        println!("{}", serde_json::to_string_pretty(&json)?);
+    } else {
+        print!("{}", snapshot_table(&report, client.base_url()));
+    }
+    Ok(if report.failures() == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+/// The human report: one row per operation next to the seed's figure, then sizes and
+/// failures.
+fn snapshot_table(r: &cubicle_bench::snapshot::Report, url: &str) -> String {
+    use cubicle_bench::snapshot::{Op, SizeSummary};
+    use std::fmt::Write as _;
+    let p = &r.plan;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "snapshot: template {} at {url}; {} round{} at c=1, {} warm-up round{} discarded{}; \
+         {} MiB dirty in the second sandbox",
+        p.template,
+        p.rounds,
+        if p.rounds == 1 { "" } else { "s" },
+        p.warmup,
+        if p.warmup == 1 { "" } else { "s" },
+        match r.warmup_failures {
+            0 => String::new(),
+            n => format!(" ({n} with failures)"),
+        },
+        p.dirty_mib
+    );
+    let _ = writeln!(out);
+    let _ = writeln!(
+        out,
+        "{:<34} {:>4} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9}",
+        "latency (ms)", "n", "min", "p50", "p90", "p99", "max", "avg", "seed avg", "p50/seed"
+    );
+    let dirty = format!("{} MiB dirty", p.dirty_mib);
+    // Two significant digits for ratios far below 1.
+    let ratio = |x: f64| match x {
+        x if x < 0.1 => format!("{x:.3}x"),
+        x => format!("{x:.2}x"),
+    };
+    for o in &r.operations {
+        let name = match o.op {
+            Op::Pause => "pause (freeze)".to_owned(),
+            Op::Resume => "resume (connect)".to_owned(),
+            Op::Hibernate => "hibernate (pause to disk)".to_owned(),
+            Op::ResumeHibernated => "resume hibernated (restore)".to_owned(),
+            Op::Snapshot => "snapshot".to_owned(),
+            Op::CreateFromSnapshot => "create from snapshot".to_owned(),
+            Op::Rollback => "rollback".to_owned(),
+            Op::SnapshotDirty => format!("snapshot, {dirty}"),
+            Op::CreateFromDirty => format!("create from it, {dirty}"),
+            Op::Clone => format!("clone (fork 1), {dirty}"),
+            Op::CloneManyPerSandbox => format!("clone x5, per clone, {dirty}"),
+            Op::RollbackDirty => format!("rollback, {dirty}"),
+        };
+        let cells = match &o.ms {
+            Some(s) => [s.min, s.p50, s.p90, s.p99, s.max, s.avg].map(|v| format!("{v:.1}")),
+            None => std::array::from_fn(|_| "-".to_owned()),
+        };
+        let mut notes = Vec::new();
+        if o.failed > 0 {
+            notes.push(format!("{} failed", o.failed));
+        }
+        if o.skipped > 0 {
+            notes.push(format!("{} skipped", o.skipped));
+        }
+        let _ = writeln!(
+            out,
+            "{:<34} {:>4} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9}{}",
+            name,
+            o.ms.as_ref().map_or(0, |s| s.n),
+            cells[0],
+            cells[1],
+            cells[2],
+            cells[3],
+            cells[4],
+            cells[5],
+            o.seed
+                .as_ref()
+                .map_or("-".into(), |f| format!("{:.1}", f.avg_ms)),
+            o.p50_over_seed.map_or("-".into(), ratio),
+            if notes.is_empty() {
+                String::new()
+            } else {
+                format!("  ({})", notes.join(", "))
+            }
+        );
+    }
+    let _ = writeln!(out, "seed figures:");
+    for o in &r.operations {
+        if let Some(f) = &o.seed {
+            let _ = writeln!(out, "  {:<22} {:>6.1}  {}", o.op.key(), f.avg_ms, f.source);
+        }
+    }
+    let _ = writeln!(out);
+    let size = |s: &Option<SizeSummary>| match s {
+        Some(s) => format!(
+            "p50 {:.1} MiB (min {:.1}, max {:.1}, n {})",
+            s.p50, s.min, s.max, s.n
+        ),
+        None => "-".into(),
+    };
+    let _ = writeln!(out, "snapshot image size: {}", size(&r.snapshot_size_mib));
+    let _ = writeln!(
+        out,
+        "snapshot image size, {dirty}: {}",
+        size(&r.snapshot_dirty_size_mib)
+    );
+    let _ = writeln!(
+        out,
+        "dirtying process RSS: {}; making it dirty took p50 {} ms (untimed set-up)",
+        size(&r.dirty_rss_mib),
+        r.dirty_setup_ms
+            .as_ref()
+            .map_or("-".into(), |s| format!("{:.0}", s.p50))
+    );
+    let _ = writeln!(out);
+    let failures = r.failures();
+    let _ = writeln!(
+        out,
+        "{}",
+        match failures {
+            0 => "no failures".to_owned(),
+            n => format!("{n} failure(s):"),
+        }
+    );
+    for e in &r.errors {
+        let _ = writeln!(out, "  {}x {}", e.count, e.message);
+    }
+    for e in &r.cleanup_errors {
+        let _ = writeln!(out, "  {}x {}", e.count, e.message);
+    }
+    out.push_str(
+        "(each operation timed from the request sent to the answer, one at a time; create \
+         = request sent -> 201; the seed's figures are its c=1 averages; MiB = 2^20 bytes)\n",
+    );
+    out
 }
 
 /// Resolves with the name of the first SIGINT, SIGTERM or SIGHUP (never, for a signal
