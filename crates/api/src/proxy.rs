@@ -105,6 +105,12 @@ impl Proxy {
         if self.dialer.controller.route(&target.id).is_none() {
             return not_found(&target.id);
         }
+        // The agent's host-only control requests (quiesce before a checkpoint, identity
+        // after a restore) come from the runtime, never through the proxy: the agent
+        // sees the proxy as the host too.
+        if target.port == ENVD_PORT && is_agent_control(req.uri().path()) {
+            return agent_control_refused();
+        }
         let path = req
             .uri()
             .path_and_query()
@@ -178,6 +184,25 @@ where
         .pool_idle_timeout(idle)
         .pool_max_idle_per_host(16)
         .build(connector)
+}
+
+/// Paths of the agent's control requests (`/_cubicle/...`), however spelled.
+fn is_agent_control(path: &str) -> bool {
+    let decoded = percent_encoding::percent_decode_str(path).decode_utf8_lossy();
+    decoded
+        .trim_start_matches('/')
+        .to_ascii_lowercase()
+        .starts_with("_cubicle")
+}
+
+fn agent_control_refused() -> Response {
+    (
+        StatusCode::NOT_FOUND,
+        axum::Json(serde_json::json!({
+            "code": 404, "message": "no such endpoint in the sandbox"
+        })),
+    )
+        .into_response()
 }
 
 fn is_upgrade(headers: &HeaderMap) -> bool {
@@ -517,6 +542,22 @@ mod tests {
         assert_eq!(t("0-abc.localhost", "localhost"), None);
         assert_eq!(t("8080-a.b.localhost", "localhost"), None);
         assert_eq!(t("8080-abc.evil.com", "localhost"), None);
+    }
+
+    #[test]
+    fn agent_control_paths_are_recognised_however_spelled() {
+        for p in [
+            "/_cubicle/identity",
+            "/_cubicle/quiesce",
+            "//_cubicle/quiesce",
+            "/%5Fcubicle/identity",
+            "/_CUBICLE/identity",
+        ] {
+            assert!(is_agent_control(p), "{p}");
+        }
+        for p in ["/health", "/process.Process/Start", "/files", "/cubicle"] {
+            assert!(!is_agent_control(p), "{p}");
+        }
     }
 
     #[test]

@@ -888,3 +888,21 @@ async fn snapshots_fork_rollback_have_e2b_shapes_and_statuses() {
     let (_, v) = api.key(Method::GET, "/snapshots", "").await;
     assert_eq!(v, json!([]));
 }
+
+#[tokio::test]
+async fn the_agents_control_requests_are_not_reachable_through_the_proxy() {
+    let api = api().await;
+    let sbx = api.create(json!({"templateID": "base"})).await;
+    let id = sbx["sandboxID"].as_str().unwrap();
+    for path in [
+        "/_cubicle/identity",
+        "/_cubicle/quiesce",
+        "/%5Fcubicle/identity",
+    ] {
+        let (s, v) = api
+            .call_headers(Method::POST, path, &[("e2b-sandbox-id", id)])
+            .await;
+        assert_eq!(s, StatusCode::NOT_FOUND, "{path}: {v}");
+        assert_eq!(v["message"], "no such endpoint in the sandbox");
+    }
+}
