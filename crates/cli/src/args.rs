@@ -86,6 +86,10 @@ pub struct ServeArgs {
     /// memory is checkpointed to disk and freed); 0: only when a pause asks for it.
     #[arg(long, env = "CUBICLE_HIBERNATE_AFTER", default_value_t = 600)]
     pub hibernate_after: u64,
+    /// When the host's available memory falls below this many MiB, paused sandboxes
+    /// hibernate at once, longest paused first; 0: never for this reason.
+    #[arg(long, env = "CUBICLE_HIBERNATE_BELOW_MIB", default_value_t = 1024)]
+    pub hibernate_below_mib: u64,
     /// Log format.
     #[arg(long, value_enum, default_value = "text")]
     pub log_format: LogFormat,

@@ -42,6 +42,11 @@ pub struct ControlConfig {
     /// A sandbox paused (frozen) for longer than this hibernates: its memory goes to a
     /// checkpoint on disk. `None`: only when the pause asks for it.
     pub hibernate_after: Option<Duration>,
+    /// Under memory pressure — the host's `MemAvailable` below this many MiB — paused
+    /// sandboxes hibernate at once, longest paused first. `None`: never for this reason.
+    pub hibernate_below_mib: Option<u64>,
+    /// Where `MemAvailable` is read (`/proc/meminfo`; tests point it elsewhere).
+    pub meminfo: PathBuf,
 }
 
 impl Default for ControlConfig {
@@ -55,6 +60,8 @@ impl Default for ControlConfig {
             metrics_interval: Duration::from_secs(5),
             keep_killed: Duration::from_secs(7 * 24 * 3600),
             hibernate_after: Some(Duration::from_secs(600)),
+            hibernate_below_mib: Some(1024),
+            meminfo: PathBuf::from("/proc/meminfo"),
         }
     }
 }
@@ -170,9 +177,13 @@ impl Controller {
             weak.clone(),
             controller.config.metrics_interval,
         ));
-        if let Some(after) = controller.config.hibernate_after {
-            let every = (after / 4).clamp(Duration::from_millis(10), Duration::from_secs(5));
-            tokio::spawn(hibernate::hibernate_idle(weak.clone(), after, every));
+        let config = &controller.config;
+        if config.hibernate_after.is_some() || config.hibernate_below_mib.is_some() {
+            let every = config
+                .hibernate_after
+                .map_or(Duration::from_secs(1), |after| after / 4)
+                .clamp(Duration::from_millis(10), Duration::from_secs(1));
+            tokio::spawn(hibernate::hibernate_idle(weak.clone(), every));
         }
         tokio::spawn(purge_history(weak));
         Ok(controller)

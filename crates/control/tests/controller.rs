@@ -537,3 +537,48 @@ async fn a_long_pause_hibernates() {
     let (_, resumed) = c.connect(1, &r.id, None).await.unwrap();
     assert!(resumed);
 }
+
+#[tokio::test]
+async fn memory_pressure_hibernates_paused_sandboxes_only() {
+    let rt = Arc::new(FakeRuntime::default());
+    let (tmp, templates) = fake_templates();
+    let meminfo = tmp.path().join("meminfo");
+    std::fs::write(
+        &meminfo,
+        "MemTotal: 25000000 kB\nMemAvailable: 4194304 kB\n",
+    )
+    .unwrap();
+    let config = ControlConfig {
+        hibernate_after: None,
+        hibernate_below_mib: Some(1024),
+        meminfo: meminfo.clone(),
+        ..ControlConfig::default()
+    };
+    let c = Controller::start(
+        config,
+        rt.clone(),
+        Store::open_in_memory().unwrap(),
+        templates,
+    )
+    .await
+    .unwrap();
+    let paused = c.create(1, create("base")).await.unwrap();
+    let running = c.create(1, create("base")).await.unwrap();
+    c.pause(1, &paused.id).await.unwrap();
+    let dir = tmp.path().join("hibernated").join(paused.id.as_str());
+    // Plenty of memory: the pause stays in memory (one check runs per second).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(!dir.exists());
+    // Short of memory: it hibernates; the running sandbox is left alone.
+    std::fs::write(&meminfo, "MemTotal: 25000000 kB\nMemAvailable: 524288 kB\n").unwrap();
+    let hibernated = async {
+        while !dir.is_dir() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), hibernated)
+        .await
+        .expect("the paused sandbox hibernated under memory pressure");
+    assert!(rt.running.lock().unwrap().contains_key(&running.id));
+    assert_eq!(c.get(1, &running.id).unwrap().state, SandboxState::Running);
+}

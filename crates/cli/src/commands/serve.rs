@@ -53,6 +53,7 @@ pub async fn run(
         max_timeout: Duration::from_secs(args.max_timeout),
         hibernate_after: (args.hibernate_after > 0)
             .then(|| Duration::from_secs(args.hibernate_after)),
+        hibernate_below_mib: (args.hibernate_below_mib > 0).then_some(args.hibernate_below_mib),
         ..ControlConfig::default()
     };
     let controller = Controller::start(config, runtime, store, TemplateStore::new(data.clone()))

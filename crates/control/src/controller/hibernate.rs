@@ -2,8 +2,10 @@
 //! `<data dir>/hibernated/<id>` and end, so it holds no memory, only disk; resuming
 //! restores the checkpoint under the same id, token and env vars.
 //!
-//! A sandbox hibernates when its pause asks for it (`{"hibernate": true}`), or when it
-//! has been paused (frozen) for longer than [`super::ControlConfig::hibernate_after`].
+//! A sandbox hibernates when its pause asks for it (`{"hibernate": true}`), when it has
+//! been paused (frozen) for longer than [`super::ControlConfig::hibernate_after`], or
+//! when the host is short of memory ([`super::ControlConfig::hibernate_below_mib`]):
+//! then paused sandboxes hibernate, longest paused first, until it no longer is.
 //! Both happen under the sandbox's operation lock. The state stays `paused` either
 //! way; a hibernated sandbox is recognised by its checkpoint directory, which also lets
 //! a restarted daemon adopt it.
@@ -96,25 +98,53 @@ impl Controller {
         Ok(())
     }
 
-    /// Paused sandboxes frozen for longer than `after`.
-    fn long_paused(&self, after: Duration) -> Vec<(SandboxId, Arc<Live>)> {
-        let before = now_ms() - after.as_millis() as i64;
-        self.live
+    /// Paused sandboxes in memory (not hibernated) that should hibernate now, longest
+    /// paused first: those paused for longer than `hibernate_after`, or, while the host's
+    /// available memory is below `hibernate_below_mib`, all of them.
+    fn to_hibernate(&self) -> Vec<(SandboxId, Arc<Live>)> {
+        let pressure = self.config.hibernate_below_mib.is_some_and(|min| {
+            mem_available_mib(&self.config.meminfo).is_some_and(|available| available < min)
+        });
+        let before = self
+            .config
+            .hibernate_after
+            .map(|after| now_ms() - after.as_millis() as i64);
+        let mut paused: Vec<(SandboxId, Arc<Live>)> = self
+            .live
             .read()
             .expect("live index")
             .iter()
-            .filter(|(id, l)| {
-                l.paused.load(Ordering::Acquire)
-                    && l.paused_at_ms.load(Ordering::Relaxed) <= before
-                    && !self.is_hibernated(id)
+            .filter(|(_, l)| l.paused.load(Ordering::Acquire))
+            .filter(|(_, l)| {
+                pressure || before.is_some_and(|b| l.paused_at_ms.load(Ordering::Relaxed) <= b)
             })
             .map(|(id, l)| (id.clone(), l.clone()))
-            .collect()
+            .filter(|(id, _)| !self.is_hibernated(id))
+            .collect();
+        paused.sort_by_key(|(_, l)| l.paused_at_ms.load(Ordering::Relaxed));
+        paused
+    }
+
+    /// Whether the host's memory is still short (see [`Controller::to_hibernate`]).
+    fn under_pressure(&self) -> bool {
+        self.config.hibernate_below_mib.is_some_and(|min| {
+            mem_available_mib(&self.config.meminfo).is_some_and(|available| available < min)
+        })
     }
 }
 
-/// Hibernates sandboxes that stay paused longer than `after`, checking every `every`.
-pub(super) async fn hibernate_idle(controller: Weak<Controller>, after: Duration, every: Duration) {
+/// `MemAvailable` of a `/proc/meminfo`-format file, in MiB.
+fn mem_available_mib(meminfo: &std::path::Path) -> Option<u64> {
+    let text = std::fs::read_to_string(meminfo).ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024)
+}
+
+/// Hibernates paused sandboxes that stayed paused too long, or all of them (longest
+/// paused first, until memory is no longer short) under memory pressure; checks every
+/// `every`.
+pub(super) async fn hibernate_idle(controller: Weak<Controller>, every: Duration) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
@@ -122,14 +152,43 @@ pub(super) async fn hibernate_idle(controller: Weak<Controller>, after: Duration
         let Some(c) = controller.upgrade() else {
             return;
         };
-        for (id, live) in c.long_paused(after) {
+        let candidates = c.to_hibernate();
+        let pressure = c.under_pressure();
+        for (id, live) in candidates {
+            let overdue = c.config.hibernate_after.is_some_and(|after| {
+                live.paused_at_ms.load(Ordering::Relaxed) <= now_ms() - after.as_millis() as i64
+            });
+            // Under pressure, stop once enough memory is back.
+            if !overdue && pressure && !c.under_pressure() {
+                continue;
+            }
             let _op = live.ops.lock().await;
             if !c.still_indexed(&id, &live) || !live.paused.load(Ordering::Acquire) {
                 continue;
             }
             if let Err(e) = c.hibernate_locked(&id).await {
-                tracing::warn!(sandbox = %id, error = %e.chain(), "hibernating an idle paused sandbox");
+                tracing::warn!(sandbox = %id, error = %e.chain(), "hibernating a paused sandbox");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mem_available_is_read_in_mib() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("meminfo");
+        std::fs::write(
+            &path,
+            "MemTotal:       24684032 kB\nMemFree:        1000 kB\nMemAvailable:    2097152 kB\n",
+        )
+        .unwrap();
+        assert_eq!(mem_available_mib(&path), Some(2048));
+        std::fs::write(&path, "MemTotal: 1 kB\n").unwrap();
+        assert_eq!(mem_available_mib(&path), None);
+        assert_eq!(mem_available_mib(&dir.path().join("missing")), None);
     }
 }
