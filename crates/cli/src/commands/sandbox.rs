@@ -96,7 +96,7 @@ async fn ls(api: &ApiClient, args: SandboxLsArgs) -> anyhow::Result<ExitCode> {
 
 /// The `ls` table: a header and one row per sandbox, columns padded to their widest cell.
 fn table(sandboxes: &[SandboxDetail], now: DateTime<Utc>) -> String {
-    let header = ["ID", "TEMPLATE", "STATE", "STARTED", "ENDS", "METADATA"].map(String::from);
+    let header = ["ID", "TEMPLATE", "STATE", "STARTED", "ENDS", "METADATA"];
     let rows: Vec<[String; 6]> = sandboxes
         .iter()
         .map(|s| {
@@ -110,24 +110,7 @@ fn table(sandboxes: &[SandboxDetail], now: DateTime<Utc>) -> String {
             ]
         })
         .collect();
-    let mut widths = header.clone().map(|h| h.len());
-    for r in &rows {
-        for (w, cell) in widths.iter_mut().zip(r) {
-            *w = (*w).max(cell.chars().count());
-        }
-    }
-    let mut out = String::new();
-    for cells in std::iter::once(header).chain(rows) {
-        let line = cells
-            .iter()
-            .zip(widths)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect::<Vec<_>>()
-            .join("  ");
-        out.push_str(line.trim_end());
-        out.push('\n');
-    }
-    out
+    super::columns(header, rows)
 }
 
 /// `get`'s summary (no access token: that is for `--json`).

@@ -31,7 +31,7 @@ async fn ls(api: &ApiClient, sandbox: Option<&str>, json: bool) -> anyhow::Resul
 
 /// The `ls` table, columns padded to their widest cell.
 fn table(snapshots: &[Snapshot]) -> String {
-    let header = ["ID", "SANDBOX", "TEMPLATE", "SIZE", "CREATED"].map(String::from);
+    let header = ["ID", "SANDBOX", "TEMPLATE", "SIZE", "CREATED"];
     let rows: Vec<[String; 5]> = snapshots
         .iter()
         .map(|s| {
@@ -46,24 +46,7 @@ fn table(snapshots: &[Snapshot]) -> String {
             ]
         })
         .collect();
-    let mut widths = header.clone().map(|h| h.len());
-    for r in &rows {
-        for (w, cell) in widths.iter_mut().zip(r) {
-            *w = (*w).max(cell.chars().count());
-        }
-    }
-    let mut out = String::new();
-    for cells in std::iter::once(header).chain(rows) {
-        let line = cells
-            .iter()
-            .zip(widths)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect::<Vec<_>>()
-            .join("  ");
-        out.push_str(line.trim_end());
-        out.push('\n');
-    }
-    out
+    super::columns(header, rows)
 }
 
 /// Bytes as `12.3 MiB`.

@@ -81,7 +81,7 @@ fn ls(store: &TemplateStore, json: bool) -> anyhow::Result<ExitCode> {
     write!(
         out,
         "{}",
-        table(
+        super::columns(
             ["NAME", "PARENT", "ALIASES", "SIZE", "FILES", "BUILT", "RECIPE"],
             rows
         )
@@ -141,30 +141,8 @@ async fn ls_api(json: bool) -> anyhow::Result<ExitCode> {
         "SANDBOXES",
         "BUILT",
     ];
-    write!(out, "{}", table(header, rows))?;
+    write!(out, "{}", super::columns(header, rows))?;
     Ok(ExitCode::SUCCESS)
-}
-
-/// Rows under a header, columns padded to their widest cell.
-fn table<const N: usize>(header: [&str; N], rows: Vec<[String; N]>) -> String {
-    let mut widths = header.map(str::len);
-    for r in &rows {
-        for (w, cell) in widths.iter_mut().zip(r) {
-            *w = (*w).max(cell.chars().count());
-        }
-    }
-    let mut out = String::new();
-    for cells in std::iter::once(header.map(String::from)).chain(rows) {
-        let line = cells
-            .iter()
-            .zip(widths)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect::<Vec<_>>()
-            .join("  ");
-        out.push_str(line.trim_end());
-        out.push('\n');
-    }
-    out
 }
 
 fn dash_if_empty(s: String) -> String {
