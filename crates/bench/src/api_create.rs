@@ -162,14 +162,20 @@ impl Report {
             create_ms: Summary::of(&samples),
             wall_ms,
             per_ms: wall_ms / plan.requests as f64,
-            errors: count(outcomes.iter().filter_map(|o| o.create.as_ref().err())),
-            kill_errors: count(outcomes.iter().filter_map(|o| o.kill_error.as_ref())),
+            errors: group_errors(
+                outcomes
+                    .iter()
+                    .filter_map(|o| o.create.as_ref().err())
+                    .map(String::as_str),
+            ),
+            kill_errors: group_errors(outcomes.iter().filter_map(|o| o.kill_error.as_deref())),
             warmup_failures,
         }
     }
 }
 
-fn count<'a>(messages: impl Iterator<Item = &'a String>) -> Vec<ErrorCount> {
+/// Groups failure messages, most frequent first.
+pub fn group_errors<'a>(messages: impl IntoIterator<Item = &'a str>) -> Vec<ErrorCount> {
     let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
     for m in messages {
         *counts.entry(m).or_default() += 1;

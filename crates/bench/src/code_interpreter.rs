@@ -35,7 +35,7 @@ use cubicle_runtime::ns::cgroup::{self, CgroupError, CgroupManager};
 use serde::Serialize;
 use tokio::time::Instant;
 
-use crate::api_create::ErrorCount;
+use crate::api_create::{group_errors, ErrorCount};
 use crate::stats::{percentile, Summary};
 
 /// The code each sandbox runs, and the main result it must give.
@@ -518,23 +518,6 @@ impl MemSummary {
             sum,
         })
     }
-}
-
-/// Groups failure messages, most frequent first.
-pub fn group_errors<'a>(messages: impl IntoIterator<Item = &'a str>) -> Vec<ErrorCount> {
-    let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
-    for m in messages {
-        *counts.entry(m).or_default() += 1;
-    }
-    let mut out: Vec<ErrorCount> = counts
-        .into_iter()
-        .map(|(message, count)| ErrorCount {
-            message: message.to_owned(),
-            count,
-        })
-        .collect();
-    out.sort_by_key(|e| std::cmp::Reverse(e.count));
-    out
 }
 
 /// Whether an execution gave the expected main result: `result` is the main result's

@@ -35,8 +35,8 @@ use cubicle_envd::client::EnvdClient;
 use serde::Serialize;
 use tokio::time::Instant;
 
+use crate::api_create::group_errors;
 use crate::api_create::ErrorCount;
-use crate::code_interpreter::group_errors;
 use crate::stats::{percentile, Summary};
 
 /// Clones of the second fork (reported per clone).
@@ -839,43 +839,31 @@ async fn round(client: &ApiClient, plan: &Plan, live: &Live, rec: &mut Recorder)
             return;
         }
     }
-    match snapshot(client, live, rec, &d.id, Op::SnapshotDirty).await {
-        Some(snap) => {
-            create_from(client, live, plan, rec, &snap, Op::CreateFromDirty).await;
-            fork(client, live, plan, rec, &d.id, 1, Op::Clone).await;
-            fork(
-                client,
-                live,
-                plan,
-                rec,
-                &d.id,
-                FORK_MANY,
-                Op::CloneManyPerSandbox,
-            )
-            .await;
-            rollback(client, rec, &d.id, &snap, Op::RollbackDirty).await;
-            let failure = live.kill(client, &d.id).await;
-            rec.cleanup(failure);
-            let failure = live.delete(client, &snap).await;
-            rec.cleanup(failure);
-        }
-        None => {
-            rec.skip(&[Op::CreateFromDirty, Op::RollbackDirty]);
-            // Clones do not need the snapshot.
-            fork(client, live, plan, rec, &d.id, 1, Op::Clone).await;
-            fork(
-                client,
-                live,
-                plan,
-                rec,
-                &d.id,
-                FORK_MANY,
-                Op::CloneManyPerSandbox,
-            )
-            .await;
-            let failure = live.kill(client, &d.id).await;
-            rec.cleanup(failure);
-        }
+    let snap = snapshot(client, live, rec, &d.id, Op::SnapshotDirty).await;
+    match &snap {
+        Some(snap) => create_from(client, live, plan, rec, snap, Op::CreateFromDirty).await,
+        None => rec.skip(&[Op::CreateFromDirty, Op::RollbackDirty]),
+    }
+    // Clones do not need the snapshot.
+    fork(client, live, plan, rec, &d.id, 1, Op::Clone).await;
+    fork(
+        client,
+        live,
+        plan,
+        rec,
+        &d.id,
+        FORK_MANY,
+        Op::CloneManyPerSandbox,
+    )
+    .await;
+    if let Some(snap) = &snap {
+        rollback(client, rec, &d.id, snap, Op::RollbackDirty).await;
+    }
+    let failure = live.kill(client, &d.id).await;
+    rec.cleanup(failure);
+    if let Some(snap) = &snap {
+        let failure = live.delete(client, snap).await;
+        rec.cleanup(failure);
     }
 }
 
