@@ -162,13 +162,17 @@ pub fn run_criu(
     args: &[String],
     log: &Path,
 ) -> Result<(), RuntimeError> {
+    let program = PathBuf::from(cmd.get_program());
     let out = cmd
         .args(args)
         .stdin(std::process::Stdio::null())
         .output()
         .map_err(|e| RuntimeError::Checkpoint {
             op,
-            message: format!("cannot run {}: {e}", criu_binary().display()),
+            message: format!(
+                "cannot run {} (install it with scripts/criu, or set CUBICLE_CRIU): {e}",
+                program.display()
+            ),
         })?;
     if out.status.success() {
         return Ok(());
@@ -472,6 +476,39 @@ mod tests {
         assert_eq!(new, utsns_image("a-much-longer-new-sandbox-id", "(none)"));
         assert!(rewrite_utsns(&img[..10], "x").is_err());
         assert!(rewrite_utsns(b"not an image at all", "x").is_err());
+    }
+
+    #[test]
+    fn a_missing_criu_is_named_in_the_error() {
+        let err = run_criu(
+            "checkpoint",
+            Command::new("/nonexistent/criu"),
+            &["dump".to_owned()],
+            Path::new("/nonexistent/dump.log"),
+        )
+        .unwrap_err();
+        let message = err.to_string();
+        assert!(
+            message.contains("cannot run /nonexistent/criu") && message.contains("scripts/criu"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn a_failing_criu_reports_its_log_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("dump.log");
+        std::fs::write(
+            &log,
+            "(00.001) Error (criu/util.c:1534): rlimit: Can't setup RLIMIT_NOFILE\n\
+             (00.002) Error (criu/sk-unix.c:351): unix: Unix socket 7 not found\n",
+        )
+        .unwrap();
+        let err = run_criu("checkpoint", Command::new("false"), &[], &log).unwrap_err();
+        let message = err.to_string();
+        assert!(message.contains("Unix socket 7 not found"), "{message}");
+        assert!(!message.contains("RLIMIT_NOFILE"), "{message}");
+        assert!(is_transient_dump_error(&err));
     }
 
     #[test]
