@@ -218,6 +218,28 @@ class Kernel:
             self.emit({"id": self.running, "type": name, "text": text,
                        "timestamp": timestamp()})
 
+    def _select(self, bash, extra_fd, timeout):
+        """Waits for bash's output, its exit (pidfd), a wake-up or `extra_fd`; forwards
+        the output that arrived and returns the ready descriptors (none if interrupted
+        by a signal). `timeout` applies only where bash has no pidfd to wait on."""
+        fds = [extra_fd, bash.stdout, bash.stderr, self.wake_r]
+        if bash.pidfd is not None:
+            fds.append(bash.pidfd)
+        try:
+            ready, _, _ = select.select(fds, [], [], None if bash.pidfd is not None else timeout)
+        except InterruptedError:
+            return []
+        if self.wake_r in ready:
+            try:
+                os.read(self.wake_r, 512)
+            except (BlockingIOError, InterruptedError):
+                pass
+        if bash.stdout in ready:
+            self._read_stream(bash.stdout, "stdout")
+        if bash.stderr in ready:
+            self._read_stream(bash.stderr, "stderr")
+        return ready
+
     def _read_stream(self, fd, name):
         """Reads what is available; returns False at EOF."""
         while True:
@@ -353,22 +375,7 @@ class Kernel:
                 self.interrupt_requested = False
                 interrupted = True
                 bash.interrupt()
-            fds = [bash.stdout, bash.stderr, bash.status_fd, self.wake_r]
-            if bash.pidfd is not None:
-                fds.append(bash.pidfd)
-            try:
-                ready, _, _ = select.select(fds, [], [], None if bash.pidfd is not None else 0.2)
-            except InterruptedError:
-                continue
-            if self.wake_r in ready:
-                try:
-                    os.read(self.wake_r, 512)
-                except (BlockingIOError, InterruptedError):
-                    pass
-            if bash.stdout in ready:
-                self._read_stream(bash.stdout, "stdout")
-            if bash.stderr in ready:
-                self._read_stream(bash.stderr, "stderr")
+            ready = self._select(bash, bash.status_fd, 0.2)
             if bash.status_fd in ready:
                 status = self._read_status(exec_id)
                 if status is not None:
@@ -434,22 +441,7 @@ class Kernel:
             if self.requests_closed:
                 return
             bash = self.bash
-            fds = [self.request_fd, bash.stdout, bash.stderr, self.wake_r]
-            if bash.pidfd is not None:
-                fds.append(bash.pidfd)
-            try:
-                ready, _, _ = select.select(fds, [], [], None if bash.pidfd is not None else 0.5)
-            except InterruptedError:
-                continue
-            if self.wake_r in ready:
-                try:
-                    os.read(self.wake_r, 512)
-                except (BlockingIOError, InterruptedError):
-                    pass
-            if bash.stdout in ready:
-                self._read_stream(bash.stdout, "stdout")
-            if bash.stderr in ready:
-                self._read_stream(bash.stderr, "stderr")
+            ready = self._select(bash, self.request_fd, 0.5)
             if (bash.pidfd is not None and bash.pidfd in ready) or not bash.alive():
                 self._restart()  # bash died while idle (killed by a job...)
             if self.request_fd in ready:
