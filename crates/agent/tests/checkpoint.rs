@@ -12,6 +12,17 @@ use support::TestEnv;
 const COUNTER: &str = "nohup sh -c 'i=0; while :; do i=$((i+1)); echo $i > /tmp/count.new; \
      mv /tmp/count.new /tmp/count; sleep 0.01; done' >/dev/null 2>&1 &";
 
+/// Host pids of every process whose pid namespace is that of `pid`.
+fn processes_in_pid_ns_of(pid: u32) -> Vec<u32> {
+    let ns = |p: &str| std::fs::read_link(format!("/proc/{p}/ns/pid")).ok();
+    let target = ns(&pid.to_string()).expect("the sandbox's pid namespace");
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|p| ns(&p.to_string()).as_ref() == Some(&target))
+        .collect()
+}
+
 async fn count(sbx: &support::Sandbox) -> u64 {
     sbx.sh("cat /tmp/count")
         .await
@@ -115,14 +126,38 @@ async fn a_checkpoint_restores_as_independent_sandboxes_with_everything_inside()
     clones[0].sh("echo mine > /tmp/only-here").await;
     assert_ne!(clones[1].sh("cat /tmp/only-here").await.end.exit_code, 0);
     assert_ne!(sbx.sh("cat /tmp/only-here").await.end.exit_code, 0);
-    // Every clone is in its own cgroup.
-    for clone in &clones {
+    for clone in clones.iter() {
+        // Every process of a clone, and nothing else, is in the clone's own cgroup (CRIU
+        // restores inside it), and inside the clone that cgroup is the root.
+        // (The counter's short-lived children come and go meanwhile: a process that
+        // is gone by the second look is not held against either side.)
+        let in_sandbox = processes_in_pid_ns_of(clone.info.pid as u32);
         let procs =
             std::fs::read_to_string(env.runtime.cgroup_file(clone.id(), "cgroup.procs")).unwrap();
+        let in_cgroup: Vec<u32> = procs.lines().map(|p| p.parse().unwrap()).collect();
+        let now_in_sandbox = processes_in_pid_ns_of(clone.info.pid as u32);
+        for p in &in_sandbox {
+            assert!(
+                in_cgroup.contains(p) || !now_in_sandbox.contains(p),
+                "process {p} of the clone is outside its cgroup ({in_cgroup:?})"
+            );
+        }
+        for p in &in_cgroup {
+            assert!(
+                now_in_sandbox.contains(p) || !std::path::Path::new(&format!("/proc/{p}")).exists(),
+                "process {p} in the clone's cgroup is not the clone's"
+            );
+        }
+        assert!(in_cgroup.contains(&(clone.info.pid as u32)));
+        let cgroups = clone.sh("cat /proc/self/cgroup").await.stdout_text();
         assert!(
-            procs.lines().any(|p| p == clone.info.pid.to_string()),
-            "{procs}"
+            cgroups.lines().all(|l| l.ends_with(":/")),
+            "the clone sees host cgroup paths: {cgroups}"
         );
+        // Its network namespace is a new one with loopback up (IFF_UP = 0x1).
+        let flags = clone.sh("cat /sys/class/net/lo/flags").await.stdout_text();
+        let flags = u32::from_str_radix(flags.trim().trim_start_matches("0x"), 16).unwrap();
+        assert_eq!(flags & 1, 1, "lo is down in the clone");
     }
 
     // A restored sandbox can be checkpointed and restored again (CRIU's user namespace

@@ -15,11 +15,13 @@
 //! while still frozen (so files and memory agree), thaw.
 //!
 //! **Restore:** a new sandbox directory whose writable layer is a copy of the
-//! checkpoint's, its cgroups created with limits, then `criu restore` started in a mount
-//! namespace of its own with the overlay mounted, so nothing stays mounted on the host;
-//! external mounts map to the new sandbox's run directory and the current agent binary,
-//! `--cgroup-root` puts every process in the new cgroups, and the host name is the new
-//! sandbox id (rewritten in the UTS image and in `/etc/hostname` / `/etc/hosts`).
+//! checkpoint's, its cgroups created with limits, then `criu restore` started inside
+//! them (so every restored process is born there, under a new cgroup namespace) and in a
+//! mount namespace of its own with the overlay mounted, so nothing stays mounted on the
+//! host; external mounts map to the new sandbox's run directory and the current agent
+//! binary; the network namespace is a new one with loopback up; and the host name is
+//! the new sandbox id (rewritten in the UTS image and in `/etc/hostname` /
+//! `/etc/hosts`).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -94,9 +96,8 @@ pub fn dump_args(pid: i32, images: &Path, freezer: &Path, externals: &[PathBuf])
         // while it is frozen.
         "--network-lock".into(),
         "skip".into(),
-        "--tcp-established".into(),
-        "--file-locks".into(),
     ];
+    args.extend(common_args());
     for point in externals {
         args.push("--external".into());
         args.push(format!("mnt[{}]:{}", point.display(), external_key(point)));
@@ -120,7 +121,6 @@ pub fn restore_args(
     pidfile: &Path,
     externals: &[PathBuf],
     mounts: &RestoreMounts,
-    cgroup_roots: &[String],
 ) -> Vec<String> {
     let mut args: Vec<String> = vec![
         "restore".into(),
@@ -133,9 +133,8 @@ pub fn restore_args(
         root.display().to_string(),
         "--pidfile".into(),
         pidfile.display().to_string(),
-        "--tcp-established".into(),
-        "--file-locks".into(),
     ];
+    args.extend(common_args());
     for point in externals {
         let source = match point.to_str() {
             Some(super::message::SANDBOX_RUN_DIR) => mounts.run_dir.clone(),
@@ -147,11 +146,26 @@ pub fn restore_args(
         args.push("--external".into());
         args.push(format!("mnt[{}]:{}", external_key(point), source.display()));
     }
-    for root in cgroup_roots {
-        args.push("--cgroup-root".into());
-        args.push(root.clone());
-    }
     args
+}
+
+/// What `criu dump` and `criu restore` are both told.
+fn common_args() -> impl Iterator<Item = String> {
+    [
+        "--tcp-established",
+        "--file-locks",
+        // The netns has only loopback, and nothing of it is kept: the restore makes a
+        // new one with `lo` up (scripts/criu-patches/0004). Dumping and restoring its
+        // addresses, routes and rules would run ip and iptables ten times, ~60 ms.
+        "--empty-ns",
+        "net",
+        // The runtime owns the cgroups: a restore runs in the new sandbox's cgroups
+        // (`CgroupManager::self_move_files`), so CRIU neither reads them on a dump
+        // nor mounts and fills them on a restore (~15 ms each).
+        "--manage-cgroups=ignore",
+    ]
+    .into_iter()
+    .map(String::from)
 }
 
 /// Runs CRIU with `args` in `workdir` (its log goes there); the error carries the log's
@@ -511,6 +525,20 @@ mod tests {
         assert!(is_transient_dump_error(&err));
     }
 
+    fn restore_args_for_test(externals: &[PathBuf]) -> Vec<String> {
+        let mounts = RestoreMounts {
+            run_dir: PathBuf::from("/data/sandboxes/new/run"),
+            agent_bin: PathBuf::from("/usr/local/bin/cubicle-agent"),
+        };
+        restore_args(
+            Path::new("/i"),
+            Path::new("/r"),
+            Path::new("/p"),
+            externals,
+            &mounts,
+        )
+    }
+
     #[test]
     fn dump_and_restore_name_the_same_external_mounts() {
         let externals = vec![
@@ -525,24 +553,18 @@ mod tests {
             "{dump:?}"
         );
         assert!(dump.contains(&"--leave-running".to_string()));
-        let mounts = RestoreMounts {
-            run_dir: PathBuf::from("/data/sandboxes/new/run"),
-            agent_bin: PathBuf::from("/usr/local/bin/cubicle-agent"),
-        };
-        let restore = restore_args(
-            Path::new("/i"),
-            Path::new("/r"),
-            Path::new("/p"),
-            &externals,
-            &mounts,
-            &["memory:/cubicle/new".to_string()],
-        );
+        // Both sides agree on what is not in the images (the netns, the cgroups).
+        for args in [&dump, &restore_args_for_test(&externals)] {
+            for flag in ["--empty-ns", "--manage-cgroups=ignore", "--tcp-established"] {
+                assert!(args.contains(&flag.to_string()), "{flag}: {args:?}");
+            }
+        }
+        let restore = restore_args_for_test(&externals);
         for expected in [
             "mnt[dev-null]:/dev/null",
             "mnt[proc-keys]:/dev/null",
             "mnt[run-cubicle]:/data/sandboxes/new/run",
             "mnt[run-cubicle-cubicle-agent]:/usr/local/bin/cubicle-agent",
-            "memory:/cubicle/new",
         ] {
             assert!(
                 restore.contains(&expected.to_string()),

@@ -721,12 +721,12 @@ impl NsRuntime {
                 run_dir: paths.run.clone(),
                 agent_bin: self.config.agent_bin.clone(),
             },
-            &self.cgroups.criu_roots(spec.id.as_str()),
         );
         let options = init::overlay_options(&spec.layers, &paths.upper, &paths.work)
             .map_err(|e| (spawn_error("build the overlay options")(e), None))?;
         let mut cmd = std::process::Command::new(checkpoint::criu_binary());
-        sys::in_private_overlay_ns(&mut cmd, &paths.merged, &options).map_err(|e| {
+        let cgroup_files = self.cgroups.self_move_files(spec.id.as_str());
+        sys::restore_pre_exec(&mut cmd, &cgroup_files, &paths.merged, &options).map_err(|e| {
             (
                 spawn_error("prepare the restore's mount namespace")(e),
                 None,

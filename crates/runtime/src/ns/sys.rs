@@ -349,25 +349,43 @@ pub async fn readable(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<()> {
     Ok(())
 }
 
-/// Makes `cmd` start in a mount namespace of its own (private propagation) with an
+/// Makes `cmd` (a CRIU restore) start inside a new sandbox: it moves itself into the
+/// sandbox's cgroups by writing `0` into each of `cgroup_files` and takes a cgroup
+/// namespace rooted there, so every process it forks is born in them and sees its own
+/// cgroup as `/`; and it gets a mount namespace of its own (private propagation) with an
 /// overlay mounted on `target` with `options`, so that whatever it builds on the overlay
-/// (CRIU restoring a sandbox's mount namespace) never shows in the caller's namespace,
-/// and the overlay goes away with the last process using it.
-pub fn in_private_overlay_ns(
+/// never shows in the caller's namespace, and the overlay goes away with the last
+/// process using it.
+pub fn restore_pre_exec(
     cmd: &mut std::process::Command,
+    cgroup_files: &[std::path::PathBuf],
     target: &std::path::Path,
     options: &str,
 ) -> io::Result<()> {
     use std::os::unix::process::CommandExt;
-    let target = CString::new(target.as_os_str().as_encoded_bytes())
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in overlay target"))?;
-    let options = CString::new(options)
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in overlay options"))?;
+    let nul = |what| io::Error::new(io::ErrorKind::InvalidInput, format!("NUL in {what}"));
+    let cgroup_files = cgroup_files
+        .iter()
+        .map(|f| CString::new(f.as_os_str().as_encoded_bytes()).map_err(|_| nul("cgroup path")))
+        .collect::<io::Result<Vec<_>>>()?;
+    let target =
+        CString::new(target.as_os_str().as_encoded_bytes()).map_err(|_| nul("overlay target"))?;
+    let options = CString::new(options).map_err(|_| nul("overlay options"))?;
     // SAFETY: the closure runs in the forked child before exec and only makes raw
     // syscalls on strings prepared before the fork (no allocation, no locks).
     unsafe {
         cmd.pre_exec(move || {
-            check(libc::unshare(libc::CLONE_NEWNS) as libc::c_long)?;
+            for file in &cgroup_files {
+                let fd = libc::open(file.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                check(fd as libc::c_long)?;
+                if libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                    let e = io::Error::last_os_error();
+                    libc::close(fd);
+                    return Err(e);
+                }
+                libc::close(fd);
+            }
+            check(libc::unshare(libc::CLONE_NEWCGROUP | libc::CLONE_NEWNS) as libc::c_long)?;
             check(libc::mount(
                 c"none".as_ptr(),
                 c"/".as_ptr(),

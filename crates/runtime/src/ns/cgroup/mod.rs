@@ -108,9 +108,11 @@ pub trait CgroupManager: Send + Sync + Debug {
     fn freezer_state(&self, name: &str) -> Result<FreezerState, CgroupError>;
     /// The directory of cgroup `name` that holds its freezer.
     fn freezer_dir(&self, name: &str) -> PathBuf;
-    /// CRIU's `--cgroup-root` values that put a restored tree into cgroup `name`: one per
-    /// v1 hierarchy (`<controllers>:/<parent>/<name>`), or the bare path on v2.
-    fn criu_roots(&self, name: &str) -> Vec<String>;
+    /// The files a process writes `0` into to move itself, and so everything it forks
+    /// later, into cgroup `name`: `tasks` of each v1 hierarchy, or v2's `cgroup.procs`.
+    /// A CRIU restore runs in the new sandbox's cgroups this way, so the restored
+    /// processes are born in them (CRIU itself leaves cgroups alone).
+    fn self_move_files(&self, name: &str) -> Vec<PathBuf>;
 }
 
 /// The freezer state of a cgroup.
@@ -440,7 +442,7 @@ mod tests {
         fn freezer_dir(&self, _: &str) -> PathBuf {
             PathBuf::new()
         }
-        fn criu_roots(&self, _: &str) -> Vec<String> {
+        fn self_move_files(&self, _: &str) -> Vec<PathBuf> {
             Vec::new()
         }
         fn freezer_state(&self, _: &str) -> Result<FreezerState, CgroupError> {

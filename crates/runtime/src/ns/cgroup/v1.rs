@@ -105,7 +105,7 @@ impl CgroupManager for CgroupV1 {
     }
 
     fn join(&self, name: &str) -> Join {
-        Join::SelfJoin(self.dirs(name).iter().map(|d| d.join("tasks")).collect())
+        Join::SelfJoin(self.self_move_files(name))
     }
 
     fn add_process(&self, name: &str, pid: libc::pid_t) -> Result<(), CgroupError> {
@@ -176,19 +176,8 @@ impl CgroupManager for CgroupV1 {
         self.dir(&self.mounts.freezer, name)
     }
 
-    fn criu_roots(&self, name: &str) -> Vec<String> {
-        let m = &self.mounts;
-        let path = format!("/{}/{name}", self.parent);
-        let mut roots = vec![format!("memory:{path}")];
-        if m.cpu == m.cpuacct {
-            roots.push(format!("cpu,cpuacct:{path}"));
-        } else {
-            roots.push(format!("cpu:{path}"));
-            roots.push(format!("cpuacct:{path}"));
-        }
-        roots.push(format!("pids:{path}"));
-        roots.push(format!("freezer:{path}"));
-        roots
+    fn self_move_files(&self, name: &str) -> Vec<PathBuf> {
+        self.dirs(name).iter().map(|d| d.join("tasks")).collect()
     }
 
     fn freezer_state(&self, name: &str) -> Result<FreezerState, CgroupError> {
@@ -267,17 +256,14 @@ mod tests {
     }
 
     #[test]
-    fn criu_roots_name_each_hierarchy() {
+    fn self_move_files_are_the_tasks_of_each_hierarchy() {
         let (_tmp, cg) = fake();
-        assert_eq!(
-            cg.criu_roots("sbx"),
-            [
-                "memory:/cubicle/sbx",
-                "cpu,cpuacct:/cubicle/sbx",
-                "pids:/cubicle/sbx",
-                "freezer:/cubicle/sbx"
-            ]
-        );
+        let files = cg.self_move_files("sbx");
+        assert_eq!(files.len(), cg.dirs("sbx").len());
+        for (file, dir) in files.iter().zip(cg.dirs("sbx")) {
+            assert_eq!(file, &dir.join("tasks"));
+            assert!(file.ends_with("cubicle/sbx/tasks"));
+        }
         assert!(cg.freezer_dir("sbx").ends_with("freezer/cubicle/sbx"));
     }
 

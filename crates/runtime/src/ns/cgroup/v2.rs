@@ -137,8 +137,8 @@ impl CgroupManager for CgroupV2 {
         self.dir(name)
     }
 
-    fn criu_roots(&self, name: &str) -> Vec<String> {
-        vec![format!("/{}/{name}", self.parent)]
+    fn self_move_files(&self, name: &str) -> Vec<PathBuf> {
+        vec![self.dir(name).join("cgroup.procs")]
     }
 
     fn freezer_state(&self, name: &str) -> Result<FreezerState, CgroupError> {
