@@ -212,28 +212,13 @@ pub fn run_criu(
     })
 }
 
-/// Copies a directory tree with owners, modes, times and extended attributes (overlayfs
-/// keeps whiteouts and opaque marks in `user.overlay.*` xattrs).
+/// Copies the tree (or file) `from` to `to`, which must not exist, keeping everything an
+/// overlay's writable layer holds (`tree_copy`).
 pub fn copy_tree(from: &Path, to: &Path) -> Result<(), RuntimeError> {
-    let out = Command::new("cp")
-        .arg("-a")
-        .arg("--reflink=auto")
-        .arg("--")
-        .arg(from)
-        .arg(to)
-        .output()
-        .map_err(|e| RuntimeError::Io {
-            op: "copy",
-            path: from.to_owned(),
-            source: e,
-        })?;
-    if out.status.success() {
-        return Ok(());
-    }
-    Err(RuntimeError::Io {
+    super::tree_copy::copy_tree(from, to).map_err(|source| RuntimeError::Io {
         op: "copy",
         path: from.to_owned(),
-        source: std::io::Error::other(String::from_utf8_lossy(&out.stderr).trim().to_owned()),
+        source,
     })
 }
 

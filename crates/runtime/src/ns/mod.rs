@@ -23,6 +23,7 @@ pub mod init;
 pub mod message;
 pub mod security;
 mod sys;
+mod tree_copy;
 pub mod zygote;
 
 use std::collections::HashMap;
@@ -320,6 +321,19 @@ impl NsRuntime {
             .map_err(io_error("create", &paths.upper))?;
         std::os::unix::fs::chown(&paths.upper, Some(spec.uid_shift), Some(spec.uid_shift))
             .map_err(io_error("chown", &paths.upper))?;
+        // The sandbox's /dev and /run start empty whatever the template has there (init
+        // fills them): opaque directories of the writable layer, which a checkpoint
+        // copies, unlike a tmpfs (see `init::SpecialDirs`).
+        for dir in ["dev", "run"] {
+            let dir = paths.upper.join(dir);
+            std::fs::DirBuilder::new()
+                .mode(0o755)
+                .create(&dir)
+                .map_err(io_error("create", &dir))?;
+            std::os::unix::fs::chown(&dir, Some(spec.uid_shift), Some(spec.uid_shift))
+                .map_err(io_error("chown", &dir))?;
+            sys::set_overlay_opaque(&dir).map_err(io_error("mark opaque", &dir))?;
+        }
         create_mount_dirs(paths, spec.uid_shift)
     }
 

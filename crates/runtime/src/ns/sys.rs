@@ -196,6 +196,101 @@ unsafe fn child_main(sync_fd: RawFd, exec: &ChildExec) -> ! {
     }
 }
 
+/// Marks `dir`, a directory of an overlay's upper layer, opaque for an overlay mounted
+/// with `userxattr` (`user.overlay.opaque=y`): the lower layers' entries of that
+/// directory are hidden.
+pub fn set_overlay_opaque(dir: &std::path::Path) -> io::Result<()> {
+    set_xattr(dir, c"user.overlay.opaque", b"y")
+}
+
+fn path_cstring(path: &std::path::Path) -> io::Result<CString> {
+    CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in path"))
+}
+
+/// `lsetxattr(path, name, value)`.
+pub fn set_xattr(path: &std::path::Path, name: &std::ffi::CStr, value: &[u8]) -> io::Result<()> {
+    let path = path_cstring(path)?;
+    // SAFETY: path and name are NUL-terminated; value is a valid buffer of its length.
+    let ret = unsafe {
+        libc::lsetxattr(
+            path.as_ptr(),
+            name.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            0,
+        )
+    };
+    check(ret as libc::c_long).map(drop)
+}
+
+/// Every extended attribute of `path` (not following a symlink), name and value.
+pub fn xattrs(path: &std::path::Path) -> io::Result<Vec<(CString, Vec<u8>)>> {
+    let path = path_cstring(path)?;
+    // Sizes are asked for first; a list or value that grew meanwhile (ERANGE) is asked
+    // for again.
+    let names = loop {
+        // SAFETY: a NULL buffer of size 0 asks for the size only.
+        let size = check(
+            unsafe { libc::llistxattr(path.as_ptr(), std::ptr::null_mut(), 0) } as libc::c_long,
+        )? as usize;
+        if size == 0 {
+            return Ok(Vec::new());
+        }
+        let mut buf = vec![0u8; size];
+        // SAFETY: buf is a writable buffer of buf.len() bytes.
+        let got = unsafe { libc::llistxattr(path.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+        match check(got as libc::c_long) {
+            Ok(n) => {
+                buf.truncate(n as usize);
+                break buf;
+            }
+            Err(e) if e.raw_os_error() == Some(libc::ERANGE) => continue,
+            Err(e) => return Err(e),
+        }
+    };
+    let mut out = Vec::new();
+    for name in names.split(|b| *b == 0).filter(|n| !n.is_empty()) {
+        let name = CString::new(name).expect("split at NUL");
+        let value = loop {
+            // SAFETY: a NULL buffer of size 0 asks for the size only.
+            let size = check(unsafe {
+                libc::lgetxattr(path.as_ptr(), name.as_ptr(), std::ptr::null_mut(), 0)
+            } as libc::c_long)? as usize;
+            let mut buf = vec![0u8; size];
+            // SAFETY: buf is a writable buffer of buf.len() bytes.
+            let got = unsafe {
+                libc::lgetxattr(
+                    path.as_ptr(),
+                    name.as_ptr(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                )
+            };
+            match check(got as libc::c_long) {
+                Ok(n) => {
+                    buf.truncate(n as usize);
+                    break buf;
+                }
+                Err(e) if e.raw_os_error() == Some(libc::ERANGE) => continue,
+                Err(e) => return Err(e),
+            }
+        };
+        out.push((name, value));
+    }
+    Ok(out)
+}
+
+/// `ioctl(target, FICLONE, source)`: `target` shares `source`'s extents (a reflink).
+pub fn reflink(source: &std::fs::File, target: &std::fs::File) -> io::Result<()> {
+    // FICLONE = _IOW(0x94, 9, int).
+    const FICLONE: libc::c_ulong = 0x4004_9409;
+    // SAFETY: both fds are open files for the duration of the call; FICLONE takes the
+    // source fd as its argument.
+    let ret = unsafe { libc::ioctl(target.as_raw_fd(), FICLONE, source.as_raw_fd()) };
+    check(ret as libc::c_long).map(drop)
+}
+
 /// `pidfd_open(pid, 0)`.
 pub fn pidfd_open(pid: libc::pid_t) -> io::Result<OwnedFd> {
     // SAFETY: plain syscall with integer arguments.

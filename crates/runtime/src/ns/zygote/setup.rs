@@ -25,7 +25,7 @@ use nix::mount::{mount, MsFlags};
 use nix::sys::socket::{recv, send, MsgFlags};
 use nix::unistd::{chdir, pivot_root, sethostname};
 
-use super::super::init::{bind, io_err, mkdir, populate_dev, redirect_stdio};
+use super::super::init::{bind, io_err, mkdir, populate_dev, redirect_stdio, SpecialDirs};
 use super::super::message::SYNC_FD;
 use super::super::security::caps::{self, Cap};
 use super::super::sys;
@@ -99,7 +99,7 @@ fn set_up(control: &OwnedFd, python_program: &str) -> Result<std::convert::Infal
     .step("make mounts private")?;
     mount_root(&spec).step("mount the template")?;
     let root = spec.root.as_path();
-    populate_dev(root).step("populate /dev")?;
+    populate_dev(root, SpecialDirs::OnTmpfs).step("populate /dev")?;
     bind(Path::new("/proc"), &root.join("proc")).step("bind /proc")?;
     bind(Path::new("/sys"), &root.join("sys")).step("bind /sys")?;
     mount(
