@@ -12,14 +12,26 @@ use support::TestEnv;
 const COUNTER: &str = "nohup sh -c 'i=0; while :; do i=$((i+1)); echo $i > /tmp/count.new; \
      mv /tmp/count.new /tmp/count; sleep 0.01; done' >/dev/null 2>&1 &";
 
-/// Host pids of every process whose pid namespace is that of `pid`.
+/// Host pids of every live process whose pid namespace is that of `pid` (zombies have
+/// left their cgroup already).
 fn processes_in_pid_ns_of(pid: u32) -> Vec<u32> {
-    let ns = |p: &str| std::fs::read_link(format!("/proc/{p}/ns/pid")).ok();
-    let target = ns(&pid.to_string()).expect("the sandbox's pid namespace");
+    let ns = |p: u32| std::fs::read_link(format!("/proc/{p}/ns/pid")).ok();
+    let zombie = |p: u32| {
+        std::fs::read_to_string(format!("/proc/{p}/stat"))
+            .map(|s| {
+                s.rsplit(')')
+                    .next()
+                    .unwrap_or("")
+                    .trim_start()
+                    .starts_with('Z')
+            })
+            .unwrap_or(true)
+    };
+    let target = ns(pid).expect("the sandbox's pid namespace");
     std::fs::read_dir("/proc")
         .unwrap()
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|p| ns(&p.to_string()).as_ref() == Some(&target))
+        .filter(|p| ns(*p).as_ref() == Some(&target) && !zombie(*p))
         .collect()
 }
 
@@ -269,5 +281,58 @@ async fn a_full_disk_fails_the_checkpoint_clearly_and_leaves_the_sandbox_running
         .unwrap()
         .iter()
         .any(|s| s.id == *sbx.id() && !s.paused));
+    sbx.destroy().await;
+}
+
+#[tokio::test]
+async fn checkpoints_link_what_did_not_change_since_the_last_one() {
+    use std::os::unix::fs::MetadataExt;
+    let env = TestEnv::new();
+    let sbx = env.create().await;
+    sbx.sh("head -c 4194304 /dev/urandom > /home/user/big && echo v1 > /home/user/small")
+        .await;
+    let ino = |p: std::path::PathBuf| std::fs::metadata(p).unwrap().ino();
+    let big = |dir: &std::path::Path| dir.join("upper/home/user/big");
+
+    let first = env.data.path().join("first");
+    env.runtime.checkpoint(sbx.id(), &first).await.unwrap();
+    sbx.sh("echo v2 > /home/user/small").await;
+    let second = env.data.path().join("second");
+    env.runtime.checkpoint(sbx.id(), &second).await.unwrap();
+    assert_eq!(
+        ino(big(&first)),
+        ino(big(&second)),
+        "the unchanged file is linked"
+    );
+    assert_ne!(
+        ino(first.join("upper/home/user/small")),
+        ino(second.join("upper/home/user/small"))
+    );
+    assert_eq!(
+        std::fs::read_to_string(second.join("upper/home/user/small")).unwrap(),
+        "v2\n"
+    );
+
+    // Written in place (same size): copied again, and the older copies keep their bytes.
+    let before = std::fs::read(big(&second)).unwrap();
+    sbx.sh("printf x | dd of=/home/user/big bs=1 count=1 conv=notrunc 2>/dev/null")
+        .await;
+    let third = env.data.path().join("third");
+    env.runtime.checkpoint(sbx.id(), &third).await.unwrap();
+    assert_ne!(ino(big(&second)), ino(big(&third)));
+    assert_eq!(std::fs::read(big(&third)).unwrap()[0], b'x');
+    assert_eq!(std::fs::read(big(&second)).unwrap(), before);
+
+    // A sandbox restored from a checkpoint links from it at its own first checkpoint;
+    // its writes never reach the checkpoint it came from.
+    let clone = env.create_restored(&third, env.spec()).await.unwrap();
+    let of_clone = env.data.path().join("of-clone");
+    env.runtime.checkpoint(clone.id(), &of_clone).await.unwrap();
+    assert_eq!(ino(big(&third)), ino(big(&of_clone)));
+    clone
+        .sh("printf y | dd of=/home/user/big bs=1 count=1 conv=notrunc 2>/dev/null")
+        .await;
+    assert_eq!(std::fs::read(big(&third)).unwrap()[0], b'x');
+    clone.destroy().await;
     sbx.destroy().await;
 }

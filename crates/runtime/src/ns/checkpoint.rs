@@ -213,9 +213,14 @@ pub fn run_criu(
 }
 
 /// Copies the tree (or file) `from` to `to`, which must not exist, keeping everything an
-/// overlay's writable layer holds (`tree_copy`).
-pub fn copy_tree(from: &Path, to: &Path) -> Result<(), RuntimeError> {
-    super::tree_copy::copy_tree(from, to).map_err(|source| RuntimeError::Io {
+/// overlay's writable layer holds; files `reuse` knows unchanged are hard-linked from
+/// its copy (`tree_copy`).
+pub fn copy_tree(
+    from: &Path,
+    to: &Path,
+    reuse: Option<&super::tree_copy::LayerOrigin>,
+) -> Result<super::tree_copy::Copied, RuntimeError> {
+    super::tree_copy::copy_tree(from, to, reuse).map_err(|source| RuntimeError::Io {
         op: "copy",
         path: from.to_owned(),
         source,

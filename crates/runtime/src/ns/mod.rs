@@ -27,7 +27,7 @@ mod tree_copy;
 pub mod zygote;
 
 use std::collections::HashMap;
-use std::io::{self, Write};
+use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::os::unix::net::UnixStream as StdUnixStream;
@@ -211,6 +211,8 @@ struct SandboxPaths {
     agent_mount_point: PathBuf,
     socket: PathBuf,
     record: PathBuf,
+    /// Which files of `upper` are those of a checkpoint's copy (`tree_copy::LayerOrigin`).
+    layer_origin: PathBuf,
 }
 
 impl SandboxPaths {
@@ -224,6 +226,7 @@ impl SandboxPaths {
             agent_mount_point: run.join("cubicle-agent"),
             socket: run.join(AGENT_SOCKET_NAME),
             record: dir.join("runtime.json"),
+            layer_origin: dir.join("layer-origin.json"),
             run,
             dir,
         }
@@ -650,6 +653,7 @@ impl NsRuntime {
             &init::host_bind_mounts(),
         );
         let (upper, run, dir) = (paths.upper.clone(), paths.run.clone(), dir.to_owned());
+        let origin_file = paths.layer_origin.clone();
         tokio::task::spawn_blocking(move || {
             std::fs::create_dir(&images).map_err(io_error("create", &images))?;
             let log = images.join("dump.log");
@@ -660,11 +664,23 @@ impl NsRuntime {
             criu.env("CRIU_FOREIGN_MNT_FALLBACK", "1");
             checkpoint::run_criu("checkpoint", criu, &args, &log)?;
             // While still frozen: the files must be what the processes' memory expects.
-            checkpoint::copy_tree(&upper, &dir.join("upper"))?;
+            // What is unchanged since the last checkpoint (or the restore) is linked.
+            let origin: Option<tree_copy::LayerOrigin> = std::fs::read(&origin_file)
+                .ok()
+                .and_then(|bytes| serde_json::from_slice(&bytes).ok());
+            let copy = dir.join("upper");
+            let copied = checkpoint::copy_tree(&upper, &copy, origin.as_ref())?;
+            tracing::debug!(
+                copied = copied.copied_bytes,
+                linked = copied.reused_bytes,
+                "writable layer copied"
+            );
             let agent_log = run.join("agent.log");
             if agent_log.exists() {
-                checkpoint::copy_tree(&agent_log, &dir.join("agent.log"))?;
+                checkpoint::copy_tree(&agent_log, &dir.join("agent.log"), None)?;
             }
+            // Not worth failing the checkpoint over: without it the next one copies all.
+            let _ = write_json(&origin_file, &copied.source_origin(&copy));
             Ok::<_, RuntimeError>(())
         })
         .await
@@ -685,12 +701,14 @@ impl NsRuntime {
     ) -> Result<(i32, OwnedFd), (RuntimeError, Option<OwnedFd>)> {
         let shift = spec.uid_shift;
         let prepared = (|| {
-            checkpoint::copy_tree(&dir.join("upper"), &paths.upper)?;
+            let copy = dir.join("upper");
+            let copied = checkpoint::copy_tree(&copy, &paths.upper, None)?;
+            let _ = write_json(&paths.layer_origin, &copied.target_origin(&copy));
             checkpoint::write_host_files(&paths.upper, spec.id.as_str(), shift)?;
             create_mount_dirs(paths, shift)?;
             let agent_log = dir.join("agent.log");
             if agent_log.exists() {
-                checkpoint::copy_tree(&agent_log, &paths.run.join("agent.log"))?;
+                checkpoint::copy_tree(&agent_log, &paths.run.join("agent.log"), None)?;
             }
             // The images as the checkpoint has them, but for the new host name.
             let images = paths.dir.join("restore-images");
@@ -1189,10 +1207,9 @@ fn process_start_time(pid: i32) -> io::Result<u64> {
 
 fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), RuntimeError> {
     let tmp = path.with_extension("json.tmp");
-    let mut file = std::fs::File::create(&tmp).map_err(io_error("create", &tmp))?;
-    serde_json::to_writer(&mut file, value)
-        .map_err(|e| io_error("write", &tmp)(io::Error::other(e)))?;
-    file.flush().map_err(io_error("write", &tmp))?;
+    let bytes =
+        serde_json::to_vec(value).map_err(|e| io_error("write", &tmp)(io::Error::other(e)))?;
+    std::fs::write(&tmp, bytes).map_err(io_error("write", &tmp))?;
     std::fs::rename(&tmp, path).map_err(io_error("rename", path))
 }
 

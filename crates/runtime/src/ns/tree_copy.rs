@@ -6,55 +6,188 @@
 //! reflink where the filesystem can, else an in-kernel copy), owners, modes (set-id bits
 //! included), extended attributes (overlayfs' `user.overlay.*` among them), hard links
 //! and modification/access times.
+//!
+//! **Unchanged files are not copied twice.** A copy reports which of the source's and
+//! the target's regular files are byte for byte which files of the copy (a
+//! [`LayerOrigin`]). Given the origin of a sandbox's layer, the next checkpoint
+//! hard-links every file whose identity and change time are still those of the origin
+//! (checkpoint copies are never written to, so sharing their inodes is safe) and copies
+//! only the rest. A file whose origin is gone (a deleted snapshot) is copied.
 
 use std::collections::HashMap;
 use std::fs::{self, File};
 use std::io;
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{lchown, symlink, DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use nix::sys::stat::{mknod, utimensat, Mode, SFlag, UtimensatFlags};
 use nix::sys::time::TimeSpec;
+use serde::{Deserialize, Serialize};
 
 use super::sys;
 
-/// Copies `from` (a directory or a single file) to `to`, which must not exist.
-pub fn copy_tree(from: &Path, to: &Path) -> io::Result<()> {
-    copy_entry(from, to, &mut HashMap::new())
+/// A regular file as `stat` sees it: same identity and change time means same contents
+/// (any write, truncation or attribute change moves `ctime`, which nobody can set).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct FileState {
+    dev: u64,
+    ino: u64,
+    ctime: i64,
+    ctime_nsec: i64,
+    size: u64,
 }
 
-/// The first copy of each multiply-linked file, by the source's (device, inode).
-type Links = HashMap<(u64, u64), PathBuf>;
-
-fn copy_entry(from: &Path, to: &Path, links: &mut Links) -> io::Result<()> {
-    let md = fs::symlink_metadata(from)?;
-    let kind = md.file_type();
-    if kind.is_dir() {
-        fs::DirBuilder::new().mode(0o700).create(to)?;
-        for entry in fs::read_dir(from)? {
-            let entry = entry?;
-            copy_entry(&entry.path(), &to.join(entry.file_name()), links)?;
-        }
-    } else {
-        if md.nlink() > 1 {
-            if let Some(first) = links.get(&(md.dev(), md.ino())) {
-                return fs::hard_link(first, to);
-            }
-            links.insert((md.dev(), md.ino()), to.to_owned());
-        }
-        if kind.is_file() {
-            copy_contents(from, to)?;
-        } else if kind.is_symlink() {
-            symlink(fs::read_link(from)?, to)?;
-        } else {
-            // Devices (whiteouts), fifos and sockets.
-            let file_type = SFlag::from_bits_truncate(md.mode() & libc::S_IFMT);
-            mknod(to, file_type, Mode::from_bits_truncate(0o600), md.rdev())?;
+impl FileState {
+    fn of(md: &fs::Metadata) -> FileState {
+        FileState {
+            dev: md.dev(),
+            ino: md.ino(),
+            ctime: md.ctime(),
+            ctime_nsec: md.ctime_nsec(),
+            size: md.size(),
         }
     }
+}
+
+/// Which regular files of a sandbox's writable layer are copies of (or were copied to)
+/// files under `copy_root`, a checkpoint's copy of the layer.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LayerOrigin {
+    /// The checkpoint's copy of the layer.
+    pub copy_root: PathBuf,
+    /// Each file's state in the sandbox's layer, and its path under `copy_root` (bytes:
+    /// names need not be UTF-8).
+    files: Vec<(FileState, Vec<u8>)>,
+}
+
+/// What a copy made, for [`LayerOrigin`]s in both directions.
+#[derive(Debug, Default)]
+pub struct Copied {
+    /// Regular files: state of the source, state of the target, relative path.
+    files: Vec<(FileState, FileState, Vec<u8>)>,
+    /// Bytes hard-linked from the previous copy instead of copied.
+    pub reused_bytes: u64,
+    /// Bytes copied.
+    pub copied_bytes: u64,
+}
+
+impl Copied {
+    /// The origin of the source (a sandbox's layer copied into a checkpoint at `to`).
+    pub fn source_origin(&self, to: &Path) -> LayerOrigin {
+        LayerOrigin {
+            copy_root: to.to_owned(),
+            files: self.files.iter().map(|(s, _, p)| (*s, p.clone())).collect(),
+        }
+    }
+
+    /// The origin of the target (a sandbox's layer restored from a checkpoint at `from`).
+    pub fn target_origin(&self, from: &Path) -> LayerOrigin {
+        LayerOrigin {
+            copy_root: from.to_owned(),
+            files: self.files.iter().map(|(_, t, p)| (*t, p.clone())).collect(),
+        }
+    }
+}
+
+/// Copies `from` (a directory or a single file) to `to`, which must not exist. Files of
+/// `from` that `reuse` knows unchanged are hard-linked from its copy.
+pub fn copy_tree(from: &Path, to: &Path, reuse: Option<&LayerOrigin>) -> io::Result<Copied> {
+    let reuse = reuse.map(|o| {
+        let files: HashMap<FileState, &[u8]> =
+            o.files.iter().map(|(s, p)| (*s, p.as_slice())).collect();
+        (o.copy_root.as_path(), files)
+    });
+    let mut copy = Copy {
+        reuse,
+        links: HashMap::new(),
+        copied: Copied::default(),
+    };
+    copy.entry(from, to, Path::new(""))?;
+    Ok(copy.copied)
+}
+
+struct Copy<'a> {
+    reuse: Option<(&'a Path, HashMap<FileState, &'a [u8]>)>,
+    /// The first copy of each multiply-linked file, by the source's (device, inode).
+    links: HashMap<(u64, u64), PathBuf>,
+    copied: Copied,
+}
+
+impl Copy<'_> {
+    fn entry(&mut self, from: &Path, to: &Path, rel: &Path) -> io::Result<()> {
+        let md = fs::symlink_metadata(from)?;
+        let kind = md.file_type();
+        if kind.is_dir() {
+            fs::DirBuilder::new().mode(0o700).create(to)?;
+            for entry in fs::read_dir(from)? {
+                let entry = entry?;
+                let name = entry.file_name();
+                self.entry(&entry.path(), &to.join(&name), &rel.join(&name))?;
+            }
+        } else {
+            if md.nlink() > 1 {
+                if let Some(first) = self.links.get(&(md.dev(), md.ino())) {
+                    return fs::hard_link(first, to);
+                }
+                self.links.insert((md.dev(), md.ino()), to.to_owned());
+            }
+            if kind.is_file() {
+                let state = FileState::of(&md);
+                if self.link_unchanged(&state, to)? {
+                    self.copied.reused_bytes += md.size();
+                    let target = FileState::of(&fs::symlink_metadata(to)?);
+                    self.copied
+                        .files
+                        .push((state, target, rel.as_os_str().as_bytes().to_vec()));
+                    return Ok(());
+                }
+                copy_contents(from, to)?;
+                self.copied.copied_bytes += md.size();
+            } else if kind.is_symlink() {
+                symlink(fs::read_link(from)?, to)?;
+            } else {
+                // Devices (whiteouts), fifos and sockets.
+                let file_type = SFlag::from_bits_truncate(md.mode() & libc::S_IFMT);
+                mknod(to, file_type, Mode::from_bits_truncate(0o600), md.rdev())?;
+            }
+        }
+        copy_attributes(&md, from, to)?;
+        if kind.is_file() {
+            let target = FileState::of(&fs::symlink_metadata(to)?);
+            self.copied.files.push((
+                FileState::of(&md),
+                target,
+                rel.as_os_str().as_bytes().to_vec(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Hard-links `to` to the previous copy of a file in `state`, if there is one.
+    fn link_unchanged(&self, state: &FileState, to: &Path) -> io::Result<bool> {
+        let Some((root, files)) = &self.reuse else {
+            return Ok(false);
+        };
+        let Some(rel) = files.get(state) else {
+            return Ok(false);
+        };
+        let previous = root.join(std::ffi::OsStr::from_bytes(rel));
+        // The copy must still be the one made (a deleted snapshot, another filesystem:
+        // copy instead).
+        match fs::symlink_metadata(&previous) {
+            Ok(md) if md.is_file() && md.size() == state.size => {}
+            _ => return Ok(false),
+        }
+        Ok(fs::hard_link(&previous, to).is_ok())
+    }
+}
+
+/// Owner, mode, extended attributes and times of `md` (the source `from`) onto `to`.
+fn copy_attributes(md: &fs::Metadata, from: &Path, to: &Path) -> io::Result<()> {
     // Owner first: a chown clears the set-id bits and file capabilities set before it.
     lchown(to, Some(md.uid()), Some(md.gid()))?;
-    if !kind.is_symlink() {
+    if !md.file_type().is_symlink() {
         fs::set_permissions(
             to,
             std::os::unix::fs::PermissionsExt::from_mode(md.mode() & 0o7777),
@@ -145,7 +278,7 @@ mod tests {
         .unwrap();
 
         let dst = tmp.path().join("dst");
-        copy_tree(&src, &dst).unwrap();
+        copy_tree(&src, &dst, None).unwrap();
 
         assert_eq!(fs::read(dst.join("dir/file")).unwrap(), b"contents");
         let file = meta(&dst.join("dir/file"));
@@ -170,8 +303,78 @@ mod tests {
             .iter()
             .any(|(n, v)| n.as_bytes() == b"user.overlay.opaque" && v == b"y"));
         // A single file copies too, and an existing target is refused.
-        copy_tree(&src.join("dir/file"), &tmp.path().join("one")).unwrap();
+        copy_tree(&src.join("dir/file"), &tmp.path().join("one"), None).unwrap();
         assert_eq!(fs::read(tmp.path().join("one")).unwrap(), b"contents");
-        assert!(copy_tree(&src, &dst).is_err());
+        assert!(copy_tree(&src, &dst, None).is_err());
+    }
+
+    #[test]
+    fn unchanged_files_are_linked_from_the_previous_copy_and_changed_ones_copied() {
+        let tmp = tempfile::tempdir().unwrap();
+        let layer = tmp.path().join("layer");
+        fs::create_dir_all(layer.join("d")).unwrap();
+        fs::write(layer.join("d/big"), vec![7u8; 1 << 20]).unwrap();
+        fs::write(layer.join("small"), b"v1").unwrap();
+        fs::write(layer.join("gone-later"), b"x").unwrap();
+
+        let first = tmp.path().join("ckpt1");
+        let copied = copy_tree(&layer, &first, None).unwrap();
+        assert_eq!(copied.reused_bytes, 0);
+        let origin = copied.source_origin(&first);
+
+        // The layer changes: one file rewritten, one removed, one added.
+        fs::write(layer.join("small"), b"v2").unwrap();
+        fs::remove_file(layer.join("gone-later")).unwrap();
+        fs::write(layer.join("new"), b"n").unwrap();
+        let second = tmp.path().join("ckpt2");
+        let copied = copy_tree(&layer, &second, Some(&origin)).unwrap();
+        assert_eq!(copied.reused_bytes, 1 << 20);
+        assert_eq!(copied.copied_bytes, 3);
+        let ino = |p: &Path| meta(p).ino();
+        assert_eq!(
+            ino(&first.join("d/big")),
+            ino(&second.join("d/big")),
+            "linked"
+        );
+        assert_ne!(
+            ino(&first.join("small")),
+            ino(&second.join("small")),
+            "copied"
+        );
+        assert_eq!(fs::read(second.join("small")).unwrap(), b"v2");
+        assert_eq!(
+            fs::read(first.join("small")).unwrap(),
+            b"v1",
+            "old copy intact"
+        );
+        assert!(!second.join("gone-later").exists());
+
+        // A change that keeps the size (an in-place write) is seen through ctime.
+        let origin = copied.source_origin(&second);
+        fs::OpenOptions::new()
+            .write(true)
+            .open(layer.join("d/big"))
+            .and_then(|mut f| io::Write::write_all(&mut f, &[9u8]))
+            .unwrap();
+        // A deleted previous copy is no reason to fail: the file is copied.
+        fs::remove_dir_all(&first).unwrap();
+        let third = tmp.path().join("ckpt3");
+        let copied = copy_tree(&layer, &third, Some(&origin)).unwrap();
+        assert_eq!(copied.copied_bytes, 1 << 20);
+        assert_eq!(fs::read(third.join("d/big")).unwrap()[0], 9);
+        assert_eq!(
+            fs::read(second.join("d/big")).unwrap()[0],
+            7,
+            "old copy intact"
+        );
+
+        // A layer restored from a copy links from that copy at its first checkpoint.
+        let restored = tmp.path().join("restored");
+        let copied = copy_tree(&third, &restored, None).unwrap();
+        let origin = copied.target_origin(&third);
+        let fourth = tmp.path().join("ckpt4");
+        let copied = copy_tree(&restored, &fourth, Some(&origin)).unwrap();
+        assert_eq!(copied.copied_bytes, 0);
+        assert_eq!(ino(&third.join("d/big")), ino(&fourth.join("d/big")));
     }
 }
