@@ -323,16 +323,34 @@ async fn checkpoints_link_what_did_not_change_since_the_last_one() {
     assert_eq!(std::fs::read(big(&third)).unwrap()[0], b'x');
     assert_eq!(std::fs::read(big(&second)).unwrap(), before);
 
-    // A sandbox restored from a checkpoint links from it at its own first checkpoint;
-    // its writes never reach the checkpoint it came from.
+    // A sandbox restored from a checkpoint runs on hard links to it (no byte copied)
+    // and links from it at its own first checkpoint; its writes never reach it.
     let clone = env.create_restored(&third, env.spec()).await.unwrap();
+    let clone_dir = env.data.path().join("sandboxes").join(clone.id().as_str());
+    assert_eq!(ino(big(&third)), ino(clone_dir.join("base/home/user/big")));
     let of_clone = env.data.path().join("of-clone");
     env.runtime.checkpoint(clone.id(), &of_clone).await.unwrap();
     assert_eq!(ino(big(&third)), ino(big(&of_clone)));
     clone
-        .sh("printf y | dd of=/home/user/big bs=1 count=1 conv=notrunc 2>/dev/null")
+        .sh(
+            "printf y | dd of=/home/user/big bs=1 count=1 conv=notrunc 2>/dev/null \
+             && rm /home/user/small && mkdir -p /home/user/new && echo n > /home/user/new/f",
+        )
         .await;
     assert_eq!(std::fs::read(big(&third)).unwrap()[0], b'x');
+    // Its next checkpoint is the base with its writes applied, and restores as such.
+    let again = env.data.path().join("of-clone-again");
+    env.runtime.checkpoint(clone.id(), &again).await.unwrap();
+    let grandchild = env.create_restored(&again, env.spec()).await.unwrap();
+    assert_eq!(
+        grandchild
+            .sh("head -c1 /home/user/big; echo; ls /home/user; cat /home/user/new/f")
+            .await
+            .stdout_text(),
+        "y\nbig\nnew\nn\n"
+    );
+    assert_eq!(std::fs::read(big(&third)).unwrap()[0], b'x');
+    grandchild.destroy().await;
     clone.destroy().await;
     sbx.destroy().await;
 }

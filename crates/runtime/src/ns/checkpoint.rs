@@ -227,6 +227,30 @@ pub fn copy_tree(
     })
 }
 
+/// [`tree_copy::link_tree`](super::tree_copy::link_tree): `to` with hard links to the
+/// files of `from`, a tree nobody writes.
+pub fn link_tree(from: &Path, to: &Path) -> Result<(), RuntimeError> {
+    super::tree_copy::link_tree(from, to).map_err(|source| RuntimeError::Io {
+        op: "link",
+        path: from.to_owned(),
+        source,
+    })
+}
+
+/// [`tree_copy::merge_upper`](super::tree_copy::merge_upper): the writable layer
+/// `upper` applied onto `onto`, a flattened copy of the layer below it.
+pub fn merge_upper(
+    upper: &Path,
+    onto: &Path,
+    reuse: Option<&super::tree_copy::LayerOrigin>,
+) -> Result<super::tree_copy::Copied, RuntimeError> {
+    super::tree_copy::merge_upper(upper, onto, reuse).map_err(|source| RuntimeError::Io {
+        op: "copy",
+        path: upper.to_owned(),
+        source,
+    })
+}
+
 /// Bytes of regular files under `dir`.
 pub fn tree_size(dir: &Path) -> u64 {
     fn walk(dir: &Path, total: &mut u64) {

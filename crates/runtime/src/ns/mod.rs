@@ -213,6 +213,9 @@ struct SandboxPaths {
     record: PathBuf,
     /// Which files of `upper` are those of a checkpoint's copy (`tree_copy::LayerOrigin`).
     layer_origin: PathBuf,
+    /// A restored sandbox's layer below `upper`: hard links to the checkpoint's copy of
+    /// the layer (absent for a sandbox created from its template).
+    base: PathBuf,
 }
 
 impl SandboxPaths {
@@ -227,6 +230,7 @@ impl SandboxPaths {
             socket: run.join(AGENT_SOCKET_NAME),
             record: dir.join("runtime.json"),
             layer_origin: dir.join("layer-origin.json"),
+            base: dir.join("base"),
             run,
             dir,
         }
@@ -653,7 +657,7 @@ impl NsRuntime {
             &init::host_bind_mounts(),
         );
         let (upper, run, dir) = (paths.upper.clone(), paths.run.clone(), dir.to_owned());
-        let origin_file = paths.layer_origin.clone();
+        let (origin_file, base) = (paths.layer_origin.clone(), paths.base.clone());
         tokio::task::spawn_blocking(move || {
             std::fs::create_dir(&images).map_err(io_error("create", &images))?;
             let log = images.join("dump.log");
@@ -669,7 +673,13 @@ impl NsRuntime {
                 .ok()
                 .and_then(|bytes| serde_json::from_slice(&bytes).ok());
             let copy = dir.join("upper");
-            let copied = checkpoint::copy_tree(&upper, &copy, origin.as_ref())?;
+            let copied = if base.is_dir() {
+                // A restored sandbox: its base layer and its writable layer, flattened.
+                checkpoint::link_tree(&base, &copy)?;
+                checkpoint::merge_upper(&upper, &copy, origin.as_ref())?
+            } else {
+                checkpoint::copy_tree(&upper, &copy, origin.as_ref())?
+            };
             tracing::debug!(
                 copied = copied.copied_bytes,
                 linked = copied.reused_bytes,
@@ -701,9 +711,15 @@ impl NsRuntime {
     ) -> Result<(i32, OwnedFd), (RuntimeError, Option<OwnedFd>)> {
         let shift = spec.uid_shift;
         let prepared = (|| {
-            let copy = dir.join("upper");
-            let copied = checkpoint::copy_tree(&copy, &paths.upper, None)?;
-            let _ = write_json(&paths.layer_origin, &copied.target_origin(&copy));
+            // The checkpoint's layer, never written, becomes the sandbox's base layer
+            // by hard links; the writable layer above it starts empty.
+            checkpoint::link_tree(&dir.join("upper"), &paths.base)?;
+            std::fs::DirBuilder::new()
+                .mode(0o755)
+                .create(&paths.upper)
+                .map_err(io_error("create", &paths.upper))?;
+            std::os::unix::fs::chown(&paths.upper, Some(shift), Some(shift))
+                .map_err(io_error("chown", &paths.upper))?;
             checkpoint::write_host_files(&paths.upper, spec.id.as_str(), shift)?;
             create_mount_dirs(paths, shift)?;
             let agent_log = dir.join("agent.log");
@@ -754,7 +770,10 @@ impl NsRuntime {
                 agent_bin: self.config.agent_bin.clone(),
             },
         );
-        let options = init::overlay_options(&spec.layers, &paths.upper, &paths.work)
+        let lower: Vec<PathBuf> = std::iter::once(paths.base.clone())
+            .chain(spec.layers.iter().cloned())
+            .collect();
+        let options = init::overlay_options(&lower, &paths.upper, &paths.work)
             .map_err(|e| (spawn_error("build the overlay options")(e), None))?;
         let mut cmd = std::process::Command::new(checkpoint::criu_binary());
         let cgroup_files = self.cgroups.self_move_files(spec.id.as_str());

@@ -13,6 +13,13 @@
 //! hard-links every file whose identity and change time are still those of the origin
 //! (checkpoint copies are never written to, so sharing their inodes is safe) and copies
 //! only the rest. A file whose origin is gone (a deleted snapshot) is copied.
+//!
+//! **Restored layers are linked, not copied.** A checkpoint's copy of a layer is never
+//! written, so a sandbox restored from it gets a *base* layer of hard links to it
+//! ([`link_tree`]) under a fresh, empty writable layer: overlayfs copies a file up only
+//! when the sandbox writes it. A checkpoint of such a sandbox flattens the two
+//! ([`link_tree`] of the base, then [`merge_upper`]: the writable layer's whiteouts,
+//! opaque directories and files applied on top), so a checkpoint is always one layer.
 
 use std::collections::HashMap;
 use std::fs::{self, File};
@@ -64,8 +71,8 @@ pub struct LayerOrigin {
 /// What a copy made, for [`LayerOrigin`]s in both directions.
 #[derive(Debug, Default)]
 pub struct Copied {
-    /// Regular files: state of the source, state of the target, relative path.
-    files: Vec<(FileState, FileState, Vec<u8>)>,
+    /// Regular files: state of the source, relative path.
+    files: Vec<(FileState, Vec<u8>)>,
     /// Bytes hard-linked from the previous copy instead of copied.
     pub reused_bytes: u64,
     /// Bytes copied.
@@ -77,15 +84,7 @@ impl Copied {
     pub fn source_origin(&self, to: &Path) -> LayerOrigin {
         LayerOrigin {
             copy_root: to.to_owned(),
-            files: self.files.iter().map(|(s, _, p)| (*s, p.clone())).collect(),
-        }
-    }
-
-    /// The origin of the target (a sandbox's layer restored from a checkpoint at `from`).
-    pub fn target_origin(&self, from: &Path) -> LayerOrigin {
-        LayerOrigin {
-            copy_root: from.to_owned(),
-            files: self.files.iter().map(|(_, t, p)| (*t, p.clone())).collect(),
+            files: self.files.clone(),
         }
     }
 }
@@ -100,6 +99,7 @@ pub fn copy_tree(from: &Path, to: &Path, reuse: Option<&LayerOrigin>) -> io::Res
     });
     let mut copy = Copy {
         reuse,
+        link_files: false,
         links: HashMap::new(),
         copied: Copied::default(),
     };
@@ -107,8 +107,43 @@ pub fn copy_tree(from: &Path, to: &Path, reuse: Option<&LayerOrigin>) -> io::Res
     Ok(copy.copied)
 }
 
+/// Recreates the tree `from` at `to` (which must not exist) with every regular file a
+/// hard link to `from`'s (a copy where a link is impossible): for trees nobody writes,
+/// such as a checkpoint's copy of a layer.
+pub fn link_tree(from: &Path, to: &Path) -> io::Result<()> {
+    let mut copy = Copy {
+        reuse: None,
+        link_files: true,
+        links: HashMap::new(),
+        copied: Copied::default(),
+    };
+    copy.entry(from, to, Path::new(""))
+}
+
+/// Applies `upper`, an overlay's writable layer, onto `onto`, a flattened copy of the
+/// layer below it: whiteouts replace what they hide (and stay, for the layers further
+/// down), an opaque directory replaces the directory below, other directories merge, and
+/// files replace. Files `reuse` knows unchanged are linked, the others copied.
+pub fn merge_upper(upper: &Path, onto: &Path, reuse: Option<&LayerOrigin>) -> io::Result<Copied> {
+    let reuse = reuse.map(|o| {
+        let files: HashMap<FileState, &[u8]> =
+            o.files.iter().map(|(s, p)| (*s, p.as_slice())).collect();
+        (o.copy_root.as_path(), files)
+    });
+    let mut copy = Copy {
+        reuse,
+        link_files: false,
+        links: HashMap::new(),
+        copied: Copied::default(),
+    };
+    copy.merge_dir(upper, onto, Path::new(""))?;
+    Ok(copy.copied)
+}
+
 struct Copy<'a> {
     reuse: Option<(&'a Path, HashMap<FileState, &'a [u8]>)>,
+    /// Regular files are hard-linked to the source's ([`link_tree`]).
+    link_files: bool,
     /// The first copy of each multiply-linked file, by the source's (device, inode).
     links: HashMap<(u64, u64), PathBuf>,
     copied: Copied,
@@ -132,14 +167,17 @@ impl Copy<'_> {
                 }
                 self.links.insert((md.dev(), md.ino()), to.to_owned());
             }
+            if kind.is_file() && self.link_files && fs::hard_link(from, to).is_ok() {
+                // The same inode: its attributes are already the source's.
+                return Ok(());
+            }
             if kind.is_file() {
                 let state = FileState::of(&md);
                 if self.link_unchanged(&state, to)? {
                     self.copied.reused_bytes += md.size();
-                    let target = FileState::of(&fs::symlink_metadata(to)?);
                     self.copied
                         .files
-                        .push((state, target, rel.as_os_str().as_bytes().to_vec()));
+                        .push((state, rel.as_os_str().as_bytes().to_vec()));
                     return Ok(());
                 }
                 copy_contents(from, to)?;
@@ -154,12 +192,32 @@ impl Copy<'_> {
         }
         copy_attributes(&md, from, to)?;
         if kind.is_file() {
-            let target = FileState::of(&fs::symlink_metadata(to)?);
-            self.copied.files.push((
-                FileState::of(&md),
-                target,
-                rel.as_os_str().as_bytes().to_vec(),
-            ));
+            self.copied
+                .files
+                .push((FileState::of(&md), rel.as_os_str().as_bytes().to_vec()));
+        }
+        Ok(())
+    }
+
+    /// [`merge_upper`] of the directory `upper` onto the directory `onto`.
+    fn merge_dir(&mut self, upper: &Path, onto: &Path, rel: &Path) -> io::Result<()> {
+        for entry in fs::read_dir(upper)? {
+            let entry = entry?;
+            let name = entry.file_name();
+            let (from, to, rel) = (entry.path(), onto.join(&name), rel.join(&name));
+            let md = fs::symlink_metadata(&from)?;
+            let below = fs::symlink_metadata(&to).ok();
+            if md.is_dir() && !is_opaque(&from)? && below.as_ref().is_some_and(|b| b.is_dir()) {
+                self.merge_dir(&from, &to, &rel)?;
+                copy_attributes(&md, &from, &to)?;
+                continue;
+            }
+            match below {
+                Some(b) if b.is_dir() => fs::remove_dir_all(&to)?,
+                Some(_) => fs::remove_file(&to)?,
+                None => {}
+            }
+            self.entry(&from, &to, &rel)?;
         }
         Ok(())
     }
@@ -181,6 +239,13 @@ impl Copy<'_> {
         }
         Ok(fs::hard_link(&previous, to).is_ok())
     }
+}
+
+/// Whether the directory `dir` of an overlay layer is opaque (hides the layers below).
+fn is_opaque(dir: &Path) -> io::Result<bool> {
+    Ok(sys::xattrs(dir)?
+        .iter()
+        .any(|(name, value)| name.as_bytes() == b"user.overlay.opaque" && value == b"y"))
 }
 
 /// Owner, mode, extended attributes and times of `md` (the source `from`) onto `to`.
@@ -368,13 +433,40 @@ mod tests {
             "old copy intact"
         );
 
-        // A layer restored from a copy links from that copy at its first checkpoint.
-        let restored = tmp.path().join("restored");
-        let copied = copy_tree(&third, &restored, None).unwrap();
-        let origin = copied.target_origin(&third);
-        let fourth = tmp.path().join("ckpt4");
-        let copied = copy_tree(&restored, &fourth, Some(&origin)).unwrap();
-        assert_eq!(copied.copied_bytes, 0);
-        assert_eq!(ino(&third.join("d/big")), ino(&fourth.join("d/big")));
+        // A restored layer is links to the copy; flattened with the writable layer above
+        // it, unchanged files stay links and changed ones are copies.
+        let base = tmp.path().join("base");
+        link_tree(&third, &base).unwrap();
+        assert_eq!(ino(&third.join("d/big")), ino(&base.join("d/big")));
+        let upper = tmp.path().join("upper");
+        fs::create_dir_all(upper.join("d")).unwrap();
+        fs::write(upper.join("small"), b"v3").unwrap();
+        mknod(&upper.join("new"), SFlag::S_IFCHR, Mode::empty(), 0).unwrap(); // rm new
+        fs::create_dir(upper.join("opaque")).unwrap();
+        fs::write(upper.join("opaque/only"), b"o").unwrap();
+        sys::set_overlay_opaque(&upper.join("opaque")).unwrap();
+        fs::create_dir_all(base.join("opaque/hidden")).unwrap();
+        let flat = tmp.path().join("ckpt4");
+        link_tree(&base, &flat).unwrap();
+        let copied = merge_upper(&upper, &flat, None).unwrap();
+        assert_eq!(copied.copied_bytes, 3);
+        assert_eq!(
+            ino(&third.join("d/big")),
+            ino(&flat.join("d/big")),
+            "still a link"
+        );
+        assert_eq!(fs::read(flat.join("small")).unwrap(), b"v3");
+        assert_eq!(
+            fs::read(third.join("small")).unwrap(),
+            b"v2",
+            "the copy is intact"
+        );
+        assert!(
+            meta(&flat.join("new")).file_type().is_char_device(),
+            "whiteout kept"
+        );
+        assert!(!flat.join("opaque/hidden").exists(), "opaque replaces");
+        assert_eq!(fs::read(flat.join("opaque/only")).unwrap(), b"o");
+        assert!(is_opaque(&flat.join("opaque")).unwrap());
     }
 }
