@@ -394,12 +394,14 @@ fn outcome_of(
 
 // --- CRIU ------------------------------------------------------------------------------
 
-/// The Python program of the CRIU peer's process tree: a parent and a sleeping child,
-/// the parent holding `mib` MiB of random bytes; the parent prints `ready` once they are
-/// written, then leaves only `/dev/null` open (no pipe for CRIU to trip on).
+/// The Python program of the CRIU peer's process tree: the init of its own pid
+/// namespace (as a sandbox is) in its own session, and a sleeping child; the parent holds
+/// `mib` MiB of random bytes, prints `ready` once they are written, then leaves only
+/// `/dev/null` open (no pipe for CRIU to trip on).
 pub fn tree_program(mib: u64) -> String {
     format!(
         "import os, sys, time
+os.setsid()
 null = os.open('/dev/null', os.O_RDWR)
 os.dup2(null, 0)
 os.dup2(null, 2)
@@ -419,9 +421,10 @@ time.sleep(1e9)
     )
 }
 
-/// CRIU dumping and restoring a small process tree on the host: a session of two Python
-/// processes (~10 MiB each, like a sandbox's agent and its shell), with optional dirty
-/// memory. Needs root and `criu`.
+/// CRIU dumping and restoring a small process tree: two Python processes (~10 MiB each,
+/// like a sandbox's agent and its shell) in their own pid namespace (`unshare --pid`), so
+/// that each restore gets a namespace of its own, with optional dirty memory. Needs root,
+/// `criu` and `unshare`.
 #[derive(Debug)]
 pub struct Criu {
     images: tempfile::TempDir,
@@ -498,19 +501,27 @@ fn clone_results(r: &[Result<Duration, PeerError>]) -> Vec<Result<Duration, Peer
         .collect()
 }
 
-/// A running tree: the session leader we spawned.
+/// A running tree: `unshare` (our child) and the init of its pid namespace.
 struct Tree {
     child: Child,
     pid: i32,
 }
 
-impl Tree {
-    /// Kills the whole session (our processes only) and reaps the leader.
-    fn kill(mut self) {
-        let _ = nix::sys::signal::killpg(
-            nix::unistd::Pid::from_raw(self.pid),
+/// Kills the init of a pid namespace we created, and so everything in it.
+fn kill_ns(init: i32) {
+    if init > 1 {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(init),
             nix::sys::signal::Signal::SIGKILL,
         );
+    }
+}
+
+impl Tree {
+    /// Kills the namespace (our processes only) and reaps `unshare`.
+    fn kill(mut self) {
+        kill_ns(self.pid);
+        let _ = self.child.kill();
         let _ = self.child.wait();
     }
 }
@@ -526,7 +537,7 @@ impl Criu {
     /// Checks that CRIU, `setsid` and a Python are here.
     pub fn new() -> Result<Criu, PeerError> {
         which("criu").ok_or(PeerError::NotInstalled("criu"))?;
-        which("setsid").ok_or(PeerError::NotInstalled("util-linux"))?;
+        which("unshare").ok_or(PeerError::NotInstalled("util-linux"))?;
         // Debian's interpreter, not a shim in front of it (pyenv's is a shell script).
         let python = ["/usr/bin/python3", "/usr/local/bin/python3"]
             .iter()
@@ -549,9 +560,8 @@ impl Criu {
     }
 
     fn spawn_tree(&self, dirty_mib: u64) -> Result<Tree, PeerError> {
-        // `setsid` execs in place (we are not a process group leader's child of it):
-        // the tree's root is its own session, as CRIU wants.
-        let mut child = Command::new("setsid")
+        let mut child = Command::new("unshare")
+            .args(["--pid", "--fork"])
             .arg(&self.python)
             .arg("-c")
             .arg(tree_program(dirty_mib))
@@ -560,13 +570,18 @@ impl Criu {
             .stderr(Stdio::null())
             .spawn()
             .map_err(criu_failed)?;
-        let pid = child.id() as i32;
+        let outer = child.id();
         let stdout = child.stdout.take().expect("piped");
         let ready = BufReader::new(stdout)
             .lines()
             .any(|l| l.map(|l| l.trim() == "ready").unwrap_or(false));
+        // The namespace's init is unshare's only child.
+        let pid = std::fs::read_to_string(format!("/proc/{outer}/task/{outer}/children"))
+            .ok()
+            .and_then(|t| t.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0);
         let tree = Tree { child, pid };
-        if !ready {
+        if !ready || pid == 0 {
             tree.kill();
             return Err(criu_failed("the process tree exited before it was ready"));
         }
@@ -580,13 +595,13 @@ impl Criu {
         Ok(dir)
     }
 
-    fn criu(args: &[&str], dir: &Path) -> Result<Duration, PeerError> {
+    fn criu(args: &[&str], dir: &Path, log: &str) -> Result<Duration, PeerError> {
         let started = Instant::now();
         let out = Command::new("criu")
             .args(args)
             .arg("-D")
             .arg(dir)
-            .args(["-o", "criu.log"])
+            .args(["-o", log])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -594,7 +609,7 @@ impl Criu {
             .map_err(criu_failed)?;
         let took = started.elapsed();
         if !out.status.success() {
-            let log = std::fs::read_to_string(dir.join("criu.log")).unwrap_or_default();
+            let log = std::fs::read_to_string(dir.join(log)).unwrap_or_default();
             let last = log
                 .lines()
                 .rev()
@@ -603,6 +618,110 @@ impl Criu {
             return Err(criu_failed(format!("criu {}: {last}", args[0])));
         }
         Ok(took)
+    }
+
+    /// Restores the tree dumped in `dir`, detached, into a new pid namespace; its init's
+    /// pid goes to `restored.pid` there.
+    fn restore(dir: &Path) -> Result<Duration, PeerError> {
+        Criu::restore_as(dir, 0)
+    }
+
+    /// Restore number `i` of the image in `dir` (`restored.pid`, `restored-<i>.pid`).
+    fn restore_as(dir: &Path, i: usize) -> Result<Duration, PeerError> {
+        let name = match i {
+            0 => "restored".to_owned(),
+            i => format!("restored-{i}"),
+        };
+        let pidfile = dir.join(format!("{name}.pid"));
+        let pidfile = pidfile
+            .to_str()
+            .ok_or_else(|| criu_failed("non-UTF-8 path"))?;
+        Criu::criu(
+            &["restore", "-d", "--pidfile", pidfile],
+            dir,
+            &format!("{name}.log"),
+        )
+    }
+
+    /// The clone scenario's peer: each round dumps a fresh tree holding `dirty_mib` MiB
+    /// and leaves it running, then restores that image `n` times with `concurrency`
+    /// restores at once (each into its own pid namespace). Timed: the dump and the
+    /// restores (wall = dump start → last restore done, per = wall / n); the latency is
+    /// each restore's.
+    pub fn clone_batch(
+        &self,
+        n: usize,
+        concurrency: usize,
+        rounds: usize,
+        warmup: usize,
+        dirty_mib: u64,
+    ) -> PeerOutcome {
+        let mut walls = Vec::new();
+        let mut ops = Vec::new();
+        for round in 0..warmup + rounds {
+            let counted = round >= warmup;
+            let (tree, dir) = match self.spawn_tree(dirty_mib).and_then(|t| {
+                let dir = self.image_dir();
+                match dir {
+                    Ok(d) => Ok((t, d)),
+                    Err(e) => {
+                        t.kill();
+                        Err(e)
+                    }
+                }
+            }) {
+                Ok(x) => x,
+                Err(e) => {
+                    if counted {
+                        ops.push(Err(e));
+                    }
+                    continue;
+                }
+            };
+            let started = Instant::now();
+            let pid = tree.pid.to_string();
+            let dumped = Criu::criu(&["dump", "--leave-running", "-t", &pid], &dir, "dump.log");
+            let next = AtomicUsize::new(0);
+            let results: Mutex<Vec<Result<Duration, PeerError>>> = Mutex::new(Vec::new());
+            let mut clean = dumped.is_ok();
+            if let Err(e) = dumped {
+                if counted {
+                    ops.push(Err(e));
+                }
+            } else {
+                std::thread::scope(|s| {
+                    for _ in 0..concurrency.clamp(1, n.max(1)) {
+                        s.spawn(|| loop {
+                            let i = next.fetch_add(1, Ordering::Relaxed);
+                            if i >= n {
+                                return;
+                            }
+                            let r = Criu::restore_as(&dir, i + 1);
+                            results.lock().expect("results").push(r);
+                        });
+                    }
+                });
+            }
+            let wall = started.elapsed();
+            let results = results.into_inner().expect("results");
+            clean &= results.iter().all(Result::is_ok);
+            for i in 1..=n {
+                let pid = std::fs::read_to_string(dir.join(format!("restored-{i}.pid")))
+                    .ok()
+                    .and_then(|t| t.trim().parse().ok())
+                    .unwrap_or(0);
+                kill_ns(pid);
+            }
+            tree.kill();
+            let _ = std::fs::remove_dir_all(&dir);
+            if counted {
+                if clean {
+                    walls.push(wall);
+                }
+                ops.extend(results);
+            }
+        }
+        outcome_of(ops, Some((walls, n)))
     }
 
     /// `warmup` + `rounds` rounds; each spawns `concurrency` trees (untimed, until
@@ -639,7 +758,7 @@ impl Criu {
                     .iter()
                     .map(|(t, dir)| {
                         let pid = t.pid.to_string();
-                        s.spawn(move || Criu::criu(&["dump", "-t", &pid], dir))
+                        s.spawn(move || Criu::criu(&["dump", "-t", &pid], dir, "dump.log"))
                     })
                     .collect();
                 handles
@@ -669,7 +788,7 @@ impl Criu {
             let restores: Vec<Result<Duration, PeerError>> = std::thread::scope(|s| {
                 let handles: Vec<_> = dumped
                     .iter()
-                    .map(|(_, dir)| s.spawn(move || Criu::criu(&["restore", "-d"], dir)))
+                    .map(|(_, dir)| s.spawn(move || Criu::restore(dir)))
                     .collect();
                 handles
                     .into_iter()
@@ -677,12 +796,9 @@ impl Criu {
                     .collect()
             });
             let restore_wall = started.elapsed();
-            for ((pid, dir), result) in dumped.iter().zip(&restores) {
+            for ((_, dir), result) in dumped.iter().zip(&restores) {
                 if result.is_ok() {
-                    let _ = nix::sys::signal::killpg(
-                        nix::unistd::Pid::from_raw(*pid),
-                        nix::sys::signal::Signal::SIGKILL,
-                    );
+                    kill_ns(restored_pid(dir));
                 }
                 let _ = std::fs::remove_dir_all(dir);
             }
@@ -694,6 +810,14 @@ impl Criu {
         }
         out
     }
+}
+
+/// The init of the tree restored from `dir` (CRIU's `--pidfile`).
+fn restored_pid(dir: &Path) -> i32 {
+    std::fs::read_to_string(dir.join("restored.pid"))
+        .ok()
+        .and_then(|t| t.trim().parse().ok())
+        .unwrap_or(0)
 }
 
 fn dir_size(dir: &Path) -> u64 {

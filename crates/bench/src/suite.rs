@@ -294,10 +294,8 @@ pub async fn run(
                     });
                 };
                 let report = api_create::run(plan, &target, &progress).await;
+                // Create-only: kept alive on purpose, not registered for clean-up.
                 let kept = target.kept();
-                for id in &kept {
-                    ctx.live.add_sandbox(id);
-                }
                 let mut peers_out = Vec::new();
                 if let Some(ps) = peer_set {
                     for name in CONTAINER_PEERS {
@@ -457,20 +455,28 @@ pub async fn run(
             }
         }
         Scenario::Clone { levels } => {
+            let criu = criu();
             let mut out = Vec::new();
             for &shape in levels {
                 let mut level = scenarios::clone(ctx, shape).await;
-                if peer_set.is_some() {
-                    level.peers.push(peer_err(
-                        "criu",
-                        "clone",
-                        PeerOutcome::NotComparable {
-                            reason: "CRIU restores a tree with its own pids: N live copies of \
-                                     one image need a pid namespace per copy, which none of \
-                                     the peers sets up by itself"
-                                .into(),
-                        },
-                    ));
+                if let Some(criu) = &criu {
+                    let what = "criu dump --leave-running + n restores of a tree holding 10 MiB";
+                    level.peers.push(match criu_or(criu, what) {
+                        Err(r) => r,
+                        Ok(()) => {
+                            let c = criu.as_ref().expect("checked");
+                            let o = blocking(|| {
+                                c.clone_batch(
+                                    shape.n,
+                                    shape.concurrency,
+                                    shape.rounds,
+                                    shape.warmup,
+                                    scenarios::CLONE_SOURCE_DIRTY_MIB,
+                                )
+                            });
+                            peer_err("criu", what, o)
+                        }
+                    });
                 }
                 out.push(level);
             }
@@ -616,7 +622,7 @@ fn peer_notes(peers: &[PeerResult], notes: &mut Vec<String>) {
                 first_error: Some(e),
                 ..
             } => format!("{} ({}): {e}", p.name, p.what),
-            _ => format!("{}: {}", p.name, p.what),
+            _ => format!("peers: {}", p.what),
         };
         if !notes.contains(&note) {
             notes.push(note);
