@@ -148,7 +148,8 @@ pub struct Report {
     pub steps: Vec<Step>,
     /// Why the run stopped before its last batch, if it did.
     pub stopped: Option<String>,
-    /// Projected from the last step.
+    /// Projected from the last step, with the larger of its MemAvailable overhead and
+    /// its average PSS per sandbox.
     pub capacity: Option<Capacity>,
     /// Why PSS is missing, if it is.
     pub pss_unavailable: Option<String>,
@@ -273,9 +274,16 @@ pub async fn run(
     // Clean up.
     let kills = join_all(ids.iter().map(|id| live.kill(client, id))).await;
     errors.extend(kills.into_iter().flatten());
-    let capacity = steps
-        .last()
-        .and_then(|s| Capacity::project(total_mib, baseline, s.per_sandbox_mib, sandbox_limit_mib));
+    // The seed divides by the MemAvailable overhead; when that is within the noise of a
+    // shared host (a sandbox of a few MiB), the sandboxes' own PSS is the firmer figure:
+    // the larger of the two is used.
+    let capacity = steps.last().and_then(|s| {
+        let per = s
+            .pss_mib
+            .as_ref()
+            .map_or(s.per_sandbox_mib, |p| p.avg.max(s.per_sandbox_mib));
+        Capacity::project(total_mib, baseline, per, sandbox_limit_mib)
+    });
     Ok(Report {
         batches: batches.to_vec(),
         total_mib,

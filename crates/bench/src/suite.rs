@@ -1101,7 +1101,10 @@ fn density_tables(r: &density::Report) -> Vec<Table> {
                 ],
             ],
             notes: vec![
-                "the seed's arithmetic: (total − baseline used − 10%) ÷ per-sandbox cost".into(),
+                "the seed's arithmetic: (total − baseline used − 10%) ÷ per-sandbox cost; \
+                 Cubicle's cost is the larger of its MemAvailable overhead and its average \
+                 PSS at the last step"
+                    .into(),
             ],
         });
     }

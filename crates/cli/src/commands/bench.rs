@@ -194,8 +194,9 @@ async fn seed_scenarios(data: &DataDir, cmd: BenchCommand) -> anyhow::Result<Exi
             Err(e) => return Ok(usage_error(format!("--peers: {e}"))),
         };
         match store.get(&name) {
+            // runc refuses a root reached through a symlink.
             Ok(t) => Some(PeerSet {
-                rootfs: t.rootfs.clone(),
+                rootfs: std::fs::canonicalize(&t.rootfs).unwrap_or_else(|_| t.rootfs.clone()),
             }),
             Err(e) => {
                 return Ok(usage_error(format!(
