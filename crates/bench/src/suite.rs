@@ -240,11 +240,11 @@ fn peer_err(name: &str, what: &str, outcome: PeerOutcome) -> PeerResult {
     }
 }
 
-fn criu_or(criu: &Result<Criu, peers::PeerError>, what: &str) -> Result<(), PeerResult> {
-    match criu {
-        Ok(_) => Ok(()),
-        Err(e) => Err(peer_err("criu", what, PeerOutcome::from_error(e))),
-    }
+/// The row of a CRIU that could not be set up, if it could not.
+fn criu_err(criu: &Result<Criu, peers::PeerError>, what: &str) -> Option<PeerResult> {
+    criu.as_ref()
+        .err()
+        .map(|e| peer_err("criu", what, PeerOutcome::from_error(e)))
 }
 
 /// Runs blocking peer code without stalling the runtime's other tasks.
@@ -353,9 +353,9 @@ pub async fn run(
                 let mut level = scenarios::snapshot(ctx, shape).await;
                 if let Some(criu) = &criu {
                     let what = "criu dump of a 2-process tree";
-                    level.peers.push(match criu_or(criu, what) {
-                        Err(r) => r,
-                        Ok(()) => {
+                    level.peers.push(match criu_err(criu, what) {
+                        Some(r) => r,
+                        None => {
                             let c = criu.as_ref().expect("checked");
                             let b = blocking(|| {
                                 c.batch(shape.concurrency, shape.rounds, shape.warmup, 0)
@@ -380,9 +380,9 @@ pub async fn run(
             for &(mib, shape) in levels {
                 let mut level = scenarios::snapshot_dirty(ctx, mib, shape).await;
                 if let Some(criu) = &criu {
-                    match criu_or(criu, "criu dump / restore") {
-                        Err(r) => level.peers.push(r),
-                        Ok(()) => {
+                    match criu_err(criu, "criu dump / restore") {
+                        Some(r) => level.peers.push(r),
+                        None => {
                             let c = criu.as_ref().expect("checked");
                             let b = blocking(|| c.batch(1, shape.rounds, shape.warmup, mib));
                             level.peers.push(peer_err(
@@ -418,9 +418,9 @@ pub async fn run(
                     } else {
                         "criu restore of a 2-process tree"
                     };
-                    level.peers.push(match criu_or(criu, what) {
-                        Err(r) => r,
-                        Ok(()) => {
+                    level.peers.push(match criu_err(criu, what) {
+                        Some(r) => r,
+                        None => {
                             let c = criu.as_ref().expect("checked");
                             let b = blocking(|| {
                                 c.batch(shape.concurrency, shape.rounds, shape.warmup, 0)
@@ -461,9 +461,9 @@ pub async fn run(
                 let mut level = scenarios::clone(ctx, shape).await;
                 if let Some(criu) = &criu {
                     let what = "criu dump --leave-running + n restores of a tree holding 10 MiB";
-                    level.peers.push(match criu_or(criu, what) {
-                        Err(r) => r,
-                        Ok(()) => {
+                    level.peers.push(match criu_err(criu, what) {
+                        Some(r) => r,
+                        None => {
                             let c = criu.as_ref().expect("checked");
                             let o = blocking(|| {
                                 c.clone_batch(
@@ -494,9 +494,9 @@ pub async fn run(
             for &shape in levels {
                 let mut level = scenarios::pause_resume(ctx, shape).await;
                 if let Some(criu) = &criu {
-                    match criu_or(criu, "criu dump / restore") {
-                        Err(r) => level.hibernate.peers.push(r),
-                        Ok(()) => {
+                    match criu_err(criu, "criu dump / restore") {
+                        Some(r) => level.hibernate.peers.push(r),
+                        None => {
                             let c = criu.as_ref().expect("checked");
                             let b = blocking(|| {
                                 c.batch(shape.concurrency, shape.rounds, shape.warmup, 0)
@@ -1492,7 +1492,7 @@ mod tests {
             }],
             create_only: false,
         };
-        let c = charts(&[o.clone()]);
+        let c = charts(std::slice::from_ref(&o));
         assert_eq!(c.len(), 1);
         assert_eq!(c[0].0, "create-latency.svg");
         assert!(c[0].1.render().contains("cubicle p50"));
