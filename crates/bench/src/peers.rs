@@ -768,6 +768,7 @@ impl Criu {
             });
             let dump_wall = started.elapsed();
             let mut dumped = Vec::new();
+            let clean = ready.len() == concurrency && dumps.iter().all(Result::is_ok);
             for ((tree, dir), result) in ready.into_iter().zip(dumps) {
                 let ok = result.is_ok();
                 if counted {
@@ -803,8 +804,13 @@ impl Criu {
                 let _ = std::fs::remove_dir_all(dir);
             }
             if counted {
-                out.dump_walls.push(dump_wall);
-                out.restore_walls.push(restore_wall);
+                // As for Cubicle, a round with a failure has no wall (concurrent dumps of
+                // trees that share the host's mount namespace fail now and then in CRIU's
+                // parasite: "Can't get proc fd").
+                if clean && restores.iter().all(Result::is_ok) {
+                    out.dump_walls.push(dump_wall);
+                    out.restore_walls.push(restore_wall);
+                }
                 out.restores.extend(restores);
             }
         }

@@ -35,8 +35,9 @@ const LEFT: f64 = 70.0;
 const RIGHT: f64 = 220.0;
 const TOP: f64 = 50.0;
 const BOTTOM: f64 = 60.0;
-const COLORS: [&str; 8] = [
+const COLORS: [&str; 10] = [
     "#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
+    "#17becf", "#bcbd22",
 ];
 
 fn esc(s: &str) -> String {

@@ -654,7 +654,7 @@ pub struct BenchNsCreateArgs {
     /// Template whose rootfs everyone starts.
     #[arg(long, short, default_value = "base")]
     pub template: String,
-    /// Peers to measure in the same run: crun, runc, bwrap (repeatable).
+    /// Peers to measure in the same run: crun, runc, bwrap, runsc (repeatable).
     #[arg(long = "peer", value_name = "PEER")]
     pub peers: Vec<String>,
     /// Print JSON instead of a table.
