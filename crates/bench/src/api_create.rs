@@ -268,10 +268,12 @@ async fn once<T: Target>(target: &T) -> Outcome {
 }
 
 /// The real target: `POST /v2/sandboxes` and `DELETE /sandboxes/{id}` on a daemon.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct ApiTarget {
     client: cubicle_client::ApiClient,
     request: cubicle_client::CreateSandbox,
+    /// Create-only: sandboxes are kept (listed here) instead of killed.
+    kept: Option<std::sync::Mutex<Vec<String>>>,
 }
 
 impl ApiTarget {
@@ -280,7 +282,26 @@ impl ApiTarget {
     pub fn new(client: cubicle_client::ApiClient, template: &str, timeout: u64) -> Self {
         let mut request = cubicle_client::CreateSandbox::new(template);
         request.timeout = Some(timeout);
-        ApiTarget { client, request }
+        ApiTarget {
+            client,
+            request,
+            kept: None,
+        }
+    }
+
+    /// The seed's `-m create-only`: sandboxes are kept alive (until `timeout`), not
+    /// killed; [`ApiTarget::kept`] lists them.
+    pub fn create_only(mut self) -> Self {
+        self.kept = Some(std::sync::Mutex::new(Vec::new()));
+        self
+    }
+
+    /// The sandboxes kept by a create-only run.
+    pub fn kept(&self) -> Vec<String> {
+        self.kept
+            .as_ref()
+            .map(|k| k.lock().expect("kept").clone())
+            .unwrap_or_default()
     }
 }
 
@@ -296,6 +317,10 @@ impl Target for ApiTarget {
     }
 
     async fn kill(&self, id: String) -> Result<(), String> {
+        if let Some(kept) = &self.kept {
+            kept.lock().expect("kept").push(id);
+            return Ok(());
+        }
         match self.client.kill(&id).await {
             Ok(true) => Ok(()),
             Ok(false) => Err("sandbox was already gone".into()),

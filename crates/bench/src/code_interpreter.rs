@@ -186,7 +186,7 @@ impl std::ops::AddAssign for ProcMemory {
 }
 
 /// `Key:   123 kB` lines, as in `smaps_rollup` and `meminfo`: the value of `key` in KiB.
-fn kib_field(text: &str, key: &str) -> Option<u64> {
+pub(crate) fn kib_field(text: &str, key: &str) -> Option<u64> {
     text.lines().find_map(|line| {
         let (k, rest) = line.split_once(':')?;
         if k.trim() != key {

@@ -9,7 +9,12 @@
 
 pub mod api_create;
 pub mod code_interpreter;
+pub mod density;
 pub mod ns_create;
 pub mod peers;
+pub mod scenarios;
+pub mod seed;
 pub mod snapshot;
 pub mod stats;
+pub mod suite;
+pub mod svg;

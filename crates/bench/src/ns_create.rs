@@ -40,7 +40,7 @@ pub enum NsCreateError {
 pub async fn run(
     runtime: &dyn Runtime,
     mut spec: impl FnMut() -> SandboxSpec,
-    mut peers: Vec<Box<dyn Peer>>,
+    peers: Vec<Box<dyn Peer>>,
     runs: usize,
     warmup: usize,
     mut progress: impl FnMut(usize, usize),
@@ -65,7 +65,7 @@ pub async fn run(
             ));
         }
         let mut peer_times = Vec::with_capacity(peers.len());
-        for peer in peers.iter_mut() {
+        for peer in peers.iter() {
             peer_times.push(peer.run_once()?);
         }
         if round >= warmup {

@@ -390,11 +390,11 @@ pub struct Live {
 }
 
 impl Live {
-    fn add_sandbox(&self, id: &str) {
+    pub(crate) fn add_sandbox(&self, id: &str) {
         self.sandboxes.lock().expect("live").push(id.to_owned());
     }
 
-    fn add_snapshot(&self, id: &str) {
+    pub(crate) fn add_snapshot(&self, id: &str) {
         self.snapshots.lock().expect("live").push(id.to_owned());
     }
 
@@ -409,7 +409,7 @@ impl Live {
     }
 
     /// Kills sandbox `id` and forgets it; the failure, if any.
-    async fn kill(&self, client: &ApiClient, id: &str) -> Option<String> {
+    pub(crate) async fn kill(&self, client: &ApiClient, id: &str) -> Option<String> {
         let outcome = match client.kill(id).await {
             Ok(true) => None,
             Ok(false) => Some(format!("kill: sandbox {id} was already gone")),
@@ -420,7 +420,7 @@ impl Live {
     }
 
     /// Deletes snapshot `id` and forgets it; the failure, if any.
-    async fn delete(&self, client: &ApiClient, id: &str) -> Option<String> {
+    pub(crate) async fn delete(&self, client: &ApiClient, id: &str) -> Option<String> {
         let outcome = match client.delete_snapshot(id).await {
             Ok(true) => None,
             Ok(false) => Some(format!("delete: snapshot {id} was already gone")),
@@ -511,7 +511,7 @@ impl Recorder {
 
 /// A failure as it is grouped: the status and the server's message, or the error and
 /// its causes.
-fn error_message(e: &ClientError) -> String {
+pub(crate) fn error_message(e: &ClientError) -> String {
     if let Some(status) = e.status() {
         return format!("{}: {e}", status.as_u16());
     }
@@ -519,7 +519,7 @@ fn error_message(e: &ClientError) -> String {
 }
 
 /// An error and its causes, `: `-separated.
-fn chain(e: &dyn std::error::Error) -> String {
+pub(crate) fn chain(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {

@@ -46,6 +46,35 @@ impl Summary {
     }
 }
 
+/// Statistics of batches (the seed's concurrency tables): each round sends a batch of
+/// operations at once and is timed from the first request sent to the last answer.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct BatchStats {
+    /// Operations in one batch (the divisor of `per`).
+    pub ops_per_batch: usize,
+    /// Wall time of the batches, ms (`n` = rounds).
+    pub wall: Summary,
+    /// Amortised time per operation: the average wall divided by the operations in a
+    /// batch, ms (the seed's "per-snapshot avg", "per-clone avg", ...).
+    pub per_avg: f64,
+}
+
+impl BatchStats {
+    /// Summarises the wall times of batches of `ops_per_batch` operations; `None` for no
+    /// batches or empty batches.
+    pub fn of(walls: &[Duration], ops_per_batch: usize) -> Option<BatchStats> {
+        if ops_per_batch == 0 {
+            return None;
+        }
+        let wall = Summary::of(walls)?;
+        Some(BatchStats {
+            ops_per_batch,
+            per_avg: wall.avg / ops_per_batch as f64,
+            wall,
+        })
+    }
+}
+
 /// Nearest-rank percentile of sorted values: the smallest value with at least `p`% of
 /// the samples at or below it.
 pub fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -80,5 +109,31 @@ mod tests {
         assert_eq!(s.avg, 4.0);
         assert_eq!(s.p99, 10.0);
         assert!(Summary::of(&[]).is_none());
+    }
+
+    #[test]
+    fn batches_give_wall_and_per() {
+        let walls: Vec<Duration> = [60, 50, 70, 40, 80]
+            .iter()
+            .map(|ms| Duration::from_millis(*ms))
+            .collect();
+        let b = BatchStats::of(&walls, 5).unwrap();
+        assert_eq!(b.wall.n, 5);
+        assert_eq!((b.wall.avg, b.wall.min, b.wall.max), (60.0, 40.0, 80.0));
+        // Nearest rank: 95% of 5 rounds is the 5th value, as the seed's p95 = max.
+        assert_eq!(b.wall.p95, 80.0);
+        assert_eq!(b.wall.p50, 60.0);
+        assert_eq!(b.per_avg, 12.0);
+        assert_eq!(BatchStats::of(&walls, 1).unwrap().per_avg, 60.0);
+        assert!(BatchStats::of(&[], 5).is_none());
+        assert!(BatchStats::of(&walls, 0).is_none());
+    }
+
+    #[test]
+    fn p99_of_many_samples_is_not_the_max() {
+        let samples: Vec<Duration> = (1..=300).map(Duration::from_millis).collect();
+        let s = Summary::of(&samples).unwrap();
+        assert_eq!((s.p90, s.p95, s.p99, s.max), (270.0, 285.0, 297.0, 300.0));
+        assert_eq!(s.avg, 150.5);
     }
 }

@@ -403,7 +403,155 @@ pub enum BenchCommand {
     /// sent to the answer. Every sandbox and snapshot of the run is removed at the end,
     /// also on Ctrl-C or an error.
     #[command(after_help = BENCH_SNAPSHOT_HELP)]
-    Snapshot(BenchSnapshotArgs),
+    SnapshotOps(BenchSnapshotArgs),
+    /// Seed §3.2: C workers create N sandboxes through the API (each killed at once, or
+    /// kept with -m create-only); the seed's metrics plus wall and per.
+    #[command(alias = "cold-start", after_help = BENCH_SCENARIO_HELP, allow_negative_numbers = true)]
+    Create(BenchCreateArgs),
+    /// Seed §3.3: idle sandboxes launched in batches and kept; MemAvailable and each
+    /// sandbox's PSS after each batch, the per-sandbox overhead and this host's projected
+    /// capacity. Stops before a batch that would eat into a 10% headroom. Needs root and
+    /// the daemon on this host (its --data-dir).
+    #[command(after_help = BENCH_SCENARIO_HELP, allow_negative_numbers = true)]
+    Density(BenchDensityArgs),
+    /// Seed §4.1: each round snapshots C fresh sandboxes at once; wall and per-snapshot.
+    #[command(after_help = BENCH_SCENARIO_HELP, allow_negative_numbers = true)]
+    Snapshot(BenchBatchArgs),
+    /// Seed §4.2: write D MB into /dev/shm of a fresh sandbox, snapshot it, and create a
+    /// sandbox from that snapshot (both timed), serially.
+    #[command(after_help = BENCH_SCENARIO_HELP, allow_negative_numbers = true)]
+    SnapshotDirty(BenchDirtyArgs),
+    /// Seed §4.3: one snapshot; each round creates C sandboxes from it at once.
+    #[command(after_help = BENCH_SCENARIO_HELP, allow_negative_numbers = true)]
+    CreateFromSnapshot(BenchBatchArgs),
+    /// Seed §4.4: each round, C fresh sandboxes each snapshot themselves and roll back to
+    /// it, all at once.
+    #[command(after_help = BENCH_SCENARIO_HELP, allow_negative_numbers = true)]
+    Rollback(BenchBatchArgs),
+    /// Seed §4.5: each round clones a source sandbox (10 MiB in /dev/shm) N times with C
+    /// fork requests at once.
+    #[command(after_help = BENCH_SCENARIO_HELP, allow_negative_numbers = true)]
+    Clone(BenchCloneArgs),
+    /// Seed §4.6: each round pauses C fresh sandboxes at once and resumes them at once,
+    /// then hibernates them (memory to disk, the seed's kind of pause) and resumes them.
+    #[command(after_help = BENCH_SCENARIO_HELP, allow_negative_numbers = true)]
+    PauseResume(BenchBatchArgs),
+    /// Every scenario above with the seed's parameter sets, in one run.
+    #[command(after_help = BENCH_SCENARIO_HELP)]
+    All(BenchAllArgs),
+}
+
+const BENCH_SCENARIO_HELP: &str = "\
+Metrics as in the seed report, in milliseconds: avg, min, p50, p90, p95, p99, max of each
+operation (request sent -> answer); for batches wall (first request sent -> last answer)
+and per (= wall avg / operations per batch). Warm-up rounds run first and are discarded;
+rounds run serially. The seed's published figures (a 16-core host) are shown next to
+Cubicle's. --peers adds crun, runc, bubblewrap and runsc starting the template's rootfs
+to a `ready` line, and CRIU dumping/restoring a small process tree (a peer that is not
+installed shows \"not installed\"). --report DIR writes report.md, results.json and SVG
+charts. Exit codes: 0 all operations succeeded, 1 some failed, 2 bad parameters or a
+daemon that cannot be reached, refuses the key or lacks the template. The daemon and key
+come from E2B_API_URL (default http://127.0.0.1:3000) and E2B_API_KEY.";
+
+/// What every seed scenario shares.
+#[derive(Debug, Args, Clone)]
+pub struct BenchCommonArgs {
+    /// Template to create sandboxes from.
+    #[arg(long, short, default_value = "base")]
+    pub template: String,
+    /// Also measure the peers (crun, runc, bubblewrap, runsc, CRIU) in the same run.
+    #[arg(long)]
+    pub peers: bool,
+    /// Print JSON instead of tables.
+    #[arg(long)]
+    pub json: bool,
+    /// Write a Markdown report, results.json and SVG charts into this directory.
+    #[arg(long, value_name = "DIR")]
+    pub report: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchCreateArgs {
+    /// Workers creating sandboxes at the same time.
+    #[arg(long, short = 'c', default_value_t = 1)]
+    pub concurrency: usize,
+    /// Sandboxes to create in the measured part.
+    #[arg(long = "requests", short = 'n', default_value_t = 20)]
+    pub requests: usize,
+    /// Warm-up rounds (one create per worker each), not counted.
+    #[arg(long, short = 'w', default_value_t = 3)]
+    pub warmup: usize,
+    /// `create-only` keeps the sandboxes alive (until --timeout) instead of killing them.
+    #[arg(long, short = 'm', value_name = "MODE")]
+    pub mode: Option<String>,
+    /// Lifetime of the sandboxes, seconds (create-only keeps them this long).
+    #[arg(long, default_value_t = 600)]
+    pub timeout: u64,
+    #[command(flatten)]
+    pub common: BenchCommonArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchDensityArgs {
+    /// Batch sizes, comma-separated (the seed's: cumulative 1, 5, 10, 20).
+    #[arg(long, value_delimiter = ',', default_values_t = [1usize, 4, 5, 10])]
+    pub batches: Vec<usize>,
+    #[command(flatten)]
+    pub common: BenchCommonArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchBatchArgs {
+    /// Operations sent at once (one sandbox each).
+    #[arg(long, short = 'c', default_value_t = 1)]
+    pub concurrency: usize,
+    /// Measured rounds.
+    #[arg(long = "rounds", short = 'n', default_value_t = 5)]
+    pub rounds: usize,
+    /// Warm-up rounds, not counted.
+    #[arg(long, short = 'w', default_value_t = 1)]
+    pub warmup: usize,
+    #[command(flatten)]
+    pub common: BenchCommonArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchDirtyArgs {
+    /// MB (MiB) written into /dev/shm before the snapshot.
+    #[arg(long = "dirty", short = 'd', value_name = "MB", default_value_t = 0)]
+    pub dirty_mb: u64,
+    /// Measured rounds.
+    #[arg(long = "rounds", short = 'n', default_value_t = 3)]
+    pub rounds: usize,
+    /// Warm-up rounds, not counted.
+    #[arg(long, short = 'w', default_value_t = 1)]
+    pub warmup: usize,
+    #[command(flatten)]
+    pub common: BenchCommonArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchCloneArgs {
+    /// Clones per round.
+    #[arg(short = 'n', default_value_t = 1)]
+    pub clones: usize,
+    /// Fork requests at once (the clones are split evenly between them).
+    #[arg(long, short = 'c', default_value_t = 1)]
+    pub concurrency: usize,
+    /// Measured rounds.
+    #[arg(long, default_value_t = 5)]
+    pub rounds: usize,
+    /// Warm-up rounds, not counted.
+    #[arg(long, short = 'w', default_value_t = 1)]
+    pub warmup: usize,
+    #[command(flatten)]
+    pub common: BenchCommonArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchAllArgs {
+    #[command(flatten)]
+    pub common: BenchCommonArgs,
 }
 
 const BENCH_SNAPSHOT_HELP: &str = "\
@@ -506,7 +654,7 @@ pub struct BenchNsCreateArgs {
     /// Template whose rootfs everyone starts.
     #[arg(long, short, default_value = "base")]
     pub template: String,
-    /// Peers to measure in the same run: crun, runc, bwrap (repeatable).
+    /// Peers to measure in the same run: crun, runc, bwrap, runsc (repeatable).
     #[arg(long = "peer", value_name = "PEER")]
     pub peers: Vec<String>,
     /// Print JSON instead of a table.

@@ -517,7 +517,7 @@ fn bench_code_interpreter() {
 #[test]
 fn bench_snapshot() {
     let d = Daemon::start();
-    let run = d.cli(&["bench", "snapshot", "-n", "2", "--json"]);
+    let run = d.cli(&["bench", "snapshot-ops", "-n", "2", "--json"]);
     let report = run.code(0).json();
     let ops = report["operations"].as_array().unwrap();
     let keys: Vec<&str> = ops.iter().map(|o| o["op"].as_str().unwrap()).collect();
@@ -560,16 +560,239 @@ fn bench_snapshot() {
     assert_eq!(report["snapshot_size_mib"]["n"], 2, "{report:#}");
 
     // Set-up problems exit 2 with a message.
-    let tpl = d.cli(&["bench", "snapshot", "-t", "nope"]).code(2);
+    let tpl = d.cli(&["bench", "snapshot-ops", "-t", "nope"]).code(2);
     assert!(
         tpl.stderr.contains("has no template \"nope\""),
         "{}",
         tpl.stderr
     );
-    d.cli(&["bench", "snapshot", "-n", "0"]).code(2);
-    d.cli(&["bench", "snapshot", "--dirty-mib", "0"]).code(2);
+    d.cli(&["bench", "snapshot-ops", "-n", "0"]).code(2);
+    d.cli(&["bench", "snapshot-ops", "--dirty-mib", "0"])
+        .code(2);
 
     // Every sandbox and snapshot of the run was removed.
+    assert_eq!(
+        d.cli(&["sandbox", "ls", "--json"]).code(0).json(),
+        serde_json::json!([])
+    );
+    assert_eq!(
+        d.cli(&["snapshot", "ls", "--json"]).code(0).json(),
+        serde_json::json!([])
+    );
+}
+
+/// The seed's scenarios end to end on a short run: every table is produced with the
+/// seed's metrics, peers show up (measured or "not installed"), the report is written,
+/// bad parameters exit 2, and nothing is left behind. No timing assertions.
+#[test]
+fn bench_seed_scenarios() {
+    let d = Daemon::start();
+    let report_dir = d.dir.path().join("bench-report");
+    let report_arg = report_dir.to_str().unwrap();
+
+    // create, with peers and a report (at c=1, where the seed has a row).
+    let r = d
+        .cli(&[
+            "bench", "create", "-c", "1", "-n", "3", "-w", "1", "--peers", "--json", "--report",
+            report_arg,
+        ])
+        .code(0)
+        .json();
+    let level = &r["outcomes"][0]["levels"][0];
+    assert_eq!(r["outcomes"][0]["scenario"], "create", "{r:#}");
+    assert_eq!(level["report"]["ok"], 3, "{r:#}");
+    let s = &level["report"]["create_ms"];
+    for k in ["avg", "min", "p50", "p90", "p95", "p99", "max"] {
+        assert!(s[k].as_f64().unwrap() > 0.0, "{k}: {r:#}");
+    }
+    let (wall, per) = (
+        level["report"]["wall_ms"].as_f64().unwrap(),
+        level["report"]["per_ms"].as_f64().unwrap(),
+    );
+    assert!((per * 3.0 - wall).abs() < 1e-6, "{r:#}");
+    let peers: Vec<&str> = level["peers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(peers, ["crun", "runc", "bwrap", "runsc"], "{r:#}");
+    for p in level["peers"].as_array().unwrap() {
+        let status = p["outcome"]["status"].as_str().unwrap();
+        assert!(status == "measured" || status == "not_installed", "{p:#}");
+    }
+    let table = &r["tables"][0];
+    assert!(
+        table["title"].as_str().unwrap().starts_with("§3.2"),
+        "{r:#}"
+    );
+    assert!(
+        table["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|row| row[0].as_str().unwrap().starts_with("seed")),
+        "{r:#}"
+    );
+    let md = std::fs::read_to_string(report_dir.join("report.md")).unwrap();
+    assert!(md.contains("§3.2"), "{md}");
+    let svg = std::fs::read_to_string(report_dir.join("create-latency.svg")).unwrap();
+    assert!(
+        svg.starts_with("<svg") && svg.contains("cubicle p50"),
+        "{svg}"
+    );
+    assert!(report_dir.join("results.json").is_file());
+
+    // create-only keeps its sandboxes.
+    let r = d
+        .cli(&[
+            "bench",
+            "create",
+            "-c",
+            "1",
+            "-n",
+            "2",
+            "-w",
+            "0",
+            "-m",
+            "create-only",
+            "--json",
+        ])
+        .code(0)
+        .json();
+    let kept: Vec<String> = r["outcomes"][0]["levels"][0]["kept"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(kept.len(), 2, "{r:#}");
+    let listed = d.cli(&["sandbox", "ls", "--json"]).code(0).json();
+    assert_eq!(listed.as_array().unwrap().len(), 2, "{listed:#}");
+    let mut kill = vec!["sandbox", "kill"];
+    kill.extend(kept.iter().map(String::as_str));
+    d.cli(&kill).code(0);
+
+    // Chapter 4 and density, each with its own shape, CRIU as the peer.
+    let runs: [(&[&str], &str); 7] = [
+        (
+            &["snapshot", "-c", "2", "-n", "1", "-w", "0", "--peers"],
+            "snapshot",
+        ),
+        (
+            &["snapshot-dirty", "-d", "1", "-n", "1", "-w", "0", "--peers"],
+            "snapshot-dirty",
+        ),
+        (
+            &["create-from-snapshot", "-c", "2", "-n", "1", "-w", "0"],
+            "create-from-snapshot",
+        ),
+        (
+            &["rollback", "-c", "2", "-n", "1", "-w", "0", "--peers"],
+            "rollback",
+        ),
+        (
+            &[
+                "clone", "-n", "2", "-c", "2", "--rounds", "1", "-w", "0", "--peers",
+            ],
+            "clone",
+        ),
+        (
+            &["pause-resume", "-c", "2", "-n", "1", "-w", "0"],
+            "pause-resume",
+        ),
+        (&["density", "--batches", "1,1"], "density"),
+    ];
+    for (args, scenario) in runs {
+        let mut argv = vec!["bench"];
+        argv.extend_from_slice(args);
+        argv.push("--json");
+        let r = d.cli(&argv).code(0).json();
+        let o = &r["outcomes"][0];
+        assert_eq!(o["scenario"], scenario, "{r:#}");
+        match scenario {
+            "snapshot-dirty" => {
+                let l = &o["levels"][0];
+                assert_eq!(l["snapshot_ms"]["n"], 1, "{r:#}");
+                assert_eq!(l["create_ms"]["n"], 1, "{r:#}");
+                assert!(l["image_mib"]["p50"].as_f64().unwrap() >= 1.0, "{r:#}");
+            }
+            "pause-resume" => {
+                for k in ["pause", "resume", "hibernate", "resume_hibernated"] {
+                    let b = &o["levels"][0][k]["batch"];
+                    assert_eq!(b["wall"]["n"], 1, "{k}: {r:#}");
+                    assert_eq!(b["ops_per_batch"], 2, "{k}: {r:#}");
+                }
+            }
+            "density" => {
+                let steps = o["report"]["steps"].as_array().unwrap();
+                assert_eq!(steps.len(), 2, "{r:#}");
+                assert_eq!(steps[1]["live"], 2, "{r:#}");
+                assert!(steps[1]["pss_mib"]["avg"].as_f64().unwrap() > 0.0, "{r:#}");
+                assert!(
+                    o["report"]["capacity"]["idle"].as_u64().unwrap() > 0,
+                    "{r:#}"
+                );
+            }
+            _ => {
+                let l = &o["levels"][0];
+                assert_eq!(l["failed"], 0, "{r:#}");
+                let b = &l["batch"];
+                assert_eq!(b["wall"]["n"], 1, "{r:#}");
+                let per = b["per_avg"].as_f64().unwrap();
+                let n = b["ops_per_batch"].as_f64().unwrap();
+                assert!((per * n - b["wall"]["avg"].as_f64().unwrap()).abs() < 1e-6);
+                if args.contains(&"--peers") {
+                    let p = &l["peers"][0];
+                    assert_eq!(p["name"], "criu", "{r:#}");
+                    assert_eq!(p["outcome"]["status"], "measured", "{r:#}");
+                }
+            }
+        }
+        assert!(!r["tables"].as_array().unwrap().is_empty(), "{r:#}");
+    }
+
+    // Bad parameters: a message and exit 2.
+    let c_above_n = d.cli(&["bench", "create", "-c", "3", "-n", "2"]).code(2);
+    assert_eq!(
+        c_above_n.stderr,
+        "error: concurrency (-c 3) must not exceed the number of requests (-n 2)\n"
+    );
+    let clones = d.cli(&["bench", "clone", "-n", "2", "-c", "3"]).code(2);
+    assert!(
+        clones.stderr.contains("must not exceed"),
+        "{}",
+        clones.stderr
+    );
+    let negative = d.cli(&["bench", "snapshot", "-c", "-1"]).code(2);
+    assert!(
+        negative.stderr.contains("invalid value '-1'"),
+        "{}",
+        negative.stderr
+    );
+    d.cli(&["bench", "rollback", "-n", "0"]).code(2);
+    d.cli(&["bench", "density", "--batches", "0"]).code(2);
+    d.cli(&["bench", "create", "-m", "fast"]).code(2);
+    let unknown = d.cli(&["bench", "warp-speed"]).code(2);
+    assert!(
+        unknown.stderr.contains("unrecognized subcommand"),
+        "{}",
+        unknown.stderr
+    );
+    let nobody = format!("http://{}", support::free_addr());
+    let down = d
+        .cli_env(
+            &["bench", "snapshot"],
+            &[("E2B_API_URL", &nobody), ("E2B_API_KEY", "k")],
+        )
+        .code(2);
+    assert!(
+        down.stderr.contains("is `cubicle serve` running"),
+        "{}",
+        down.stderr
+    );
+
+    // Nothing of the runs is left.
     assert_eq!(
         d.cli(&["sandbox", "ls", "--json"]).code(0).json(),
         serde_json::json!([])

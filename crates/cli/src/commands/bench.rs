@@ -10,7 +10,7 @@ use cubicle_runtime::{AgentConfig, SandboxSpec};
 use cubicle_template::TemplateStore;
 
 use crate::args::{
-    BenchApiCreateArgs, BenchCodeInterpreterArgs, BenchCommand, BenchNsCreateArgs,
+    BenchApiCreateArgs, BenchCodeInterpreterArgs, BenchCommand, BenchCommonArgs, BenchNsCreateArgs,
     BenchSnapshotArgs,
 };
 
@@ -24,8 +24,337 @@ pub async fn run(
         BenchCommand::NsCreate(args) => ns_create(data, agent_bin, args).await,
         BenchCommand::ApiCreate(args) => api_create(args).await,
         BenchCommand::CodeInterpreter(args) => code_interpreter(data, args).await,
-        BenchCommand::Snapshot(args) => snapshot(args).await,
+        BenchCommand::SnapshotOps(args) => snapshot(args).await,
+        other => seed_scenarios(data, other).await,
     }
+}
+
+/// The seed's scenarios (`create`, `density`, chapter 4, `all`) from their arguments:
+/// what to run and the options they share.
+fn scenarios_of(
+    cmd: BenchCommand,
+) -> Result<(Vec<cubicle_bench::suite::Scenario>, BenchCommonArgs, u64), String> {
+    use cubicle_bench::scenarios::Shape;
+    use cubicle_bench::suite::{self, Scenario};
+    let e = |e: cubicle_bench::scenarios::ParamError| e.to_string();
+    // Sandboxes of a run live this long should this process not kill them.
+    let timeout = 600;
+    Ok(match cmd {
+        BenchCommand::Create(a) => {
+            let create_only = match a.mode.as_deref() {
+                None => false,
+                Some("create-only") => true,
+                Some(other) => {
+                    return Err(format!(
+                        "unknown mode -m {other:?} (the only mode is create-only)"
+                    ))
+                }
+            };
+            cubicle_bench::api_create::Plan::new(a.concurrency, a.requests, a.warmup)
+                .map_err(|e| e.to_string())?;
+            (
+                vec![Scenario::Create {
+                    levels: vec![(a.concurrency, a.requests, a.warmup)],
+                    create_only,
+                }],
+                a.common,
+                a.timeout,
+            )
+        }
+        BenchCommand::Density(a) => {
+            if a.batches.is_empty() || a.batches.contains(&0) {
+                return Err("--batches must list sizes of at least 1".into());
+            }
+            (
+                vec![Scenario::Density { batches: a.batches }],
+                a.common,
+                timeout,
+            )
+        }
+        BenchCommand::Snapshot(a) => (
+            vec![Scenario::Snapshot {
+                levels: vec![Shape::square(a.concurrency, a.rounds, a.warmup).map_err(e)?],
+            }],
+            a.common,
+            timeout,
+        ),
+        BenchCommand::CreateFromSnapshot(a) => (
+            vec![Scenario::CreateFromSnapshot {
+                levels: vec![Shape::square(a.concurrency, a.rounds, a.warmup).map_err(e)?],
+            }],
+            a.common,
+            timeout,
+        ),
+        BenchCommand::Rollback(a) => (
+            vec![Scenario::Rollback {
+                levels: vec![Shape::square(a.concurrency, a.rounds, a.warmup).map_err(e)?],
+            }],
+            a.common,
+            timeout,
+        ),
+        BenchCommand::PauseResume(a) => (
+            vec![Scenario::PauseResume {
+                levels: vec![Shape::square(a.concurrency, a.rounds, a.warmup).map_err(e)?],
+            }],
+            a.common,
+            timeout,
+        ),
+        BenchCommand::SnapshotDirty(a) => (
+            vec![Scenario::SnapshotDirty {
+                levels: vec![(a.dirty_mb, Shape::square(1, a.rounds, a.warmup).map_err(e)?)],
+            }],
+            a.common,
+            timeout,
+        ),
+        BenchCommand::Clone(a) => (
+            vec![Scenario::Clone {
+                levels: vec![
+                    Shape::new(a.clones, a.concurrency, a.rounds, a.warmup, "clones").map_err(e)?,
+                ],
+            }],
+            a.common,
+            timeout,
+        ),
+        BenchCommand::All(a) => (suite::all(), a.common, timeout),
+        BenchCommand::NsCreate(_)
+        | BenchCommand::ApiCreate(_)
+        | BenchCommand::CodeInterpreter(_)
+        | BenchCommand::SnapshotOps(_) => unreachable!("dispatched before"),
+    })
+}
+
+/// This machine, for the report's header.
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let mem_gib = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kib| kib / 1048576.0);
+    let kernel = nix::sys::utsname::uname()
+        .map(|u| u.release().to_string_lossy().into_owned())
+        .unwrap_or_default();
+    format!("{cores} cores ({cpu}), {mem_gib:.1} GiB, Linux {kernel}")
+}
+
+/// Whether `url` points at this host (density reads this host's memory).
+fn is_local(url: &str) -> bool {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let host = rest.split(['/', '?']).next().unwrap_or("");
+    let host = host.rsplit_once(':').map_or(host, |(h, p)| {
+        if p.chars().all(|c| c.is_ascii_digit()) {
+            h
+        } else {
+            host
+        }
+    });
+    matches!(
+        host.trim_matches(['[', ']']),
+        "127.0.0.1" | "localhost" | "::1" | "0.0.0.0"
+    ) || host.starts_with("127.")
+}
+
+async fn seed_scenarios(data: &DataDir, cmd: BenchCommand) -> anyhow::Result<ExitCode> {
+    use cubicle_bench::scenarios::{Ctx, Step};
+    use cubicle_bench::snapshot::Live;
+    use cubicle_bench::suite::{self, DensityEnv, PeerSet};
+
+    let all = matches!(cmd, BenchCommand::All(_));
+    let (scenarios, common, timeout) = match scenarios_of(cmd) {
+        Ok(s) => s,
+        Err(e) => return Ok(usage_error(e)),
+    };
+    if common.template.trim().is_empty() {
+        return Ok(usage_error("the template (-t) must not be empty"));
+    }
+    let client = match cubicle_client::ApiClient::from_env() {
+        // A checkpoint of 1 GiB, or 20 creates at once on 2 cores, takes a while.
+        Ok(c) => c.with_timeout(std::time::Duration::from_secs(300)),
+        Err(e) => return Ok(usage_error(e)),
+    };
+    if let Err(code) = check_daemon(&client, &common.template).await {
+        return Ok(code);
+    }
+    let peer_set = if common.peers {
+        let store = TemplateStore::new(data.clone());
+        let name: TemplateName = match common.template.parse() {
+            Ok(n) => n,
+            Err(e) => return Ok(usage_error(format!("--peers: {e}"))),
+        };
+        match store.get(&name) {
+            // runc refuses a root reached through a symlink.
+            Ok(t) => Some(PeerSet {
+                rootfs: std::fs::canonicalize(&t.rootfs).unwrap_or_else(|_| t.rootfs.clone()),
+            }),
+            Err(e) => {
+                return Ok(usage_error(format!(
+                    "--peers starts the template's rootfs, read from the data dir {}: {e}",
+                    data.root().display()
+                )))
+            }
+        }
+    } else {
+        None
+    };
+    let density_env = DensityEnv {
+        host: if !is_local(client.base_url()) {
+            Err(format!(
+                "the daemon at {} is not on this host",
+                client.base_url()
+            ))
+        } else if !nix::unistd::geteuid().is_root() {
+            Err("reading other processes' smaps_rollup needs root".into())
+        } else {
+            cubicle_bench::code_interpreter::Host::new(data)
+                .map_err(|e| format!("finding this host's cgroups: {e}"))
+        },
+        sandbox_limit_mib: cubicle_core::Limits::default().memory_mb as f64,
+    };
+
+    let tty = std::io::stderr().is_terminal();
+    let progress = move |s: Step| {
+        if !tty {
+            return;
+        }
+        let width = 30;
+        let filled = (s.done * width)
+            .checked_div(s.total)
+            .unwrap_or(0)
+            .min(width);
+        eprint!(
+            "\r\x1b[K[{}{}] {} {}/{}",
+            "#".repeat(filled),
+            ".".repeat(width - filled),
+            s.label,
+            s.done,
+            s.total
+        );
+        let _ = std::io::stderr().flush();
+    };
+    let live = Live::default();
+    let ctx = Ctx {
+        client: &client,
+        template: common.template.clone(),
+        live: &live,
+        sandbox_timeout_s: timeout,
+        progress: &progress,
+    };
+    let started = std::time::Instant::now();
+    let run = async {
+        let mut outcomes = Vec::new();
+        for s in &scenarios {
+            outcomes.push(suite::run(&ctx, s, peer_set.as_ref(), &density_env).await);
+        }
+        outcomes
+    };
+    let outcome = tokio::select! {
+        o = run => Ok(o),
+        signal = interrupted() => Err(signal),
+    };
+    if tty {
+        eprint!("\r\x1b[K");
+    }
+    let (sandboxes, snapshots) = (live.sandboxes().len(), live.snapshots().len());
+    if sandboxes + snapshots > 0 {
+        eprintln!("removing the {sandboxes} sandbox(es) and {snapshots} snapshot(s) this run left");
+        for e in suite::cleanup(&client, &live).await {
+            eprintln!("  {}x {}", e.count, e.message);
+        }
+    }
+    let outcomes = match outcome {
+        Err(signal) => {
+            eprintln!("interrupted by {signal}: no report");
+            return Ok(ExitCode::from(130));
+        }
+        Ok(o) => o,
+    };
+    let elapsed = started.elapsed();
+    let mut header = vec![
+        format!("machine: {}", machine()),
+        format!(
+            "daemon: {} (template {}); run took {:.0} s",
+            client.base_url(),
+            common.template,
+            elapsed.as_secs_f64()
+        ),
+        format!(
+            "command: cubicle bench {}",
+            std::env::args().skip(2).collect::<Vec<_>>().join(" ")
+        ),
+        "the seed column is the seed report's own figure (a 16-core AMD EPYC CVM with \
+         microVM sandboxes): orientation, not a like-for-like comparison"
+            .into(),
+    ];
+    if all {
+        header.push(
+            "parameters: the seed's own sets for every scenario; none scaled down (this \
+             machine's 24 GiB holds §3.3's 20 sandboxes and §4.2's 1 GiB; its 2 cores only \
+             make the concurrent levels CPU-bound)"
+                .into(),
+        );
+    }
+    if peer_set.is_none() {
+        header.push("peers: not measured (add --peers)".into());
+    }
+    let failures: usize = outcomes.iter().map(|o| o.failures()).sum();
+    let tables: Vec<suite::Table> = outcomes.iter().flat_map(suite::tables).collect();
+    let json = serde_json::json!({
+        "header": header,
+        "outcomes": outcomes,
+        "tables": tables,
+    });
+    if let Some(dir) = &common.report {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let mut files = Vec::new();
+        for (name, chart) in suite::charts(&outcomes) {
+            std::fs::write(dir.join(&name), chart.render())
+                .with_context(|| format!("writing {name}"))?;
+            files.push(name);
+        }
+        std::fs::write(
+            dir.join("report.md"),
+            suite::markdown(&header, &outcomes, &files),
+        )
+        .context("writing report.md")?;
+        std::fs::write(
+            dir.join("results.json"),
+            serde_json::to_string_pretty(&json)?,
+        )
+        .context("writing results.json")?;
+        eprintln!(
+            "report: {} ({} chart(s))",
+            dir.join("report.md").display(),
+            files.len()
+        );
+    }
+    if common.json {
+        println!("{}", serde_json::to_string_pretty(&json)?);
+    } else {
+        for h in &header {
+            println!("{h}");
+        }
+        for t in &tables {
+            println!();
+            print!("{}", suite::text_table(t));
+        }
+    }
+    Ok(if failures == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
 
 /// Seconds a benchmark sandbox lives should its kill fail.
