@@ -224,58 +224,36 @@ pub fn set_xattr(path: &std::path::Path, name: &std::ffi::CStr, value: &[u8]) ->
     check(ret as libc::c_long).map(drop)
 }
 
-/// Every extended attribute of `path` (not following a symlink), name and value.
-pub fn xattrs(path: &std::path::Path) -> io::Result<Vec<(CString, Vec<u8>)>> {
-    let path = path_cstring(path)?;
-    // Sizes are asked for first; a list or value that grew meanwhile (ERANGE) is asked
-    // for again.
-    let names = loop {
-        // SAFETY: a NULL buffer of size 0 asks for the size only.
-        let size = check(
-            unsafe { libc::llistxattr(path.as_ptr(), std::ptr::null_mut(), 0) } as libc::c_long,
-        )? as usize;
-        if size == 0 {
-            return Ok(Vec::new());
-        }
+/// Bytes of a `get`-style call that answers with a length: asked for its size first
+/// (`read(NULL, 0)`), then read; asked again if what it returns grew meanwhile (ERANGE).
+fn read_sized(mut read: impl FnMut(*mut libc::c_void, usize) -> isize) -> io::Result<Vec<u8>> {
+    loop {
+        let size = check(read(std::ptr::null_mut(), 0) as libc::c_long)? as usize;
         let mut buf = vec![0u8; size];
-        // SAFETY: buf is a writable buffer of buf.len() bytes.
-        let got = unsafe { libc::llistxattr(path.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
-        match check(got as libc::c_long) {
+        match check(read(buf.as_mut_ptr().cast(), buf.len()) as libc::c_long) {
             Ok(n) => {
                 buf.truncate(n as usize);
-                break buf;
+                return Ok(buf);
             }
             Err(e) if e.raw_os_error() == Some(libc::ERANGE) => continue,
             Err(e) => return Err(e),
         }
-    };
+    }
+}
+
+/// Every extended attribute of `path` (not following a symlink), name and value.
+pub fn xattrs(path: &std::path::Path) -> io::Result<Vec<(CString, Vec<u8>)>> {
+    let path = path_cstring(path)?;
+    // SAFETY: read_sized passes either NULL with size 0 (a size query) or a writable
+    // buffer of the given size; path is NUL-terminated.
+    let names = read_sized(|buf, len| unsafe { libc::llistxattr(path.as_ptr(), buf.cast(), len) })?;
     let mut out = Vec::new();
     for name in names.split(|b| *b == 0).filter(|n| !n.is_empty()) {
         let name = CString::new(name).expect("split at NUL");
-        let value = loop {
-            // SAFETY: a NULL buffer of size 0 asks for the size only.
-            let size = check(unsafe {
-                libc::lgetxattr(path.as_ptr(), name.as_ptr(), std::ptr::null_mut(), 0)
-            } as libc::c_long)? as usize;
-            let mut buf = vec![0u8; size];
-            // SAFETY: buf is a writable buffer of buf.len() bytes.
-            let got = unsafe {
-                libc::lgetxattr(
-                    path.as_ptr(),
-                    name.as_ptr(),
-                    buf.as_mut_ptr().cast(),
-                    buf.len(),
-                )
-            };
-            match check(got as libc::c_long) {
-                Ok(n) => {
-                    buf.truncate(n as usize);
-                    break buf;
-                }
-                Err(e) if e.raw_os_error() == Some(libc::ERANGE) => continue,
-                Err(e) => return Err(e),
-            }
-        };
+        // SAFETY: as above; name is NUL-terminated.
+        let value = read_sized(|buf, len| unsafe {
+            libc::lgetxattr(path.as_ptr(), name.as_ptr(), buf, len)
+        })?;
         out.push((name, value));
     }
     Ok(out)

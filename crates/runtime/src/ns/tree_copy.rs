@@ -92,17 +92,7 @@ impl Copied {
 /// Copies `from` (a directory or a single file) to `to`, which must not exist. Files of
 /// `from` that `reuse` knows unchanged are hard-linked from its copy.
 pub fn copy_tree(from: &Path, to: &Path, reuse: Option<&LayerOrigin>) -> io::Result<Copied> {
-    let reuse = reuse.map(|o| {
-        let files: HashMap<FileState, &[u8]> =
-            o.files.iter().map(|(s, p)| (*s, p.as_slice())).collect();
-        (o.copy_root.as_path(), files)
-    });
-    let mut copy = Copy {
-        reuse,
-        link_files: false,
-        links: HashMap::new(),
-        copied: Copied::default(),
-    };
+    let mut copy = Copy::new(reuse, false);
     copy.entry(from, to, Path::new(""))?;
     Ok(copy.copied)
 }
@@ -111,13 +101,7 @@ pub fn copy_tree(from: &Path, to: &Path, reuse: Option<&LayerOrigin>) -> io::Res
 /// hard link to `from`'s (a copy where a link is impossible): for trees nobody writes,
 /// such as a checkpoint's copy of a layer.
 pub fn link_tree(from: &Path, to: &Path) -> io::Result<()> {
-    let mut copy = Copy {
-        reuse: None,
-        link_files: true,
-        links: HashMap::new(),
-        copied: Copied::default(),
-    };
-    copy.entry(from, to, Path::new(""))
+    Copy::new(None, true).entry(from, to, Path::new(""))
 }
 
 /// Applies `upper`, an overlay's writable layer, onto `onto`, a flattened copy of the
@@ -125,17 +109,7 @@ pub fn link_tree(from: &Path, to: &Path) -> io::Result<()> {
 /// down), an opaque directory replaces the directory below, other directories merge, and
 /// files replace. Files `reuse` knows unchanged are linked, the others copied.
 pub fn merge_upper(upper: &Path, onto: &Path, reuse: Option<&LayerOrigin>) -> io::Result<Copied> {
-    let reuse = reuse.map(|o| {
-        let files: HashMap<FileState, &[u8]> =
-            o.files.iter().map(|(s, p)| (*s, p.as_slice())).collect();
-        (o.copy_root.as_path(), files)
-    });
-    let mut copy = Copy {
-        reuse,
-        link_files: false,
-        links: HashMap::new(),
-        copied: Copied::default(),
-    };
+    let mut copy = Copy::new(reuse, false);
     copy.merge_dir(upper, onto, Path::new(""))?;
     Ok(copy.copied)
 }
@@ -149,7 +123,21 @@ struct Copy<'a> {
     copied: Copied,
 }
 
-impl Copy<'_> {
+impl<'a> Copy<'a> {
+    fn new(reuse: Option<&'a LayerOrigin>, link_files: bool) -> Copy<'a> {
+        let reuse = reuse.map(|o| {
+            let files: HashMap<FileState, &[u8]> =
+                o.files.iter().map(|(s, p)| (*s, p.as_slice())).collect();
+            (o.copy_root.as_path(), files)
+        });
+        Copy {
+            reuse,
+            link_files,
+            links: HashMap::new(),
+            copied: Copied::default(),
+        }
+    }
+
     fn entry(&mut self, from: &Path, to: &Path, rel: &Path) -> io::Result<()> {
         let md = fs::symlink_metadata(from)?;
         let kind = md.file_type();
