@@ -6,16 +6,19 @@
 //! ```text
 //! checkpoint.json   what it was taken from (layers, uid shift, host name, cost)
 //! images/           CRIU's images of every process of the sandbox
-//! upper/            a copy of the sandbox's writable layer, taken with the memory
+//! upper/            the sandbox's layers above the template, flattened, taken with the
+//!                   memory; never written afterwards (restores hard-link its files)
 //! agent.log         the agent's log (its open file must exist on restore)
 //! ```
 //!
 //! **Checkpoint:** freeze the sandbox's cgroup, `criu dump --leave-running` of its pid 1
-//! (the bind mounts from the host named as external mounts), copy the writable layer
-//! while still frozen (so files and memory agree), thaw.
+//! (the bind mounts from the host named as external mounts; the netns and the cgroups
+//! left to the runtime), copy the writable layer while still frozen (so files and memory
+//! agree; unchanged files linked from the previous checkpoint, see `tree_copy`), thaw.
 //!
-//! **Restore:** a new sandbox directory whose writable layer is a copy of the
-//! checkpoint's, its cgroups created with limits, then `criu restore` started inside
+//! **Restore:** a new sandbox directory whose base layer is hard links to the
+//! checkpoint's `upper/` under an empty writable layer, its cgroups created with limits,
+//! then `criu restore` started inside
 //! them (so every restored process is born there, under a new cgroup namespace) and in a
 //! mount namespace of its own with the overlay mounted, so nothing stays mounted on the
 //! host; external mounts map to the new sandbox's run directory and the current agent
