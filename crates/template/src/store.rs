@@ -505,6 +505,7 @@ mod tests {
             parent_built_at: None,
             aliases: Vec::new(),
             code_interpreter: false,
+            image: None,
         }
     }
 

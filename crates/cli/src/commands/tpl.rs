@@ -348,6 +348,7 @@ mod tests {
                 parent_built_at: None,
                 aliases: Vec::new(),
                 code_interpreter: false,
+                image: None,
             },
         };
         assert_eq!(
