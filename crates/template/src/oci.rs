@@ -916,7 +916,18 @@ fn extract_archive(archive_path: &Path, dest: &Path) -> Result<(), ImageError> {
     Ok(())
 }
 
-/// Checks that `rootfs` has an executable `/bin/sh` and adds the account `user` (uid
+/// Directories of the root every sandbox mounts something on, with the mode they get
+/// when an image lacks them.
+const MOUNT_POINTS: &[(&str, u32)] = &[
+    ("proc", 0o555),
+    ("sys", 0o555),
+    ("dev", 0o755),
+    ("run", 0o755),
+    ("tmp", 0o1777),
+];
+
+/// Checks that `rootfs` has an executable `/bin/sh`, creates the directories the
+/// runtime mounts on ([`MOUNT_POINTS`]) and adds the account `user` (uid
 /// and gid 1000, home `/home/user`) that sandboxes run commands as, if the image lacks
 /// it. Ids are the sandbox's (before the uid shift). Returns what it did, for the log.
 pub fn prepare_userland(rootfs: &Path) -> Result<Vec<String>, ImageError> {
@@ -929,6 +940,24 @@ pub fn prepare_userland(rootfs: &Path) -> Result<Vec<String>, ImageError> {
         });
     if sh.is_none() {
         return Err(ImageError::NoShell);
+    }
+    // The runtime mounts /proc, /sys, /dev and /run on these and the sandbox (or a
+    // template zygote, whose root is read-only) cannot create them itself.
+    let mut created = Vec::new();
+    for (dir, mode) in MOUNT_POINTS {
+        if fs::symlink_metadata(rootfs.join(dir)).is_err() {
+            let path = rootfs.join(dir);
+            fs::DirBuilder::new()
+                .mode(*mode)
+                .create(&path)
+                .map_err(io_err("create directory", &path))?;
+            fs::set_permissions(&path, fs::Permissions::from_mode(*mode))
+                .map_err(io_err("chmod", &path))?;
+            created.push(format!("/{dir}"));
+        }
+    }
+    if !created.is_empty() {
+        done.push(format!("created the directories {}", created.join(" ")));
     }
     let etc = resolve_in_root(rootfs, Path::new("etc"), true)
         .map_err(|reason| ImageError::Unsupported {
@@ -1510,7 +1539,13 @@ pub(crate) mod tests {
         fs::create_dir(root.join("etc")).unwrap();
         fs::write(root.join("etc/passwd"), "root:x:0:0:root:/root:/bin/ash").unwrap();
         let done = prepare_userland(root).unwrap();
-        assert_eq!(done.len(), 2, "{done:?}");
+        assert_eq!(done.len(), 3, "{done:?}");
+        assert_eq!(done[0], "created the directories /proc /sys /dev /run /tmp");
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(
+            fs::metadata(root.join("tmp")).unwrap().mode() & 0o7777,
+            0o1777
+        );
         let passwd = read(&root.join("etc/passwd"));
         assert_eq!(
             passwd,
