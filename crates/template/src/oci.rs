@@ -663,7 +663,7 @@ fn clean_relative(path: &Path) -> Result<PathBuf, String> {
     Ok(out)
 }
 
-/// Resolves `rel` (clean, relative) inside `root` as if `root` were `/`: every symlink
+/// Resolves `rel` (relative; `..` stops at `root`) inside `root` as if `root` were `/`: every symlink
 /// met is followed within `root` (an absolute target starts again at `root`, `..` stops
 /// at it). Missing directories are created (mode 0755) when `create`; otherwise a
 /// missing component gives `Ok(None)`. Returns a host path inside `root` whose every
@@ -673,6 +673,7 @@ fn resolve_in_root(root: &Path, rel: &Path, create: bool) -> Result<Option<PathB
         .components()
         .filter_map(|c| match c {
             Component::Normal(n) => Some(n.to_owned()),
+            Component::ParentDir => Some("..".into()),
             _ => None,
         })
         .collect();
@@ -833,12 +834,43 @@ fn apply_layer(root: &Path, path: &Path, what: &str) -> Result<(), ImageError> {
                 .map(|(d, n)| d.join(n))
                 .ok_or_else(|| unsafe_entry(format!("its target {link:?} does not exist")))?;
             fs::hard_link(&src, &target).map_err(io_err("link", &target))?;
+        } else if kind.is_character_special() || kind.is_block_special() || kind.is_fifo() {
+            // The tar crate would write these as empty regular files.
+            make_node(&entry, &target).map_err(io_err("mknod", &target))?;
         } else {
             entry.unpack(&target).map_err(io_err("unpack", &target))?;
         }
         written.insert(rel);
     }
     Ok(())
+}
+
+/// Creates the device node or fifo `entry` describes at `target`, with its owner and mode.
+fn make_node<R: Read>(entry: &tar::Entry<'_, R>, target: &Path) -> io::Result<()> {
+    use nix::sys::stat::{makedev, mknod, Mode, SFlag};
+    let h = entry.header();
+    let kind = h.entry_type();
+    let sflag = if kind.is_character_special() {
+        SFlag::S_IFCHR
+    } else if kind.is_block_special() {
+        SFlag::S_IFBLK
+    } else {
+        SFlag::S_IFIFO
+    };
+    // A fifo has no device numbers (some writers leave the fields empty).
+    let dev = if sflag == SFlag::S_IFIFO {
+        0
+    } else {
+        makedev(
+            h.device_major()?.unwrap_or(0).into(),
+            h.device_minor()?.unwrap_or(0).into(),
+        )
+    };
+    let mode = h.mode()? & 0o7777;
+    mknod(target, sflag, Mode::from_bits_truncate(0o600), dev)?;
+    let id = |v: u64| u32::try_from(v).map_err(|_| io::Error::other("owner id out of range"));
+    std::os::unix::fs::lchown(target, Some(id(h.uid()?)?), Some(id(h.gid()?)?))?;
+    fs::set_permissions(target, fs::Permissions::from_mode(mode))
 }
 
 /// Extracts an (optionally gzipped) archive's directories and regular files into
@@ -1091,6 +1123,7 @@ pub(crate) mod tests {
         Dir(&'a str),
         Symlink(&'a str, &'a str),
         HardLink(&'a str, &'a str),
+        Fifo(&'a str),
     }
 
     fn header(kind: tar::EntryType, size: u64, mode: u32) -> tar::Header {
@@ -1123,6 +1156,11 @@ pub(crate) mod tests {
                     let mut h = header(tar::EntryType::Regular, data.len() as u64, *mode);
                     set_raw_name(&mut h, path);
                     b.append(&h, *data).unwrap();
+                }
+                E::Fifo(path) => {
+                    let mut h = header(tar::EntryType::Fifo, 0, 0o620);
+                    set_raw_name(&mut h, path);
+                    b.append(&h, io::empty()).unwrap();
                 }
                 E::Dir(path) => {
                     let mut h = header(tar::EntryType::Directory, 0, 0o755);
@@ -1228,6 +1266,7 @@ pub(crate) mod tests {
     /// A tar of the directory `dir` (regular files and directories).
     pub(crate) fn tar_dir(dir: &Path) -> Vec<u8> {
         let mut b = tar::Builder::new(Vec::new());
+        b.follow_symlinks(false);
         b.append_dir_all(".", dir).unwrap();
         b.into_inner().unwrap()
     }
@@ -1264,6 +1303,7 @@ pub(crate) mod tests {
             E::File("etc/keep-link", b"replaced", 0o644),
             E::HardLink("etc/hard", "etc/keep"),
             E::File("marker", b"from the image\n", 0o644),
+            E::Fifo("fifo"),
         ])
     }
 
@@ -1309,6 +1349,9 @@ pub(crate) mod tests {
             fs::metadata(rootfs.join("marker")).unwrap().mtime(),
             1_700_000_000
         );
+        let fifo = fs::symlink_metadata(rootfs.join("fifo")).unwrap();
+        assert!(std::os::unix::fs::FileTypeExt::is_fifo(&fifo.file_type()));
+        assert_eq!(fifo.mode() & 0o7777, 0o620);
     }
 
     /// Nothing but `allowed` was created next to the root filesystem.
@@ -1367,7 +1410,11 @@ pub(crate) mod tests {
         fs::create_dir_all(save.join("aaa")).unwrap();
         fs::create_dir_all(save.join("bbb")).unwrap();
         fs::write(save.join("aaa/layer.tar"), &l1).unwrap();
-        fs::write(save.join("bbb/layer.tar"), &l2).unwrap();
+        // The second layer's file is a symlink in the archive, as docker save writes
+        // for a layer shared by several images.
+        fs::create_dir_all(save.join("real")).unwrap();
+        fs::write(save.join("real/layer.tar"), &l2).unwrap();
+        std::os::unix::fs::symlink("../real/layer.tar", save.join("bbb/layer.tar")).unwrap();
         let config = config_json("amd64", &[&l1, &l2]);
         let config_name = format!("{}.json", &sha(&config)[7..]);
         fs::write(save.join(&config_name), &config).unwrap();
@@ -1390,7 +1437,7 @@ pub(crate) mod tests {
         assert_layers_applied(&rootfs);
 
         // A corrupted docker layer is caught by the config's diff ids.
-        fs::write(save.join("bbb/layer.tar"), &l1).unwrap();
+        fs::write(save.join("real/layer.tar"), &l1).unwrap();
         let archive = tmp.path().join("corrupt.tar");
         fs::write(&archive, tar_dir(&save)).unwrap();
         let (r, _, _) = unpack(&archive, &tmp.path().join("w3"));
