@@ -123,3 +123,40 @@ fn step(on_event: &mut dyn FnMut(BuildEvent), index: usize, title: &str) {
         title: title.to_owned(),
     });
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cubicle_core::DataDir;
+
+    #[test]
+    fn taken_and_builtin_names_are_refused_before_anything_is_read() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = TemplateStore::new(DataDir::new(tmp.path()));
+        let missing = tmp.path().join("no-such-image");
+        for builtin in ["base", "code-interpreter", "code-interpreter-v1"] {
+            let err = build_from_image(&store, &missing, &builtin.parse().unwrap(), 0, &mut |_| {})
+                .unwrap_err();
+            assert!(
+                err.to_string()
+                    .contains("is the name of a built-in template"),
+                "{err}"
+            );
+            assert_eq!(err.kind(), cubicle_core::ErrorKind::Conflict);
+        }
+        let dir = tmp.path().join("templates/mine");
+        std::fs::create_dir_all(dir.join("rootfs")).unwrap();
+        let meta = serde_json::json!({
+            "format_version": 1, "recipe": "image", "recipe_hash": "x", "uid_shift": 0,
+            "built_at": "2026-01-01T00:00:00Z", "size_bytes": 1, "file_count": 1,
+            "build_seconds": 0.1, "mirror": ""
+        });
+        std::fs::write(dir.join("template.json"), meta.to_string()).unwrap();
+        let err = build_from_image(&store, &missing, &"mine".parse().unwrap(), 0, &mut |_| {})
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "template 'mine' exists already; remove it first with `cubicle tpl rm mine`"
+        );
+    }
+}
