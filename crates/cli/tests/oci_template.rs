@@ -1,7 +1,8 @@
 //! `cubicle tpl create-from-image` end to end: an OCI image written by the test (two
 //! layers: a few programs copied from the `base` template, then a marker file and a
 //! whiteout), built into a template in a private data dir, listed, and started as a
-//! sandbox that runs `cat /marker` through the daemon.
+//! sandbox that runs `cat /marker` through the daemon; the same layers as a `docker
+//! save` tarball; a taken name and an arm64 image refused.
 //!
 //! Needs root and the `base` template (its files make the image's userland), like the
 //! other tests here.
@@ -162,6 +163,35 @@ fn write_layout(layout: &Path, base: &Path, arch: &str) {
     .unwrap();
 }
 
+/// Writes a `docker save` tarball (classic format) of the same two layers.
+fn write_docker_save(path: &Path, base: &Path) {
+    let (l1, l2) = (userland_layer(base), marker_layer());
+    let config = serde_json::to_vec(&json!({
+        "architecture": "amd64",
+        "os": "linux",
+        "config": {"Cmd": ["/bin/sh"]},
+        "rootfs": {"type": "layers", "diff_ids": [sha(&l1), sha(&l2)]}
+    }))
+    .unwrap();
+    let config_name = format!("{}.json", &sha(&config)[7..]);
+    let manifest = serde_json::to_vec(&json!([{
+        "Config": config_name,
+        "RepoTags": ["oci-test:latest"],
+        "Layers": ["one/layer.tar", "two/layer.tar"]
+    }]))
+    .unwrap();
+    let mut b = tar::Builder::new(Vec::new());
+    for (name, data) in [
+        ("manifest.json", &manifest),
+        (config_name.as_str(), &config),
+        ("one/layer.tar", &l1),
+        ("two/layer.tar", &l2),
+    ] {
+        file(&mut b, name, data, 0o644);
+    }
+    fs::write(path, b.into_inner().unwrap()).unwrap();
+}
+
 fn cubicle(data: &Path, args: &[&str]) -> support::Run {
     let out = std::process::Command::new(cubicle_bin())
         .arg("--data-dir")
@@ -280,9 +310,17 @@ fn template_from_an_oci_layout_runs_a_sandbox() {
         "{}",
         again.stderr
     );
+    // A `docker save` tarball of the same layers, with a generated name.
+    let saved = images.path().join("saved.tar");
+    write_docker_save(&saved, &base);
     let generated = cubicle(
         data.path(),
-        &["tpl", "create-from-image", "--image", layout_arg],
+        &[
+            "tpl",
+            "create-from-image",
+            "--image",
+            saved.to_str().unwrap(),
+        ],
     )
     .ok();
     let id = generated
@@ -290,6 +328,15 @@ fn template_from_an_oci_layout_runs_a_sandbox() {
         .and_then(|s| s.split_whitespace().next())
         .unwrap_or_else(|| panic!("{generated}"));
     assert!(id.starts_with("tpl-"), "{generated}");
+    let rootfs = data.path().join("templates").join(id).join("rootfs");
+    assert_eq!(
+        fs::read_to_string(rootfs.join("marker")).unwrap(),
+        "from the image\n"
+    );
+    assert!(!rootfs.join("etc/gone").exists(), "whiteout applied");
+    let meta: serde_json::Value =
+        serde_json::from_slice(&fs::read(rootfs.with_file_name("template.json")).unwrap()).unwrap();
+    assert_eq!(meta["image"]["format"], "docker-archive");
     cubicle(data.path(), &["tpl", "rm", id]).ok();
     let arm = images.path().join("arm");
     write_layout(&arm, &base, "arm64");
