@@ -870,7 +870,16 @@ fn make_node<R: Read>(entry: &tar::Entry<'_, R>, target: &Path) -> io::Result<()
     mknod(target, sflag, Mode::from_bits_truncate(0o600), dev)?;
     let id = |v: u64| u32::try_from(v).map_err(|_| io::Error::other("owner id out of range"));
     std::os::unix::fs::lchown(target, Some(id(h.uid()?)?), Some(id(h.gid()?)?))?;
-    fs::set_permissions(target, fs::Permissions::from_mode(mode))
+    fs::set_permissions(target, fs::Permissions::from_mode(mode))?;
+    let mtime = nix::sys::time::TimeSpec::new(i64::try_from(h.mtime()?).unwrap_or(0), 0);
+    nix::sys::stat::utimensat(
+        None,
+        target,
+        &mtime,
+        &mtime,
+        nix::sys::stat::UtimensatFlags::NoFollowSymlink,
+    )?;
+    Ok(())
 }
 
 /// Extracts an (optionally gzipped) archive's directories and regular files into
@@ -1352,6 +1361,7 @@ pub(crate) mod tests {
         let fifo = fs::symlink_metadata(rootfs.join("fifo")).unwrap();
         assert!(std::os::unix::fs::FileTypeExt::is_fifo(&fifo.file_type()));
         assert_eq!(fifo.mode() & 0o7777, 0o620);
+        assert_eq!(fifo.mtime(), 1_700_000_000);
     }
 
     /// Nothing but `allowed` was created next to the root filesystem.
