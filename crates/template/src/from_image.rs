@@ -14,7 +14,6 @@ use crate::oci::{prepare_userland, unpack_image};
 use crate::recipe::Recipe;
 use crate::shift::shift_ownership;
 use crate::store::{remove_tree, TemplateStore, ROOTFS_DIR};
-use crate::BuildOutcome;
 
 /// What [`TemplateMeta::recipe`] says of a template built from an image.
 pub const IMAGE_RECIPE: &str = "image";
@@ -38,7 +37,8 @@ pub fn build_from_image(
             reason: "is the name of a built-in template".into(),
         });
     }
-    if store.get_by_name(name).is_ok() {
+    // Checked again under the store lock; this is to fail before reading the image.
+    if store.data_dir().template(name).exists() {
         return Err(TemplateError::Exists {
             name: name.to_string(),
             reason: format!("exists already; remove it first with `cubicle tpl rm {name}`"),
@@ -62,54 +62,44 @@ pub fn build_from_image(
             .map(|b| format!("{b:02x}"))
             .collect::<String>()
     };
-    let outcome = store.install(
-        name,
-        &hash,
-        uid_shift,
-        true,
-        on_event,
-        &mut |dir, on_event| {
-            step(on_event, 1, &format!("reading image {}", image.display()));
-            let rootfs = dir.join(ROOTFS_DIR);
-            std::fs::create_dir(&rootfs).ctx("create directory", &rootfs)?;
-            std::fs::set_permissions(&rootfs, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-                .ctx("chmod", &rootfs)?;
-            let scratch = dir.join("image");
-            let info = unpack_image(&image, &scratch, &rootfs, &mut |line| {
-                on_event(BuildEvent::Log(line))
-            });
-            if scratch.exists() {
-                remove_tree(&scratch)?;
-            }
-            let info = info?;
-            step(on_event, 2, "checking the userland");
-            for line in prepare_userland(&rootfs)? {
-                on_event(BuildEvent::Log(line));
-            }
-            step(on_event, 3, &format!("shifting owners by {uid_shift}"));
-            let stats = shift_ownership(&rootfs, uid_shift)?;
-            step(on_event, 4, "installing");
-            Ok(TemplateMeta {
-                format_version: TemplateMeta::format_version_for(None),
-                recipe: IMAGE_RECIPE.to_owned(),
-                recipe_hash: hash.clone(),
-                uid_shift,
-                built_at: rfc3339_utc(now_unix()),
-                size_bytes: stats.bytes,
-                file_count: stats.entries,
-                build_seconds: (started.elapsed().as_secs_f64() * 10.0).round() / 10.0,
-                mirror: String::new(),
-                parent: None,
-                parent_built_at: None,
-                aliases: Vec::new(),
-                code_interpreter: false,
-                image: Some(info),
-            })
-        },
-    )?;
-    match outcome {
-        BuildOutcome::Built(t) | BuildOutcome::UpToDate(t) => Ok(t),
-    }
+    store.install_new(name, on_event, &mut |dir, on_event| {
+        step(on_event, 1, &format!("reading image {}", image.display()));
+        let rootfs = dir.join(ROOTFS_DIR);
+        std::fs::create_dir(&rootfs).ctx("create directory", &rootfs)?;
+        std::fs::set_permissions(&rootfs, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .ctx("chmod", &rootfs)?;
+        let scratch = dir.join("image");
+        let info = unpack_image(&image, &scratch, &rootfs, &mut |line| {
+            on_event(BuildEvent::Log(line))
+        });
+        if scratch.exists() {
+            remove_tree(&scratch)?;
+        }
+        let info = info?;
+        step(on_event, 2, "checking the userland");
+        for line in prepare_userland(&rootfs)? {
+            on_event(BuildEvent::Log(line));
+        }
+        step(on_event, 3, &format!("shifting owners by {uid_shift}"));
+        let stats = shift_ownership(&rootfs, uid_shift)?;
+        step(on_event, 4, "installing");
+        Ok(TemplateMeta {
+            format_version: TemplateMeta::format_version_for(None),
+            recipe: IMAGE_RECIPE.to_owned(),
+            recipe_hash: hash.clone(),
+            uid_shift,
+            built_at: rfc3339_utc(now_unix()),
+            size_bytes: stats.bytes,
+            file_count: stats.entries,
+            build_seconds: (started.elapsed().as_secs_f64() * 10.0).round() / 10.0,
+            mirror: String::new(),
+            parent: None,
+            parent_built_at: None,
+            aliases: Vec::new(),
+            code_interpreter: false,
+            image: Some(info),
+        })
+    })
 }
 
 /// How many [`BuildEvent::Step`]s an image build goes through.
