@@ -669,6 +669,15 @@ pub enum TplCommand {
     /// already built from the current recipe, unless --rebuild is given. A layer's
     /// parent is built first when it is missing or outdated.
     Build(TplBuildArgs),
+    /// Build a template from a container image on disk: an OCI image layout directory,
+    /// an OCI archive (a tar of one, optionally gzipped) or a `docker save` tarball.
+    ///
+    /// Takes the image's linux/amd64 variant, checks every layer's sha256 digest,
+    /// applies the layers with their whiteouts, adds the account `user` (uid 1000) if
+    /// the image lacks it (the image must have /bin/sh; the agent is Cubicle's), and
+    /// records the image config (entrypoint, cmd, env, ...) in template.json. Needs
+    /// root. Registry references are not supported yet.
+    CreateFromImage(TplCreateFromImageArgs),
     /// List templates: the daemon's, or with --local those built in the data dir.
     ///
     /// With an API key in the environment (E2B_API_KEY or CUBICLE_API_KEY) this asks the
@@ -697,6 +706,17 @@ pub struct TplBuildArgs {
     /// Print every line of build output instead of a summary.
     #[arg(long, short)]
     pub verbose: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct TplCreateFromImageArgs {
+    /// Path of the image: an OCI layout directory, an OCI archive or a `docker save`
+    /// tarball.
+    #[arg(long)]
+    pub image: std::path::PathBuf,
+    /// Name of the new template (default: a generated `tpl-...`). Must not be taken.
+    #[arg(long = "template-id")]
+    pub template_id: Option<String>,
 }
 
 #[derive(Debug, Args)]

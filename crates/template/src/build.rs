@@ -179,6 +179,7 @@ pub fn build(
                 parent_built_at: None,
                 aliases: recipe.aliases.iter().map(|a| a.to_string()).collect(),
                 code_interpreter: recipe.code_interpreter,
+                image: None,
             })
         },
     )
@@ -444,6 +445,7 @@ mod tests {
             parent_built_at: None,
             aliases: Vec::new(),
             code_interpreter: false,
+            image: None,
         };
         std::fs::write(
             dir.join("template.json"),
@@ -499,6 +501,7 @@ mod tests {
             parent_built_at: None,
             aliases: Vec::new(),
             code_interpreter: false,
+            image: None,
         };
         write_meta(&tmp.path().join("templates/base"), &base);
         let child = TemplateMeta {

@@ -54,6 +54,19 @@ pub enum TemplateError {
         known: String,
     },
 
+    /// The name asked for a new template is taken.
+    #[error("template '{name}' {reason}")]
+    Exists {
+        /// The name.
+        name: String,
+        /// Why it cannot be used.
+        reason: String,
+    },
+
+    /// A container image cannot be read or unpacked.
+    #[error(transparent)]
+    Image(#[from] crate::oci::ImageError),
+
     /// A string is not a valid template name.
     #[error(transparent)]
     InvalidName(#[from] cubicle_core::IdError),
@@ -178,12 +191,14 @@ impl TemplateError {
             | TemplateError::MissingTool { .. }
             | TemplateError::NoMirror { .. }
             | TemplateError::Debootstrap { .. } => ErrorKind::Unavailable,
-            TemplateError::MountedInside { .. } | TemplateError::HasChildren { .. } => {
-                ErrorKind::Conflict
-            }
+            TemplateError::MountedInside { .. }
+            | TemplateError::HasChildren { .. }
+            | TemplateError::Exists { .. } => ErrorKind::Conflict,
+            TemplateError::Image(e) if e.is_input_error() => ErrorKind::InvalidInput,
             TemplateError::StepFailed { .. }
             | TemplateError::UidOverflow { .. }
             | TemplateError::IdOutOfRange { .. }
+            | TemplateError::Image(_)
             | TemplateError::Io { .. } => ErrorKind::Internal,
         }
     }

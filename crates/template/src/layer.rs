@@ -227,6 +227,7 @@ pub(crate) fn build_layer(
                 parent_built_at: Some(parent_t.meta.built_at.clone()),
                 aliases: recipe.aliases.iter().map(|a| a.to_string()).collect(),
                 code_interpreter: recipe.code_interpreter,
+                image: None,
             })
         },
     )

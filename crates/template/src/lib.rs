@@ -11,6 +11,10 @@
 //!   (`apt-get install` in an overlay of the parent's layers; see the `layer` module and
 //!   [`shift_layer_ownership`]). Sandboxes mount all layers of a template, top first
 //!   ([`Template::layers`]).
+//! - **Images**: a template can also come from a container image on disk (an OCI
+//!   layout, an OCI archive or a `docker save` archive; see [`oci`] and
+//!   [`build_from_image`]): its layers are verified and unpacked into `rootfs/`, then
+//!   shifted and installed like a recipe's.
 //! - **Storing** templates on disk and finding them again, by name or alias
 //!   ([`TemplateStore`]).
 //!
@@ -40,15 +44,18 @@
 
 mod build;
 mod error;
+mod from_image;
 mod layer;
 mod meta;
 pub mod mirror;
+pub mod oci;
 pub mod recipe;
 mod shift;
 mod store;
 
 pub use build::{build, build_base, BuildEvent, BuildOptions, BuildOutcome, BUILD_STEPS};
 pub use error::TemplateError;
+pub use from_image::{build_from_image, IMAGE_BUILD_STEPS, IMAGE_RECIPE};
 pub use meta::{parse_rfc3339_utc, rfc3339_utc, Template, TemplateMeta};
 pub use recipe::Recipe;
 pub use shift::{

@@ -50,6 +50,11 @@ pub struct TemplateMeta {
     /// Whether sandboxes of this template run the code interpreter.
     #[serde(default, skip_serializing_if = "is_false")]
     pub code_interpreter: bool,
+    /// The container image the root filesystem was unpacked from, and its config's
+    /// run-time defaults (entrypoint, cmd, env, ...), for templates built by
+    /// `cubicle tpl create-from-image`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<crate::oci::ImageInfo>,
 }
 
 fn is_false(b: &bool) -> bool {
@@ -293,6 +298,7 @@ mod tests {
             parent_built_at: None,
             aliases: Vec::new(),
             code_interpreter: false,
+            image: None,
         }
     }
 

@@ -263,6 +263,35 @@ impl TemplateStore {
                 return Ok(BuildOutcome::UpToDate(t));
             }
         }
+        self.install_locked(name, on_event, build)
+            .map(BuildOutcome::Built)
+    }
+
+    /// Like [`TemplateStore::install`], but only if no template `name` exists: checked
+    /// under the store lock, so two builds cannot both take the name.
+    pub(crate) fn install_new(
+        &self,
+        name: &TemplateName,
+        on_event: &mut dyn FnMut(BuildEvent),
+        build: &mut BuildStep<'_>,
+    ) -> Result<Template, TemplateError> {
+        let _lock = self.lock(on_event)?;
+        if fs::symlink_metadata(self.data.template(name)).is_ok() {
+            return Err(TemplateError::Exists {
+                name: name.to_string(),
+                reason: format!("exists already; remove it first with `cubicle tpl rm {name}`"),
+            });
+        }
+        self.install_locked(name, on_event, build)
+    }
+
+    /// The part of an install after the lock is taken and the decision to build made.
+    fn install_locked(
+        &self,
+        name: &TemplateName,
+        on_event: &mut dyn FnMut(BuildEvent),
+        build: &mut BuildStep<'_>,
+    ) -> Result<Template, TemplateError> {
         self.remove_stale(on_event)?;
 
         let templates = self.dir();
@@ -317,7 +346,7 @@ impl TemplateStore {
                 tracing::warn!("cannot delete the previous template: {e}");
             }
         }
-        self.get_by_name(name).map(BuildOutcome::Built)
+        self.get_by_name(name)
     }
 
     /// Deletes `.build-*` and `.old-*` directories. Only call with the lock held: then
@@ -505,6 +534,7 @@ mod tests {
             parent_built_at: None,
             aliases: Vec::new(),
             code_interpreter: false,
+            image: None,
         }
     }
 

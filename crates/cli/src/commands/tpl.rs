@@ -9,13 +9,14 @@ use cubicle_template::{
     BuildEvent, BuildOptions, BuildOutcome, Recipe, Template, TemplateMeta, TemplateStore,
 };
 
-use crate::args::{TplBuildArgs, TplCommand};
+use crate::args::{TplBuildArgs, TplCommand, TplCreateFromImageArgs};
 
 /// Runs one `tpl` subcommand.
 pub fn run(data: &DataDir, cmd: TplCommand) -> anyhow::Result<ExitCode> {
     let store = TemplateStore::new(data.clone());
     match cmd {
         TplCommand::Build(args) => build(&store, args),
+        TplCommand::CreateFromImage(args) => create_from_image(&store, args),
         TplCommand::Ls(args) if !args.local && api_key_in_env() => {
             super::block_on(ls_api(args.json))
         }
@@ -59,6 +60,39 @@ fn build(store: &TemplateStore, args: TplBuildArgs) -> anyhow::Result<ExitCode> 
             );
         }
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn create_from_image(
+    store: &TemplateStore,
+    args: TplCreateFromImageArgs,
+) -> anyhow::Result<ExitCode> {
+    let name: TemplateName = match args.template_id {
+        Some(id) => id.parse()?,
+        None => cubicle_template::oci::generated_template_name().parse()?,
+    };
+    let mut progress = Progress::new(true);
+    let built = cubicle_template::build_from_image(
+        store,
+        &args.image,
+        &name,
+        uid_map::HOST_BASE,
+        &mut |e| progress.event(e),
+    );
+    progress.flush();
+    let t = built
+        .with_context(|| format!("building template '{name}' from {}", args.image.display()))?;
+    let layers = t.meta.image.as_ref().map_or(0, |i| i.layers);
+    println!(
+        "built {} from {} in {:.1} s: {} layers, {}, {} files, in {}",
+        t.name,
+        args.image.display(),
+        t.meta.build_seconds,
+        layers,
+        human_bytes(t.meta.size_bytes),
+        t.meta.file_count,
+        t.dir.display()
+    );
     Ok(ExitCode::SUCCESS)
 }
 
@@ -170,7 +204,10 @@ fn row(store: &TemplateStore, t: &Template) -> [String; 7] {
             .built_at_unix()
             .map(|s| format!("{} UTC", short_time(s)))
             .unwrap_or_else(|| t.meta.built_at.clone()),
-        if outdated {
+        if let Some(image) = &t.meta.image {
+            let digest: String = image.digest.chars().take(7 + 12).collect();
+            format!("{}:{digest}", image.format)
+        } else if outdated {
             format!("{}:{short} (outdated)", t.meta.recipe)
         } else {
             format!("{}:{short}", t.meta.recipe)
@@ -348,6 +385,7 @@ mod tests {
                 parent_built_at: None,
                 aliases: Vec::new(),
                 code_interpreter: false,
+                image: None,
             },
         };
         assert_eq!(

@@ -39,7 +39,7 @@ fn agent_bin() -> PathBuf {
 }
 
 /// Where the templates are.
-fn templates_dir() -> PathBuf {
+pub fn templates_dir() -> PathBuf {
     let root = std::env::var("CUBICLE_DATA_DIR").unwrap_or_else(|_| DataDir::DEFAULT.into());
     Path::new(&root).join("templates")
 }
@@ -54,23 +54,28 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn start() -> Daemon {
-        assert_eq!(
-            nix::unistd::geteuid().as_raw(),
-            0,
-            "these tests run `cubicle serve`, which needs root (namespaces, cgroups)"
-        );
         let templates = templates_dir();
         assert!(
             templates.join("base/template.json").is_file(),
             "base template not built in {}: run `cubicle tpl build base`",
             templates.display()
         );
+        Daemon::start_with_templates(&templates)
+    }
+
+    /// A daemon whose data dir's `templates/` is a symlink to `templates`.
+    pub fn start_with_templates(templates: &Path) -> Daemon {
+        assert_eq!(
+            nix::unistd::geteuid().as_raw(),
+            0,
+            "these tests run `cubicle serve`, which needs root (namespaces, cgroups)"
+        );
         let dir = tempfile::Builder::new()
             .prefix("cubicle-cli-test-")
             .tempdir_in("/tmp")
             .unwrap();
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
-        std::os::unix::fs::symlink(&templates, dir.path().join("templates")).unwrap();
+        std::os::unix::fs::symlink(templates, dir.path().join("templates")).unwrap();
         let addr = free_addr();
         let log = |name: &str| std::fs::File::create(dir.path().join(name)).unwrap();
         let child = Command::new(cubicle_bin())

@@ -1,0 +1,152 @@
+//! Building a template from a container image on disk (see [`crate::oci`]), through the
+//! same store, uid shift and metadata as the built-in recipes.
+
+use std::path::Path;
+use std::time::Instant;
+
+use cubicle_core::TemplateName;
+use sha2::{Digest as _, Sha256};
+
+use crate::build::BuildEvent;
+use crate::error::{IoContext, TemplateError};
+use crate::meta::{now_unix, rfc3339_utc, Template, TemplateMeta};
+use crate::oci::{prepare_userland, unpack_image};
+use crate::recipe::Recipe;
+use crate::shift::shift_ownership;
+use crate::store::{remove_tree, TemplateStore, ROOTFS_DIR};
+
+/// What [`TemplateMeta::recipe`] says of a template built from an image.
+pub const IMAGE_RECIPE: &str = "image";
+
+/// Builds the template `name` from the image at `image` (an OCI layout directory, an
+/// OCI archive or a `docker save` archive) and installs it atomically.
+///
+/// Refuses a name that is taken, or that of a built-in template. The image must have an
+/// executable `/bin/sh`; the account `user` (uid 1000) is added if it lacks one. Needs
+/// root (ownership is kept from the layers, then shifted by `uid_shift`).
+pub fn build_from_image(
+    store: &TemplateStore,
+    image: &Path,
+    name: &TemplateName,
+    uid_shift: u32,
+    on_event: &mut dyn FnMut(BuildEvent),
+) -> Result<Template, TemplateError> {
+    if Recipe::builtin(name.as_str()).is_ok() {
+        return Err(TemplateError::Exists {
+            name: name.to_string(),
+            reason: "is the name of a built-in template".into(),
+        });
+    }
+    // Checked again under the store lock; this is to fail before reading the image.
+    if store.data_dir().template(name).exists() {
+        return Err(TemplateError::Exists {
+            name: name.to_string(),
+            reason: format!("exists already; remove it first with `cubicle tpl rm {name}`"),
+        });
+    }
+    let uid = nix::unistd::geteuid();
+    if !uid.is_root() {
+        return Err(TemplateError::NotRoot { uid: uid.as_raw() });
+    }
+    let image = std::path::absolute(image).ctx("resolve", image)?;
+    let started = Instant::now();
+    // The hash only has to differ from every recipe's; images are never "up to date".
+    let hash = {
+        let mut h = Sha256::new();
+        h.update(b"image\0");
+        h.update(image.as_os_str().as_encoded_bytes());
+        h.update(uid_shift.to_le_bytes());
+        h.update(now_unix().to_le_bytes());
+        h.finalize()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    };
+    store.install_new(name, on_event, &mut |dir, on_event| {
+        step(on_event, 1, &format!("reading image {}", image.display()));
+        let rootfs = dir.join(ROOTFS_DIR);
+        std::fs::create_dir(&rootfs).ctx("create directory", &rootfs)?;
+        std::fs::set_permissions(&rootfs, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .ctx("chmod", &rootfs)?;
+        let scratch = dir.join("image");
+        let info = unpack_image(&image, &scratch, &rootfs, &mut |line| {
+            on_event(BuildEvent::Log(line))
+        });
+        if scratch.exists() {
+            remove_tree(&scratch)?;
+        }
+        let info = info?;
+        step(on_event, 2, "checking the userland");
+        for line in prepare_userland(&rootfs)? {
+            on_event(BuildEvent::Log(line));
+        }
+        step(on_event, 3, &format!("shifting owners by {uid_shift}"));
+        let stats = shift_ownership(&rootfs, uid_shift)?;
+        step(on_event, 4, "installing");
+        Ok(TemplateMeta {
+            format_version: TemplateMeta::format_version_for(None),
+            recipe: IMAGE_RECIPE.to_owned(),
+            recipe_hash: hash.clone(),
+            uid_shift,
+            built_at: rfc3339_utc(now_unix()),
+            size_bytes: stats.bytes,
+            file_count: stats.entries,
+            build_seconds: (started.elapsed().as_secs_f64() * 10.0).round() / 10.0,
+            mirror: String::new(),
+            parent: None,
+            parent_built_at: None,
+            aliases: Vec::new(),
+            code_interpreter: false,
+            image: Some(info),
+        })
+    })
+}
+
+/// How many [`BuildEvent::Step`]s an image build goes through.
+pub const IMAGE_BUILD_STEPS: usize = 4;
+
+fn step(on_event: &mut dyn FnMut(BuildEvent), index: usize, title: &str) {
+    tracing::info!("[{index}/{IMAGE_BUILD_STEPS}] {title}");
+    on_event(BuildEvent::Step {
+        index,
+        total: IMAGE_BUILD_STEPS,
+        title: title.to_owned(),
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cubicle_core::DataDir;
+
+    #[test]
+    fn taken_and_builtin_names_are_refused_before_anything_is_read() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = TemplateStore::new(DataDir::new(tmp.path()));
+        let missing = tmp.path().join("no-such-image");
+        for builtin in ["base", "code-interpreter", "code-interpreter-v1"] {
+            let err = build_from_image(&store, &missing, &builtin.parse().unwrap(), 0, &mut |_| {})
+                .unwrap_err();
+            assert!(
+                err.to_string()
+                    .contains("is the name of a built-in template"),
+                "{err}"
+            );
+            assert_eq!(err.kind(), cubicle_core::ErrorKind::Conflict);
+        }
+        let dir = tmp.path().join("templates/mine");
+        std::fs::create_dir_all(dir.join("rootfs")).unwrap();
+        let meta = serde_json::json!({
+            "format_version": 1, "recipe": "image", "recipe_hash": "x", "uid_shift": 0,
+            "built_at": "2026-01-01T00:00:00Z", "size_bytes": 1, "file_count": 1,
+            "build_seconds": 0.1, "mirror": ""
+        });
+        std::fs::write(dir.join("template.json"), meta.to_string()).unwrap();
+        let err = build_from_image(&store, &missing, &"mine".parse().unwrap(), 0, &mut |_| {})
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "template 'mine' exists already; remove it first with `cubicle tpl rm mine`"
+        );
+    }
+}
