@@ -240,11 +240,13 @@ fn peer_err(name: &str, what: &str, outcome: PeerOutcome) -> PeerResult {
     }
 }
 
-/// The row of a CRIU that could not be set up, if it could not.
-fn criu_err(criu: &Result<Criu, peers::PeerError>, what: &str) -> Option<PeerResult> {
+/// The CRIU to measure with, or the row saying why it could not be set up.
+fn criu_or_row<'a>(
+    criu: &'a Result<Criu, peers::PeerError>,
+    what: &str,
+) -> Result<&'a Criu, Box<PeerResult>> {
     criu.as_ref()
-        .err()
-        .map(|e| peer_err("criu", what, PeerOutcome::from_error(e)))
+        .map_err(|e| Box::new(peer_err("criu", what, PeerOutcome::from_error(e))))
 }
 
 /// Runs blocking peer code without stalling the runtime's other tasks.
@@ -353,10 +355,9 @@ pub async fn run(
                 let mut level = scenarios::snapshot(ctx, shape).await;
                 if let Some(criu) = &criu {
                     let what = "criu dump of a 2-process tree";
-                    level.peers.push(match criu_err(criu, what) {
-                        Some(r) => r,
-                        None => {
-                            let c = criu.as_ref().expect("checked");
+                    level.peers.push(match criu_or_row(criu, what) {
+                        Err(r) => *r,
+                        Ok(c) => {
                             let b = blocking(|| {
                                 c.batch(shape.concurrency, shape.rounds, shape.warmup, 0)
                             });
@@ -380,10 +381,9 @@ pub async fn run(
             for &(mib, shape) in levels {
                 let mut level = scenarios::snapshot_dirty(ctx, mib, shape).await;
                 if let Some(criu) = &criu {
-                    match criu_err(criu, "criu dump / restore") {
-                        Some(r) => level.peers.push(r),
-                        None => {
-                            let c = criu.as_ref().expect("checked");
+                    match criu_or_row(criu, "criu dump / restore") {
+                        Err(r) => level.peers.push(*r),
+                        Ok(c) => {
                             let b = blocking(|| c.batch(1, shape.rounds, shape.warmup, mib));
                             level.peers.push(peer_err(
                                 "criu",
@@ -418,10 +418,9 @@ pub async fn run(
                     } else {
                         "criu restore of a 2-process tree"
                     };
-                    level.peers.push(match criu_err(criu, what) {
-                        Some(r) => r,
-                        None => {
-                            let c = criu.as_ref().expect("checked");
+                    level.peers.push(match criu_or_row(criu, what) {
+                        Err(r) => *r,
+                        Ok(c) => {
                             let b = blocking(|| {
                                 c.batch(shape.concurrency, shape.rounds, shape.warmup, 0)
                             });
@@ -461,10 +460,9 @@ pub async fn run(
                 let mut level = scenarios::clone(ctx, shape).await;
                 if let Some(criu) = &criu {
                     let what = "criu dump --leave-running + n restores of a tree holding 10 MiB";
-                    level.peers.push(match criu_err(criu, what) {
-                        Some(r) => r,
-                        None => {
-                            let c = criu.as_ref().expect("checked");
+                    level.peers.push(match criu_or_row(criu, what) {
+                        Err(r) => *r,
+                        Ok(c) => {
                             let o = blocking(|| {
                                 c.clone_batch(
                                     shape.n,
@@ -494,10 +492,9 @@ pub async fn run(
             for &shape in levels {
                 let mut level = scenarios::pause_resume(ctx, shape).await;
                 if let Some(criu) = &criu {
-                    match criu_err(criu, "criu dump / restore") {
-                        Some(r) => level.hibernate.peers.push(r),
-                        None => {
-                            let c = criu.as_ref().expect("checked");
+                    match criu_or_row(criu, "criu dump / restore") {
+                        Err(r) => level.hibernate.peers.push(*r),
+                        Ok(c) => {
                             let b = blocking(|| {
                                 c.batch(shape.concurrency, shape.rounds, shape.warmup, 0)
                             });
