@@ -186,6 +186,12 @@ struct Rec {
 }
 
 impl Rec {
+    /// Counts a failed operation and keeps its message.
+    fn fail(&mut self, message: String) {
+        self.failed += 1;
+        self.errors.push(message);
+    }
+
     fn part(&mut self, name: &str, d: Duration) {
         match self.parts.iter_mut().find(|(n, _)| n == name) {
             Some((_, v)) => v.push(d),
@@ -333,8 +339,7 @@ pub async fn snapshot(ctx: &Ctx<'_>, shape: Shape) -> Level {
                 }
                 Err(e) => {
                     clean = false;
-                    r.failed += 1;
-                    r.errors.push(format!("snapshot: {e}"));
+                    r.fail(format!("snapshot: {e}"));
                 }
             }
         }
@@ -393,8 +398,7 @@ pub async fn snapshot_dirty(ctx: &Ctx<'_>, write_mib: u64, shape: Shape) -> Dirt
                 Err(e) => r.errors.push(format!("setup: {e}")),
                 Ok(()) => match timed(ctx.client.snapshot(&s.id, None)).await {
                     (_, Err(e)) => {
-                        r.failed += 1;
-                        r.errors.push(format!("snapshot: {e}"));
+                        r.fail(format!("snapshot: {e}"));
                     }
                     (took, Ok(snap)) => {
                         ctx.live.add_snapshot(&snap.snapshot_id);
@@ -409,8 +413,7 @@ pub async fn snapshot_dirty(ctx: &Ctx<'_>, write_mib: u64, shape: Shape) -> Dirt
                                 sandboxes.push(c.sandbox_id);
                             }
                             (_, Err(e)) => {
-                                r.failed += 1;
-                                r.errors.push(format!("create from snapshot: {e}"));
+                                r.fail(format!("create from snapshot: {e}"));
                             }
                         }
                     }
@@ -477,8 +480,7 @@ pub async fn create_from_snapshot(ctx: &Ctx<'_>, shape: Shape) -> Level {
                     }
                     Err(e) => {
                         clean = false;
-                        r.failed += 1;
-                        r.errors.push(format!("create from snapshot: {e}"));
+                        r.fail(format!("create from snapshot: {e}"));
                     }
                 }
             }
@@ -536,8 +538,7 @@ pub async fn rollback(ctx: &Ctx<'_>, shape: Shape) -> Level {
                 Err((snap, e)) => {
                     snaps.extend(snap);
                     clean = false;
-                    r.failed += 1;
-                    r.errors.push(e);
+                    r.fail(e);
                 }
             }
         }
@@ -601,19 +602,16 @@ pub async fn clone(ctx: &Ctx<'_>, shape: Shape) -> Level {
                                     r.ops.push(took);
                                 } else {
                                     clean = false;
-                                    r.failed += 1;
                                     let why = forks
                                         .iter()
                                         .find_map(|f| f.error.as_ref().map(|e| e.to_string()))
                                         .unwrap_or_default();
-                                    r.errors
-                                        .push(format!("clone: {started} of {count} started {why}"));
+                                    r.fail(format!("clone: {started} of {count} started {why}"));
                                 }
                             }
                             Err(e) => {
                                 clean = false;
-                                r.failed += 1;
-                                r.errors.push(format!("clone: {e}"));
+                                r.fail(format!("clone: {e}"));
                             }
                         }
                     }
@@ -674,13 +672,11 @@ pub async fn pause_resume(ctx: &Ctx<'_>, shape: Shape) -> PauseResumeLevel {
                     Ok(true) => rs[step].ops.push(took),
                     Ok(false) => {
                         clean = false;
-                        rs[step].failed += 1;
-                        rs[step].errors.push("pause: already paused".into());
+                        rs[step].fail("pause: already paused".into());
                     }
                     Err(e) => {
                         clean = false;
-                        rs[step].failed += 1;
-                        rs[step].errors.push(format!("pause: {e}"));
+                        rs[step].fail(format!("pause: {e}"));
                     }
                 }
             }
@@ -699,8 +695,7 @@ pub async fn pause_resume(ctx: &Ctx<'_>, shape: Shape) -> PauseResumeLevel {
                     Ok(_) => rs[step + 1].ops.push(took),
                     Err(e) => {
                         clean = false;
-                        rs[step + 1].failed += 1;
-                        rs[step + 1].errors.push(format!("resume: {e}"));
+                        rs[step + 1].fail(format!("resume: {e}"));
                     }
                 }
             }
