@@ -602,6 +602,11 @@ impl NsRuntime {
         // A paused sandbox is dumped as it is: `pause` ended the host's connections
         // before freezing, and the proxy opens none to a paused sandbox.
         let mut frozen = was_paused;
+        // Which layer files the last checkpoint (or the restore) holds: read before the
+        // freeze, and the new one written after the thaw, so neither adds to the pause.
+        let origin: Option<tree_copy::LayerOrigin> = std::fs::read(&paths.layer_origin)
+            .ok()
+            .and_then(|bytes| serde_json::from_slice(&bytes).ok());
         loop {
             // Connections from the host cannot be in a checkpoint: have the agent end
             // them, then freeze.
@@ -612,7 +617,7 @@ impl NsRuntime {
             if !frozen {
                 cgroup::freeze(self.cgroups.as_ref(), id.as_str()).await?;
             }
-            let dumped = self.dump_frozen(id, pid, paths, dir).await;
+            let dumped = self.dump_frozen(id, pid, paths, dir, origin.clone()).await;
             let retry = attempt < ATTEMPTS
                 && matches!(&dumped, Err(e) if checkpoint::is_transient_dump_error(e));
             if !was_paused || retry {
@@ -620,7 +625,13 @@ impl NsRuntime {
                 frozen = false;
             }
             match dumped {
-                Ok(()) => return Ok(checkpoint::micros_since(started)),
+                Ok(new_origin) => {
+                    let frozen_us = checkpoint::micros_since(started);
+                    // Not worth failing the checkpoint over: without it the next one
+                    // copies every file.
+                    let _ = write_json(&paths.layer_origin, &new_origin);
+                    return Ok(frozen_us);
+                }
                 // A passing failure (a host connection that arrived after the quiesce,
                 // or one a paused sandbox kept; a process caught mid-fork): try again. A
                 // paused sandbox runs for that moment and is frozen again for the dump.
@@ -640,15 +651,17 @@ impl NsRuntime {
         }
     }
 
-    /// Dumps the frozen sandbox's processes with CRIU and copies its writable layer and
-    /// agent log next to the images.
+    /// Dumps the frozen sandbox's processes with CRIU and copies its writable layer (files
+    /// `origin` holds unchanged are linked) and agent log next to the images. Returns the
+    /// origin of the layer for the next checkpoint.
     async fn dump_frozen(
         &self,
         id: &SandboxId,
         pid: i32,
         paths: &SandboxPaths,
         dir: &Path,
-    ) -> Result<(), RuntimeError> {
+        origin: Option<tree_copy::LayerOrigin>,
+    ) -> Result<tree_copy::LayerOrigin, RuntimeError> {
         let images = dir.join("images");
         let args = checkpoint::dump_args(
             pid,
@@ -657,7 +670,7 @@ impl NsRuntime {
             &init::host_bind_mounts(),
         );
         let (upper, run, dir) = (paths.upper.clone(), paths.run.clone(), dir.to_owned());
-        let (origin_file, base) = (paths.layer_origin.clone(), paths.base.clone());
+        let base = paths.base.clone();
         tokio::task::spawn_blocking(move || {
             std::fs::create_dir(&images).map_err(io_error("create", &images))?;
             let log = images.join("dump.log");
@@ -669,9 +682,6 @@ impl NsRuntime {
             checkpoint::run_criu("checkpoint", criu, &args, &log)?;
             // While still frozen: the files must be what the processes' memory expects.
             // What is unchanged since the last checkpoint (or the restore) is linked.
-            let origin: Option<tree_copy::LayerOrigin> = std::fs::read(&origin_file)
-                .ok()
-                .and_then(|bytes| serde_json::from_slice(&bytes).ok());
             let copy = dir.join("upper");
             let copied = if base.is_dir() {
                 // A restored sandbox: its base layer and its writable layer, flattened.
@@ -689,9 +699,7 @@ impl NsRuntime {
             if agent_log.exists() {
                 checkpoint::copy_tree(&agent_log, &dir.join("agent.log"), None)?;
             }
-            // Not worth failing the checkpoint over: without it the next one copies all.
-            let _ = write_json(&origin_file, &copied.source_origin(&copy));
-            Ok::<_, RuntimeError>(())
+            Ok::<_, RuntimeError>(copied.source_origin(&copy))
         })
         .await
         .map_err(|e| RuntimeError::Checkpoint {
