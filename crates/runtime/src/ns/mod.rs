@@ -131,6 +131,16 @@ impl RuntimeRecord {
     }
 }
 
+/// Creates the directory `dir` with `mode`, owned by the sandbox's root (host uid and
+/// gid `shift`).
+fn create_sandbox_owned_dir(dir: &Path, mode: u32, shift: u32) -> Result<(), RuntimeError> {
+    std::fs::DirBuilder::new()
+        .mode(mode)
+        .create(dir)
+        .map_err(io_error("create", dir))?;
+    std::os::unix::fs::chown(dir, Some(shift), Some(shift)).map_err(io_error("chown", dir))
+}
+
 /// The overlay's work directory, the root's mount point and the run directory, owned
 /// by the sandbox's root (host uid `shift`), and the agent binary's mount point.
 fn create_mount_dirs(paths: &SandboxPaths, shift: u32) -> Result<(), RuntimeError> {
@@ -139,11 +149,7 @@ fn create_mount_dirs(paths: &SandboxPaths, shift: u32) -> Result<(), RuntimeErro
         (&paths.merged, 0o755),
         (&paths.run, 0o700),
     ] {
-        std::fs::DirBuilder::new()
-            .mode(mode)
-            .create(dir)
-            .map_err(io_error("create", dir))?;
-        std::os::unix::fs::chown(dir, Some(shift), Some(shift)).map_err(io_error("chown", dir))?;
+        create_sandbox_owned_dir(dir, mode, shift)?;
     }
     std::fs::File::create(&paths.agent_mount_point)
         .map_err(io_error("create", &paths.agent_mount_point))?;
@@ -322,23 +328,13 @@ impl NsRuntime {
             }
             Err(e) => return Err(io_error("create", &paths.dir)(e)),
         }
-        std::fs::DirBuilder::new()
-            .mode(0o755)
-            .create(&paths.upper)
-            .map_err(io_error("create", &paths.upper))?;
-        std::os::unix::fs::chown(&paths.upper, Some(spec.uid_shift), Some(spec.uid_shift))
-            .map_err(io_error("chown", &paths.upper))?;
+        create_sandbox_owned_dir(&paths.upper, 0o755, spec.uid_shift)?;
         // The sandbox's /dev and /run start empty whatever the template has there (init
         // fills them): opaque directories of the writable layer, which a checkpoint
         // copies, unlike a tmpfs (see `init::SpecialDirs`).
         for dir in ["dev", "run"] {
             let dir = paths.upper.join(dir);
-            std::fs::DirBuilder::new()
-                .mode(0o755)
-                .create(&dir)
-                .map_err(io_error("create", &dir))?;
-            std::os::unix::fs::chown(&dir, Some(spec.uid_shift), Some(spec.uid_shift))
-                .map_err(io_error("chown", &dir))?;
+            create_sandbox_owned_dir(&dir, 0o755, spec.uid_shift)?;
             sys::set_overlay_opaque(&dir).map_err(io_error("mark opaque", &dir))?;
         }
         create_mount_dirs(paths, spec.uid_shift)
@@ -722,12 +718,7 @@ impl NsRuntime {
             // The checkpoint's layer, never written, becomes the sandbox's base layer
             // by hard links; the writable layer above it starts empty.
             checkpoint::link_tree(&dir.join("upper"), &paths.base)?;
-            std::fs::DirBuilder::new()
-                .mode(0o755)
-                .create(&paths.upper)
-                .map_err(io_error("create", &paths.upper))?;
-            std::os::unix::fs::chown(&paths.upper, Some(shift), Some(shift))
-                .map_err(io_error("chown", &paths.upper))?;
+            create_sandbox_owned_dir(&paths.upper, 0o755, shift)?;
             checkpoint::write_host_files(&paths.upper, spec.id.as_str(), shift)?;
             create_mount_dirs(paths, shift)?;
             let agent_log = dir.join("agent.log");
