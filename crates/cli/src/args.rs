@@ -677,7 +677,7 @@ pub enum TplCommand {
     /// the image lacks it (the image must have /bin/sh; the agent is Cubicle's), and
     /// records the image config (entrypoint, cmd, env, ...) in template.json. Needs
     /// root. Registry references are not supported yet.
-    CreateFromImage(TplCreateFromImageArgs),
+    CreateFromImage(Box<TplCreateFromImageArgs>),
     /// List templates: the daemon's, or with --local those built in the data dir.
     ///
     /// With an API key in the environment (E2B_API_KEY or CUBICLE_API_KEY) this asks the
@@ -710,13 +710,102 @@ pub struct TplBuildArgs {
 
 #[derive(Debug, Args)]
 pub struct TplCreateFromImageArgs {
-    /// Path of the image: an OCI layout directory, an OCI archive or a `docker save`
-    /// tarball.
+    /// The image: a path (an OCI layout directory, an OCI archive or a `docker save`
+    /// tarball) or a registry reference (`host[:port]/repo:tag` or `...@sha256:...`).
     #[arg(long)]
-    pub image: std::path::PathBuf,
+    pub image: String,
     /// Name of the new template (default: a generated `tpl-...`). Must not be taken.
     #[arg(long = "template-id")]
     pub template_id: Option<String>,
+    /// User name for the registry.
+    #[arg(long, requires = "registry_password")]
+    pub registry_username: Option<String>,
+    /// Password (or token) for the registry.
+    #[arg(
+        long,
+        env = "CUBICLE_REGISTRY_PASSWORD",
+        hide_env_values = true,
+        requires = "registry_username"
+    )]
+    pub registry_password: Option<String>,
+    /// Size limit of each sandbox's writable layer, e.g. `1G` or `512M`: writes past it
+    /// fail with ENOSPC inside the sandbox.
+    #[arg(long, value_parser = parse_size_mib, value_name = "SIZE")]
+    pub writable_layer_size: Option<u64>,
+    /// A TCP port the image's service listens on (repeatable); reachable as
+    /// `{port}-{sandbox id}.{domain}` through the daemon.
+    #[arg(long = "expose-port", value_name = "PORT")]
+    pub expose_ports: Vec<u16>,
+    /// The template is ready when an HTTP GET on this port inside a sandbox answers.
+    #[arg(long, value_name = "PORT")]
+    pub probe: Option<u16>,
+    /// Path of the probe's request.
+    #[arg(long, default_value = "/", requires = "probe")]
+    pub probe_path: String,
+    /// How long the probe may take before the build fails, seconds.
+    #[arg(long, default_value_t = 60, requires = "probe")]
+    pub probe_timeout: u64,
+    /// Program to run instead of the image's entrypoint.
+    #[arg(long)]
+    pub cmd: Option<String>,
+    /// Argument replacing the image's cmd (repeatable).
+    #[arg(long = "arg", value_name = "ARG", allow_hyphen_values = true)]
+    pub args: Vec<String>,
+    /// Environment variable `K=V` added to the image's (repeatable).
+    #[arg(long = "env", value_name = "K=V", value_parser = parse_env)]
+    pub env: Vec<(String, String)>,
+    /// Working directory instead of the image's.
+    #[arg(long)]
+    pub workdir: Option<String>,
+    /// User the service runs as instead of the image's (name or uid[:gid]).
+    #[arg(long)]
+    pub user: Option<String>,
+    /// CPUs of each sandbox of the template (default: the daemon's).
+    #[arg(long)]
+    pub cpu: Option<u32>,
+    /// Memory of each sandbox of the template, e.g. `512M` or `2G` (default: the
+    /// daemon's).
+    #[arg(long, value_parser = parse_size_mib, value_name = "SIZE")]
+    pub memory: Option<u64>,
+    /// Print the result as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `512M`, `1G`, `1.5G`, `2048` (MiB) → MiB.
+pub fn parse_size_mib(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (num, mult) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let unit = t[i..].to_ascii_uppercase();
+            let mult = match unit.as_str() {
+                "M" => 1.0,
+                "G" => 1024.0,
+                "T" => 1024.0 * 1024.0,
+                _ => return Err(format!("unknown unit in '{s}': use M, G or T")),
+            };
+            (&t[..i], mult)
+        }
+        _ => (t, 1.0),
+    };
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("'{s}' is not a size (e.g. 512M, 1G)"))?;
+    let mib = (n * mult).round();
+    if !(mib >= 1.0 && mib < (1u64 << 40) as f64) {
+        return Err(format!("'{s}' is not a size of at least 1M"));
+    }
+    Ok(mib as u64)
+}
+
+/// `K=V` → `(K, V)`.
+fn parse_env(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() && !k.contains('\0') && !v.contains('\0') => {
+            Ok((k.to_owned(), v.to_owned()))
+        }
+        _ => Err(format!("'{s}' is not K=V")),
+    }
 }
 
 #[derive(Debug, Args)]
@@ -741,4 +830,28 @@ pub struct JsonFlag {
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_are_read_in_mib() {
+        assert_eq!(parse_size_mib("512M"), Ok(512));
+        assert_eq!(parse_size_mib("1G"), Ok(1024));
+        assert_eq!(parse_size_mib("1.5g"), Ok(1536));
+        assert_eq!(parse_size_mib("2048"), Ok(2048));
+        for bad in ["", "G", "1K", "-1G", "0", "abc", "1e40"] {
+            assert!(parse_size_mib(bad).is_err(), "{bad:?} was accepted");
+        }
+    }
+
+    #[test]
+    fn env_overrides_are_k_equals_v() {
+        assert_eq!(parse_env("A=b=c"), Ok(("A".into(), "b=c".into())));
+        assert_eq!(parse_env("A="), Ok(("A".into(), String::new())));
+        assert!(parse_env("=x").is_err());
+        assert!(parse_env("novalue").is_err());
+    }
 }

@@ -180,6 +180,7 @@ pub fn build(
                 aliases: recipe.aliases.iter().map(|a| a.to_string()).collect(),
                 code_interpreter: recipe.code_interpreter,
                 image: None,
+                sandbox: Default::default(),
             })
         },
     )
@@ -446,6 +447,7 @@ mod tests {
             aliases: Vec::new(),
             code_interpreter: false,
             image: None,
+            sandbox: Default::default(),
         };
         std::fs::write(
             dir.join("template.json"),
@@ -502,6 +504,7 @@ mod tests {
             aliases: Vec::new(),
             code_interpreter: false,
             image: None,
+            sandbox: Default::default(),
         };
         write_meta(&tmp.path().join("templates/base"), &base);
         let child = TemplateMeta {

@@ -18,15 +18,64 @@ use crate::store::{remove_tree, TemplateStore, ROOTFS_DIR};
 /// What [`TemplateMeta::recipe`] says of a template built from an image.
 pub const IMAGE_RECIPE: &str = "image";
 
-/// Builds the template `name` from the image at `image` (an OCI layout directory, an
-/// OCI archive or a `docker save` archive) and installs it atomically.
+/// What `cubicle tpl create-from-image` (or the API) asks to build.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ImageBuildRequest {
+    /// The image: a path on disk (OCI layout directory, OCI archive, `docker save`
+    /// archive).
+    pub image: String,
+    /// Credentials for the registry, if it needs them.
+    pub registry_auth: Option<RegistryAuth>,
+    /// What replaces the image config's run-time defaults.
+    pub overrides: RunOverrides,
+    /// The template's sandbox defaults asked for (CPU, memory, writable-layer size,
+    /// exposed ports, probe). Its `env` and `service` are derived from the image and
+    /// `overrides` by the build.
+    pub defaults: crate::SandboxDefaults,
+}
+
+/// A registry user name and password (`--registry-username`, `--registry-password`).
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct RegistryAuth {
+    /// User name.
+    pub username: String,
+    /// Password or token.
+    pub password: String,
+}
+
+impl std::fmt::Debug for RegistryAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegistryAuth")
+            .field("username", &self.username)
+            .field("password", &"<redacted>")
+            .finish()
+    }
+}
+
+/// Overrides of the image config (`--cmd`, `--arg`, `--env`, `--workdir`, `--user`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RunOverrides {
+    /// Replaces the image's `Entrypoint` (and drops its `Cmd` unless `args` is given).
+    pub cmd: Option<String>,
+    /// Replace the image's `Cmd`, when not empty.
+    pub args: Vec<String>,
+    /// Added to (or replacing entries of) the image's `Env`, in order.
+    pub env: Vec<(String, String)>,
+    /// Replaces the image's `WorkingDir`.
+    pub workdir: Option<String>,
+    /// Replaces the image's `User`.
+    pub user: Option<String>,
+}
+
+/// Builds the template `name` from the image `request.image` names (an OCI layout
+/// directory, an OCI archive or a `docker save` archive) and installs it atomically.
 ///
 /// Refuses a name that is taken, or that of a built-in template. The image must have an
 /// executable `/bin/sh`; the account `user` (uid 1000) is added if it lacks one. Needs
 /// root (ownership is kept from the layers, then shifted by `uid_shift`).
 pub fn build_from_image(
     store: &TemplateStore,
-    image: &Path,
+    request: &ImageBuildRequest,
     name: &TemplateName,
     uid_shift: u32,
     on_event: &mut dyn FnMut(BuildEvent),
@@ -48,6 +97,7 @@ pub fn build_from_image(
     if !uid.is_root() {
         return Err(TemplateError::NotRoot { uid: uid.as_raw() });
     }
+    let image = Path::new(&request.image);
     let image = std::path::absolute(image).ctx("resolve", image)?;
     let started = Instant::now();
     // The hash only has to differ from every recipe's; images are never "up to date".
@@ -98,6 +148,7 @@ pub fn build_from_image(
             aliases: Vec::new(),
             code_interpreter: false,
             image: Some(info),
+            sandbox: Default::default(),
         })
     })
 }
@@ -123,7 +174,10 @@ mod tests {
     fn taken_and_builtin_names_are_refused_before_anything_is_read() {
         let tmp = tempfile::tempdir().unwrap();
         let store = TemplateStore::new(DataDir::new(tmp.path()));
-        let missing = tmp.path().join("no-such-image");
+        let missing = ImageBuildRequest {
+            image: tmp.path().join("no-such-image").display().to_string(),
+            ..Default::default()
+        };
         for builtin in ["base", "code-interpreter", "code-interpreter-v1"] {
             let err = build_from_image(&store, &missing, &builtin.parse().unwrap(), 0, &mut |_| {})
                 .unwrap_err();

@@ -228,6 +228,7 @@ pub(crate) fn build_layer(
                 aliases: recipe.aliases.iter().map(|a| a.to_string()).collect(),
                 code_interpreter: recipe.code_interpreter,
                 image: None,
+                sandbox: Default::default(),
             })
         },
     )

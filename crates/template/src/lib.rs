@@ -55,8 +55,13 @@ mod store;
 
 pub use build::{build, build_base, BuildEvent, BuildOptions, BuildOutcome, BUILD_STEPS};
 pub use error::TemplateError;
-pub use from_image::{build_from_image, IMAGE_BUILD_STEPS, IMAGE_RECIPE};
-pub use meta::{parse_rfc3339_utc, rfc3339_utc, Template, TemplateMeta};
+pub use from_image::{
+    build_from_image, ImageBuildRequest, RegistryAuth, RunOverrides, IMAGE_BUILD_STEPS,
+    IMAGE_RECIPE,
+};
+pub use meta::{
+    parse_rfc3339_utc, rfc3339_utc, Probe, SandboxDefaults, Service, Template, TemplateMeta,
+};
 pub use recipe::Recipe;
 pub use shift::{
     is_opaque, layer_id, measure, shift_layer_ownership, shift_ownership, LayerStats, TreeStats,

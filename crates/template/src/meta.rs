@@ -1,5 +1,6 @@
 //! What is recorded about a built template (`template.json`) and the handle to one.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -55,6 +56,74 @@ pub struct TemplateMeta {
     /// `cubicle tpl create-from-image`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<crate::oci::ImageInfo>,
+    /// What its sandboxes get unless their create request says otherwise, and the
+    /// service they run (templates from images; see [`SandboxDefaults`]).
+    #[serde(default, skip_serializing_if = "SandboxDefaults::is_empty")]
+    pub sandbox: SandboxDefaults,
+}
+
+/// A template's defaults for its sandboxes (`tpl create-from-image --cpu --memory
+/// --writable-layer-size --expose-port --probe ...`). Every field is optional; an empty
+/// value means "the daemon's defaults, no service".
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SandboxDefaults {
+    /// CPUs of each sandbox.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_count: Option<u32>,
+    /// Memory limit of each sandbox, MiB.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_mb: Option<u64>,
+    /// Size limit of each sandbox's writable layer, MiB: writes past it fail with
+    /// ENOSPC inside the sandbox.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub writable_layer_mib: Option<u64>,
+    /// Environment of every process in the sandbox (the image's `Env` with the
+    /// overrides applied), under the create request's `envVars`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    /// TCP ports the template's service listens on (`--expose-port`), reachable through
+    /// the proxy as `{port}-{sandbox id}.{domain}`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub expose_ports: Vec<u16>,
+    /// The program every sandbox runs next to the agent (the image's entrypoint and
+    /// cmd, with the overrides applied).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<Service>,
+    /// When the service is ready.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub probe: Option<Probe>,
+}
+
+impl SandboxDefaults {
+    /// Whether nothing is set.
+    pub fn is_empty(&self) -> bool {
+        *self == SandboxDefaults::default()
+    }
+}
+
+/// A template's main service: started by the agent in every sandbox of the template.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Service {
+    /// Program and arguments (the image's `Entrypoint` + `Cmd`).
+    pub argv: Vec<String>,
+    /// Working directory (the image's `WorkingDir`, default `/`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workdir: Option<String>,
+    /// User (name or uid[:gid]) it runs as (the image's `User`, default root).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+}
+
+/// An HTTP readiness probe: the service is ready when `GET http://127.0.0.1:{port}{path}`
+/// inside the sandbox answers (any HTTP status).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Probe {
+    /// Port inside the sandbox.
+    pub port: u16,
+    /// Path of the request, starting with `/`.
+    pub path: String,
+    /// How long to wait for an answer before the build fails, seconds.
+    pub timeout_secs: u64,
 }
 
 fn is_false(b: &bool) -> bool {
@@ -299,6 +368,7 @@ mod tests {
             aliases: Vec::new(),
             code_interpreter: false,
             image: None,
+            sandbox: Default::default(),
         }
     }
 

@@ -535,6 +535,7 @@ mod tests {
             aliases: Vec::new(),
             code_interpreter: false,
             image: None,
+            sandbox: Default::default(),
         }
     }
 

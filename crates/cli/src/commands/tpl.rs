@@ -6,7 +6,8 @@ use std::process::ExitCode;
 use anyhow::Context;
 use cubicle_core::{uid_map, DataDir, TemplateName};
 use cubicle_template::{
-    BuildEvent, BuildOptions, BuildOutcome, Recipe, Template, TemplateMeta, TemplateStore,
+    BuildEvent, BuildOptions, BuildOutcome, ImageBuildRequest, Probe, Recipe, RegistryAuth,
+    RunOverrides, SandboxDefaults, Template, TemplateMeta, TemplateStore,
 };
 
 use crate::args::{TplBuildArgs, TplCommand, TplCreateFromImageArgs};
@@ -16,7 +17,7 @@ pub fn run(data: &DataDir, cmd: TplCommand) -> anyhow::Result<ExitCode> {
     let store = TemplateStore::new(data.clone());
     match cmd {
         TplCommand::Build(args) => build(&store, args),
-        TplCommand::CreateFromImage(args) => create_from_image(&store, args),
+        TplCommand::CreateFromImage(args) => create_from_image(&store, *args),
         TplCommand::Ls(args) if !args.local && api_key_in_env() => {
             super::block_on(ls_api(args.json))
         }
@@ -67,26 +68,23 @@ fn create_from_image(
     store: &TemplateStore,
     args: TplCreateFromImageArgs,
 ) -> anyhow::Result<ExitCode> {
-    let name: TemplateName = match args.template_id {
+    let name: TemplateName = match &args.template_id {
         Some(id) => id.parse()?,
         None => cubicle_template::oci::generated_template_name().parse()?,
     };
     let mut progress = Progress::new(true);
-    let built = cubicle_template::build_from_image(
-        store,
-        &args.image,
-        &name,
-        uid_map::HOST_BASE,
-        &mut |e| progress.event(e),
-    );
+    let request = image_request(&args);
+    let built =
+        cubicle_template::build_from_image(store, &request, &name, uid_map::HOST_BASE, &mut |e| {
+            progress.event(e)
+        });
     progress.flush();
-    let t = built
-        .with_context(|| format!("building template '{name}' from {}", args.image.display()))?;
+    let t = built.with_context(|| format!("building template '{name}' from {}", args.image))?;
     let layers = t.meta.image.as_ref().map_or(0, |i| i.layers);
     println!(
         "built {} from {} in {:.1} s: {} layers, {}, {} files, in {}",
         t.name,
-        args.image.display(),
+        args.image,
         t.meta.build_seconds,
         layers,
         human_bytes(t.meta.size_bytes),
@@ -94,6 +92,39 @@ fn create_from_image(
         t.dir.display()
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// The build request `tpl create-from-image`'s flags make.
+fn image_request(args: &TplCreateFromImageArgs) -> ImageBuildRequest {
+    ImageBuildRequest {
+        image: args.image.clone(),
+        registry_auth: match (&args.registry_username, &args.registry_password) {
+            (Some(username), Some(password)) => Some(RegistryAuth {
+                username: username.clone(),
+                password: password.clone(),
+            }),
+            _ => None,
+        },
+        overrides: RunOverrides {
+            cmd: args.cmd.clone(),
+            args: args.args.clone(),
+            env: args.env.clone(),
+            workdir: args.workdir.clone(),
+            user: args.user.clone(),
+        },
+        defaults: SandboxDefaults {
+            cpu_count: args.cpu,
+            memory_mb: args.memory,
+            writable_layer_mib: args.writable_layer_size,
+            expose_ports: args.expose_ports.clone(),
+            probe: args.probe.map(|port| Probe {
+                port,
+                path: args.probe_path.clone(),
+                timeout_secs: args.probe_timeout,
+            }),
+            ..Default::default()
+        },
+    }
 }
 
 fn ls(store: &TemplateStore, json: bool) -> anyhow::Result<ExitCode> {
@@ -386,6 +417,7 @@ mod tests {
                 aliases: Vec::new(),
                 code_interpreter: false,
                 image: None,
+                sandbox: Default::default(),
             },
         };
         assert_eq!(
