@@ -18,6 +18,7 @@ use crate::request::{CreateRequest, ListRequest};
 
 mod hibernate;
 mod snapshots;
+mod template_ready;
 
 use crate::{now_ms, ControlError};
 pub use snapshots::{SnapshotListRequest, FORK_DEFAULT_TIMEOUT, MAX_FORKS};

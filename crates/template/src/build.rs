@@ -83,6 +83,51 @@ pub enum BuildEvent {
     /// One line of output of a program run by the build (debootstrap's `I: ...` lines
     /// among them) or a note of the build itself.
     Log(String),
+    /// The build entered a phase of its job (what `GET .../builds/{id}/status` shows).
+    Phase(BuildPhase),
+}
+
+/// The phases of a template build, in order; a build ends `Ready` or `Failed`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BuildPhase {
+    /// Waiting for its turn (builds run one at a time).
+    Queued,
+    /// Fetching the image's manifest and layers (registry images; cached layers are
+    /// not fetched again).
+    Pulling,
+    /// Verifying and unpacking the layers into the root filesystem (or, for a Debian
+    /// recipe, installing its packages).
+    Unpacking,
+    /// Preparing the userland, shifting owners and installing the template.
+    Building,
+    /// Starting the template's service, waiting for its probe and checkpointing it
+    /// (templates with a service only).
+    Snapshotting,
+    /// Done: sandboxes can start from it.
+    Ready,
+    /// Ended with an error; nothing of it is left.
+    Failed,
+}
+
+impl BuildPhase {
+    /// Its name in the API and the CLI.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BuildPhase::Queued => "queued",
+            BuildPhase::Pulling => "pulling",
+            BuildPhase::Unpacking => "unpacking",
+            BuildPhase::Building => "building",
+            BuildPhase::Snapshotting => "snapshotting",
+            BuildPhase::Ready => "ready",
+            BuildPhase::Failed => "failed",
+        }
+    }
+
+    /// Whether the build has ended.
+    pub fn is_final(self) -> bool {
+        matches!(self, BuildPhase::Ready | BuildPhase::Failed)
+    }
 }
 
 /// Builds the built-in `base` template (see [`crate::recipe::BASE`]).

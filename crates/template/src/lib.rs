@@ -53,7 +53,9 @@ pub mod recipe;
 mod shift;
 mod store;
 
-pub use build::{build, build_base, BuildEvent, BuildOptions, BuildOutcome, BUILD_STEPS};
+pub use build::{
+    build, build_base, BuildEvent, BuildOptions, BuildOutcome, BuildPhase, BUILD_STEPS,
+};
 pub use error::TemplateError;
 pub use from_image::{
     build_from_image, ImageBuildRequest, RegistryAuth, RunOverrides, IMAGE_BUILD_STEPS,

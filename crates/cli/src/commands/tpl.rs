@@ -280,6 +280,10 @@ impl Progress {
                 self.flush();
                 eprintln!("[{index}/{total}] {title}");
             }
+            BuildEvent::Phase(phase) => {
+                self.flush();
+                eprintln!("== {}", phase.as_str());
+            }
             BuildEvent::Log(line) if self.verbose => eprintln!("    {line}"),
             BuildEvent::Log(line) => {
                 let verb = info_verb(&line);
