@@ -243,6 +243,36 @@ fn registry_images_build_templates_that_run_and_share_cached_layers() {
     );
     support::cubicle_local(data.path(), &["tpl", "rm", "reg-app-pinned"], &[]).ok();
 
+    // A cached layer that went bad on disk is caught when unpacked, dropped from the
+    // cache, and fetched again by the next build.
+    let cached_l3 = data
+        .path()
+        .join("cache/blobs/sha256")
+        .join(&digests[2][7..]);
+    let mut bytes = fs::read(&cached_l3).unwrap();
+    bytes[50] ^= 0xff;
+    fs::write(&cached_l3, &bytes).unwrap();
+    fails(
+        create(data.path(), &image, "reg-app-bad", &[], &[]),
+        &format!(
+            "layer 3/3 ({}): digest mismatch: expected {}",
+            &digests[2][..19],
+            digests[2]
+        ),
+    );
+    nothing_left(data.path(), "reg-app-bad");
+    assert!(!cached_l3.exists(), "the bad blob stayed in the cache");
+    let again = create(data.path(), &image, "reg-app-again", &[], &[]);
+    assert!(
+        again
+            .stderr
+            .contains(&format!("layer 3/3 ({}): downloaded", &digests[2][..19])),
+        "{}",
+        again.stderr
+    );
+    again.ok();
+    support::cubicle_local(data.path(), &["tpl", "rm", "reg-app-again"], &[]).ok();
+
     // Another repository sharing the first two layers: only its own layer is fetched.
     let l4 = files_layer(&[("extra", b"only in v2\n")]);
     let v2 = images.path().join("v2");

@@ -262,9 +262,12 @@ impl BlobCache {
         }
     }
 
-    /// Creates `<dir>/sha256` (mode 0700: private images' layers stay private) and
-    /// deletes `.part-*` files of pulls that died.
+    /// Creates `<dir>/sha256` (`<dir>` mode 0700: private images' layers stay private;
+    /// its parents as usual) and deletes `.part-*` files of pulls that died.
     fn prepare(&self) -> Result<PathBuf, ImageError> {
+        if let Some(parent) = self.dir.parent() {
+            fs::create_dir_all(parent).map_err(io_err("create directory", parent))?;
+        }
         let dir = self.dir.join("sha256");
         fs::DirBuilder::new()
             .recursive(true)
@@ -1032,6 +1035,31 @@ mod tests {
             matches!(err, ImageError::Registry(RegistryError::Unreachable { .. })),
             "{err}"
         );
+    }
+
+    #[test]
+    fn the_cache_is_private_and_drops_stale_downloads() {
+        use std::os::unix::fs::MetadataExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let cache = BlobCache::new(tmp.path().join("cache/blobs"));
+        let dir = cache.prepare().unwrap();
+        let mode = |p: &Path| fs::metadata(p).unwrap().mode() & 0o777;
+        assert_eq!(mode(&tmp.path().join("cache/blobs")), 0o700);
+        assert_ne!(mode(&tmp.path().join("cache")), 0o700);
+        let digest = format!("sha256:{}", hex(&Sha256::digest(b"hello")));
+        cache.put(&digest, b"hello").unwrap();
+        assert!(cache.has(&digest, 5));
+        assert!(!cache.has(&digest, 6));
+        let stale = dir.join(".part-old");
+        let fresh = dir.join(".part-new");
+        fs::write(&fresh, b"x").unwrap();
+        let old = fs::File::create(&stale).unwrap();
+        old.set_modified(SystemTime::now() - 2 * STALE_PART)
+            .unwrap();
+        cache.prepare().unwrap();
+        assert!(!stale.exists() && fresh.exists());
+        cache.forget(&digest);
+        assert!(!cache.has(&digest, 5));
     }
 
     #[test]
