@@ -161,13 +161,13 @@ pub enum ImageSource {
 
 /// Tells a path from a registry reference.
 ///
-/// It is a **path** if it starts with `/`, `./`, `../` or `~`, or is `.` or `..`, or
-/// something exists at it (relative to the current directory). Otherwise it is a
-/// **registry reference** if the part before its first `/` is a registry host: it
-/// contains a `.` or a `:` (a domain, an IP address, a port) or is `localhost`. Docker
-/// Hub short names (`debian:12`) are not references by this rule: spell them out
-/// (`docker.io/library/debian:12`). Anything else is a path that does not exist, a
-/// [`ImageError::NotAnImage`].
+/// It is a **path** if something exists at it (relative to the current directory), or
+/// if it starts with `/`, `./`, `../` or `~` or is `.` or `..` (then a missing one is an
+/// [`ImageError::NotAnImage`]). Otherwise it is a **registry reference** if the part
+/// before its first `/` is a registry host: it contains a `.` or a `:` (a domain, an IP
+/// address, a port) or is `localhost`. Docker Hub short names (`debian:12`) are not
+/// references by this rule: spell them out (`docker.io/library/debian:12`). Anything
+/// else is a path that does not exist, an [`ImageError::NotAnImage`] too.
 pub fn image_source(image: &str) -> Result<ImageSource, ImageError> {
     let explicit_path = image.starts_with('/')
         || image.starts_with("./")
@@ -175,8 +175,15 @@ pub fn image_source(image: &str) -> Result<ImageSource, ImageError> {
         || image.starts_with('~')
         || image == "."
         || image == "..";
-    if explicit_path || fs::symlink_metadata(image).is_ok() {
+    let exists = fs::symlink_metadata(image).is_ok();
+    if exists {
         return Ok(ImageSource::Path(PathBuf::from(image)));
+    }
+    if explicit_path {
+        return Err(ImageError::NotAnImage {
+            path: PathBuf::from(image),
+            reason: "no such file or directory".into(),
+        });
     }
     let host = image.split_once('/').map(|(host, _)| host);
     match host {
@@ -877,12 +884,21 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let existing = tmp.path().join("registry.example:5000");
         fs::create_dir(&existing).unwrap();
-        for path in ["/abs/image.tar", "./image", "../x/y", "~/img", ".", ".."] {
+        for path in [".", "..", "/"] {
             assert_eq!(
                 image_source(path).unwrap(),
                 ImageSource::Path(path.into()),
                 "{path}"
             );
+        }
+        for missing in ["/no/image.tar", "./no-image", "../no/y", "~/no-img"] {
+            let err = image_source(missing).unwrap_err();
+            assert!(
+                err.to_string()
+                    .ends_with("is not an image: no such file or directory"),
+                "{missing}: {err}"
+            );
+            assert!(err.is_input_error());
         }
         let existing = existing.to_str().unwrap();
         assert_eq!(
