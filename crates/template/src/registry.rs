@@ -612,7 +612,17 @@ impl<'a> Remote<'a> {
             &self.auth,
             MANIFEST_TYPES,
         ));
-        let (data, _) = fetched.map_err(|e| self.error(e, what))?;
+        let (data, _) = fetched.map_err(|e| match e {
+            // The body does not hash to the digest asked for or the one the registry
+            // announced.
+            OciDistributionError::DigestError(d) => self.corrupt(
+                what,
+                at.digest()
+                    .unwrap_or("the Docker-Content-Digest it announced"),
+                &d.to_string(),
+            ),
+            e => self.error(e, what),
+        })?;
         if data.len() as u64 > MAX_MANIFEST_BYTES {
             return Err(self.protocol(
                 what,
@@ -671,7 +681,7 @@ impl<'a> Remote<'a> {
                         // All bytes arrived and do not hash right: our own check below
                         // says so more precisely than the client's error.
                         Err(_) if done == size => break,
-                        Err(e) => return Err(Err(self_unreachable(reference, what, e))),
+                        Err(e) => return Err(Err(broken_transfer(reference, what, e))),
                     };
                     done += chunk.len() as u64;
                     if done > size {
@@ -775,12 +785,6 @@ impl<'a> Remote<'a> {
                     },
                 }
             }
-            OciDistributionError::DigestError(d) => RegistryError::Corrupt {
-                what: what.to_owned(),
-                registry,
-                expected: self.reference.digest().unwrap_or("?").to_owned(),
-                actual: d.to_string(),
-            },
             OciDistributionError::RequestError(e) if e.is_connect() || e.is_timeout() => {
                 RegistryError::Unreachable {
                     registry,
@@ -798,7 +802,7 @@ impl<'a> Remote<'a> {
 }
 
 /// A transfer broken off in the middle.
-fn self_unreachable(reference: &Reference, what: &str, e: io::Error) -> ImageError {
+fn broken_transfer(reference: &Reference, what: &str, e: io::Error) -> ImageError {
     ImageError::Registry(RegistryError::Unreachable {
         registry: reference.resolve_registry().to_owned(),
         reason: format!("the transfer of {what} broke off: {}", root_cause(&e)),
