@@ -10,6 +10,7 @@ use cubicle_template::{
     RunOverrides, SandboxDefaults, Template, TemplateMeta, TemplateStore,
 };
 
+use super::layer_bars::LayerBars;
 use crate::args::{TplBuildArgs, TplCommand, TplCreateFromImageArgs};
 
 /// Runs one `tpl` subcommand.
@@ -248,10 +249,12 @@ fn row(store: &TemplateStore, t: &Template) -> [String; 7] {
 
 /// Prints build progress on stderr: steps as `[2/6] title`, output lines indented.
 /// Unless verbose, runs of debootstrap lines of the same kind (`I: Retrieving ...`
-/// for a hundred packages) are shown as their first line and a count.
+/// for a hundred packages) are shown as their first line and a count. Layer downloads
+/// get a progress bar on a terminal ([`LayerBars`]).
 #[derive(Debug)]
 struct Progress {
     verbose: bool,
+    bars: LayerBars,
     /// The `I:` verb of the current run of lines, e.g. "Retrieving".
     run: Option<String>,
     /// Lines of the current run not shown.
@@ -264,6 +267,7 @@ impl Progress {
     fn new(verbose: bool) -> Self {
         Progress {
             verbose,
+            bars: LayerBars::for_stderr(),
             run: None,
             hidden: 0,
             last_hidden: String::new(),
@@ -271,6 +275,9 @@ impl Progress {
     }
 
     fn event(&mut self, event: BuildEvent) {
+        if !matches!(event, BuildEvent::LayerProgress { .. }) {
+            self.bars.clear();
+        }
         match event {
             BuildEvent::Step {
                 index,
@@ -284,6 +291,14 @@ impl Progress {
                 self.flush();
                 eprintln!("== {}", phase.as_str());
             }
+            BuildEvent::LayerProgress {
+                index,
+                count,
+                digest,
+                done,
+                total,
+                cached,
+            } => self.bars.update(index, count, &digest, done, total, cached),
             BuildEvent::Log(line) if self.verbose => eprintln!("    {line}"),
             BuildEvent::Log(line) => {
                 let verb = info_verb(&line);
