@@ -8,6 +8,8 @@
 
 #![allow(dead_code)]
 
+pub mod image;
+
 use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
