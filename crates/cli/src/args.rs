@@ -657,6 +657,10 @@ pub struct BenchNsCreateArgs {
     /// Peers to measure in the same run: crun, runc, bwrap, runsc (repeatable).
     #[arg(long = "peer", value_name = "PEER")]
     pub peers: Vec<String>,
+    /// Give each Cubicle sandbox a writable layer of this size (its own filesystem),
+    /// to measure what the limit costs.
+    #[arg(long, value_parser = parse_layer_size, value_name = "SIZE")]
+    pub writable_layer_size: Option<u64>,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,

@@ -205,6 +205,15 @@ pub struct NsRuntime {
     cgroups: Box<dyn CgroupManager>,
     live: Mutex<HashMap<SandboxId, Live>>,
     zygotes: std::sync::Arc<zygote::ZygotePool>,
+    /// Ready-made and retiring filesystems of limited writable layers.
+    layers: std::sync::Arc<quota::LayerPool>,
+}
+
+impl Drop for NsRuntime {
+    /// Ready layers are mounts: they go with the runtime.
+    fn drop(&mut self) {
+        self.layers.drain();
+    }
 }
 
 /// Paths of one sandbox on the host.
@@ -312,11 +321,13 @@ impl NsRuntime {
             config.data_dir.clone(),
             config.agent_bin.clone(),
         ));
+        let layers = std::sync::Arc::new(quota::LayerPool::new(config.data_dir.clone()));
         Ok(NsRuntime {
             config,
             cgroups,
             live: Mutex::new(HashMap::new()),
             zygotes,
+            layers,
         })
     }
 
@@ -333,6 +344,13 @@ impl NsRuntime {
     /// Names of sandbox cgroups that exist (for leak checks).
     pub fn cgroup_names(&self) -> Result<Vec<String>, RuntimeError> {
         Ok(self.cgroups.list()?)
+    }
+
+    /// Removes the ready-made layer filesystems of limited sandboxes (mounts) and waits
+    /// for layers being made or removed in the background; also done when the runtime is
+    /// dropped. Later limited creates still work, each making its own layer.
+    pub fn drain_layer_pool(&self) {
+        self.layers.drain();
     }
 
     /// Bytes in use and total bytes of the writable layer of a sandbox with a limit
@@ -383,7 +401,7 @@ impl NsRuntime {
             None => create_sandbox_owned_dir(&paths.upper, 0o755, spec.uid_shift),
             Some(mib) => {
                 let layer = quota::LayerFs::of(&paths.dir);
-                layer.create(&self.config.data_dir, mib, spec.uid_shift)?;
+                self.layers.provide(&layer, mib, spec.uid_shift)?;
                 paths.upper = layer.upper();
                 paths.work = layer.work();
                 Ok(())
@@ -609,7 +627,7 @@ impl NsRuntime {
         self.remove_cgroup(id).await?;
         let layer = quota::LayerFs::of(&paths.dir);
         if layer.exists() {
-            layer.remove();
+            self.layers.discard(&layer);
         }
         match std::fs::remove_dir_all(&paths.dir) {
             Ok(()) => Ok(()),
@@ -904,6 +922,9 @@ impl NsRuntime {
         paths: SandboxPaths,
         outcome: Result<(i32, OwnedFd), (RuntimeError, Option<OwnedFd>)>,
     ) -> Result<SandboxInfo, RuntimeError> {
+        if let Some(mib) = spec.writable_layer_mib {
+            self.layers.top_up(mib, spec.uid_shift);
+        }
         match outcome {
             Ok((pid, pidfd)) => {
                 self.live
