@@ -15,7 +15,9 @@
 //!
 //! **Destroy**: SIGKILL to the sandbox's pid 1 (the kernel then kills every process of
 //! its pid namespace), reap, remove the cgroup and the directory. All mounts live only in
-//! the sandbox's mount namespace, so they vanish with it; nothing is mounted on the host.
+//! the sandbox's mount namespace, so they vanish with it; the one exception is the
+//! writable layer of a sandbox with a size limit, a filesystem of its own mounted under
+//! its directory ([`quota`]), which the destroy unmounts.
 
 pub mod cgroup;
 pub mod checkpoint;
