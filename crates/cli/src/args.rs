@@ -657,6 +657,10 @@ pub struct BenchNsCreateArgs {
     /// Peers to measure in the same run: crun, runc, bwrap, runsc (repeatable).
     #[arg(long = "peer", value_name = "PEER")]
     pub peers: Vec<String>,
+    /// Give each Cubicle sandbox a writable layer of this size (its own filesystem),
+    /// to measure what the limit costs.
+    #[arg(long, value_parser = parse_layer_size, value_name = "SIZE")]
+    pub writable_layer_size: Option<u64>,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -739,7 +743,7 @@ pub struct TplCreateFromImageArgs {
     pub registry_password: Option<String>,
     /// Size limit of each sandbox's writable layer, e.g. `1G` or `512M`: writes past it
     /// fail with ENOSPC inside the sandbox.
-    #[arg(long, value_parser = parse_size_mib, value_name = "SIZE")]
+    #[arg(long, value_parser = parse_layer_size, value_name = "SIZE")]
     pub writable_layer_size: Option<u64>,
     /// A TCP port the image's service listens on (repeatable); reachable as
     /// `{port}-{sandbox id}.{domain}` through the daemon.
@@ -807,6 +811,20 @@ pub fn parse_size_mib(s: &str) -> Result<u64, String> {
     Ok(mib as u64)
 }
 
+/// `--writable-layer-size`: a size ([`parse_size_mib`]) in the range a writable layer
+/// may have (16 MiB to 16 TiB).
+pub fn parse_layer_size(s: &str) -> Result<u64, String> {
+    let mib = parse_size_mib(s)?;
+    let (min, max) = cubicle_core::Limits::WRITABLE_LAYER_MIB;
+    if !(min..=max).contains(&mib) {
+        return Err(format!(
+            "'{s}' is out of range for a writable layer: {min}M to {}T",
+            max >> 20
+        ));
+    }
+    Ok(mib)
+}
+
 /// `K=V` → `(K, V)`.
 fn parse_env(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {
@@ -854,6 +872,20 @@ mod tests {
         for bad in ["", "G", "1K", "-1G", "0", "abc", "1e40"] {
             assert!(parse_size_mib(bad).is_err(), "{bad:?} was accepted");
         }
+    }
+
+    #[test]
+    fn writable_layer_sizes_have_a_floor() {
+        assert_eq!(parse_layer_size("64M"), Ok(64));
+        assert_eq!(parse_layer_size("1G"), Ok(1024));
+        let small = parse_layer_size("1M").unwrap_err();
+        assert!(
+            small.contains("out of range for a writable layer: 16M"),
+            "{small}"
+        );
+        assert!(parse_layer_size("1.2.3M")
+            .unwrap_err()
+            .contains("is not a size"));
     }
 
     #[test]

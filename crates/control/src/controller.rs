@@ -442,6 +442,8 @@ impl Controller {
             cpu_count: limits.cpu_count,
             memory_mb: limits.memory_mb,
             metadata: BTreeMap::new(),
+            // The template's `--writable-layer-size`, enforced by the runtime.
+            writable_layer_mib: template.meta.sandbox.writable_layer_mib,
         };
         let launch = Launch {
             // The template's own name, whatever the request called it; the name asked
@@ -489,12 +491,14 @@ impl Controller {
             end_reason: None,
             cpu_count: limits.cpu_count,
             memory_mb: limits.memory_mb,
-            disk_mb: self.config.disk_mb,
+            // A limited writable layer is the sandbox's disk.
+            disk_mb: from.writable_layer_mib.unwrap_or(self.config.disk_mb),
             metadata: launch.metadata,
             env_vars: launch.env_vars.clone(),
             envd_access_token: token.clone(),
             allow_internet_access: launch.allow_internet_access,
             auto_pause: launch.auto_pause,
+            writable_layer_mib: from.writable_layer_mib,
         };
         self.store.insert_sandbox(&record)?;
         let spec = self.spec_for(&record, from);
@@ -546,6 +550,7 @@ impl Controller {
                 memory_mb: record.memory_mb,
                 ..self.config.limits
             },
+            writable_layer_mib: record.writable_layer_mib,
             agent: AgentConfig {
                 sandbox_id: record.id.to_string(),
                 env_vars: record.env_vars.clone(),

@@ -47,6 +47,15 @@ impl Limits {
     /// Accepted task counts.
     pub const PIDS: (u64, u64) = (16, 4_194_304);
 
+    /// Accepted writable-layer limits in MiB (`--writable-layer-size`): 16 MiB (a
+    /// sandbox's init writes a few files into its layer; less is a typo) to 16 TiB.
+    pub const WRITABLE_LAYER_MIB: (u64, u64) = (16, 16 << 20);
+
+    /// Checks a writable-layer limit in MiB against [`Limits::WRITABLE_LAYER_MIB`].
+    pub fn check_writable_layer_mib(mib: u64) -> Result<(), LimitsError> {
+        check("writableLayerMiB", mib, Self::WRITABLE_LAYER_MIB)
+    }
+
     /// Checks every field against its range.
     pub fn validate(&self) -> Result<(), LimitsError> {
         check("cpuCount", self.cpu_count.into(), Self::CPU)?;
@@ -84,6 +93,15 @@ mod tests {
         assert_eq!((l.cpu_count, l.memory_mb, l.pids), (2, 2048, 1024));
         l.validate().unwrap();
         assert_eq!(l.memory_bytes(), 2 << 30);
+    }
+
+    #[test]
+    fn writable_layer_limits_have_a_floor() {
+        Limits::check_writable_layer_mib(16).unwrap();
+        Limits::check_writable_layer_mib(1024).unwrap();
+        let err = Limits::check_writable_layer_mib(1).unwrap_err();
+        assert_eq!(err.field, "writableLayerMiB");
+        assert!(Limits::check_writable_layer_mib(u64::MAX).is_err());
     }
 
     #[test]

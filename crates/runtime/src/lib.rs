@@ -32,6 +32,9 @@ pub struct SandboxSpec {
     pub uid_shift: u32,
     /// Resource limits.
     pub limits: Limits,
+    /// Size limit of the sandbox's writable layer in MiB (`--writable-layer-size`):
+    /// writes beyond it fail with ENOSPC inside. `None`: no limit but the host's disk.
+    pub writable_layer_mib: Option<u64>,
     /// What the agent inside needs (env vars, default user, access token).
     pub agent: AgentConfig,
 }
@@ -141,6 +144,9 @@ pub enum RuntimeError {
         /// Why.
         message: String,
     },
+    /// The writable-layer quota could not be set up (or its size is out of range).
+    #[error(transparent)]
+    Quota(#[from] ns::quota::QuotaError),
     /// The agent did not report readiness in time.
     #[error("agent not ready after {0:?}")]
     ReadyTimeout(Duration),
@@ -170,6 +176,9 @@ impl RuntimeError {
             | RuntimeError::ReadyTimeout(_)
             | RuntimeError::Unsupported(_) => ErrorKind::Unavailable,
             RuntimeError::Cgroup(e) => e.kind(),
+            RuntimeError::Quota(ns::quota::QuotaError::Limit(_)) => ErrorKind::InvalidInput,
+            RuntimeError::Quota(ns::quota::QuotaError::Format { .. }) => ErrorKind::Unavailable,
+            RuntimeError::Quota(ns::quota::QuotaError::Io { .. }) => ErrorKind::Internal,
             RuntimeError::Io { .. }
             | RuntimeError::Spawn { .. }
             | RuntimeError::Init { .. }

@@ -3,7 +3,8 @@
 //! per-sandbox event log. This is the only crate that speaks SQL; everything else goes
 //! through [`Store`].
 //!
-//! # Schema (version 2: `migrations/0001_init.sql`, `0002_snapshots.sql`)
+//! # Schema (version 3: `migrations/0001_init.sql`, `0002_snapshots.sql`,
+//! `0003_writable_layer.sql`)
 //!
 //! ```text
 //! api_keys          id INTEGER PK AUTOINCREMENT, name UNIQUE, key_hash BLOB(32) UNIQUE,
@@ -11,7 +12,8 @@
 //! sandboxes         id TEXT PK, owner INTEGER, template, alias NULL, state CHECK(..),
 //!                   created_at_ms, started_at_ms NULL, end_at_ms, ended_at_ms NULL,
 //!                   end_reason NULL, cpu_count, memory_mb, disk_mb, env_vars (JSON),
-//!                   envd_access_token NULL, allow_internet_access, auto_pause
+//!                   envd_access_token NULL, allow_internet_access, auto_pause,
+//!                   writable_layer_mib NULL
 //!   index sandboxes_live_by_owner (owner, created_at_ms, id) WHERE state <> 'killed'
 //!   index sandboxes_live          (created_at_ms, id)        WHERE state <> 'killed'
 //!   index sandboxes_by_owner      (owner, created_at_ms, id)  listings incl. killed
@@ -25,7 +27,8 @@
 //! snapshots         key TEXT PK, id, owner, sandbox_id, name NULL, state CHECK(creating,
 //!                   ready), created_at_ms, size_bytes, template, layers (JSON), uid_shift,
 //!                   env_vars (JSON), default_user, code_interpreter, cpu_count,
-//!                   memory_mb, metadata (JSON), UNIQUE (owner, id)
+//!                   memory_mb, metadata (JSON), writable_layer_mib NULL,
+//!                   UNIQUE (owner, id)
 //!   index snapshots_by_owner   (owner, created_at_ms, key)
 //!   index snapshots_by_sandbox (sandbox_id)
 //! ```
@@ -123,6 +126,7 @@ pub use snapshots::{SnapshotPage, SnapshotQuery, SnapshotRecord, SnapshotState};
 pub const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/0001_init.sql"),
     include_str!("../migrations/0002_snapshots.sql"),
+    include_str!("../migrations/0003_writable_layer.sql"),
 ];
 
 /// The schema version this build writes (the number of migrations).

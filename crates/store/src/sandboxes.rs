@@ -51,6 +51,8 @@ pub struct SandboxRecord {
     pub allow_internet_access: bool,
     /// Whether the timeout pauses instead of killing.
     pub auto_pause: bool,
+    /// Size limit of its writable layer in MiB; `None`: no limit.
+    pub writable_layer_mib: Option<u64>,
 }
 
 /// Redacts the access token and the environment's values, which may be secrets.
@@ -78,6 +80,7 @@ impl fmt::Debug for SandboxRecord {
             )
             .field("allow_internet_access", &self.allow_internet_access)
             .field("auto_pause", &self.auto_pause)
+            .field("writable_layer_mib", &self.writable_layer_mib)
             .finish()
     }
 }
@@ -173,7 +176,7 @@ const SANDBOX_SELECT: &str = "SELECT s.id, s.owner, s.template, s.alias, s.state
      s.cpu_count, s.memory_mb, s.disk_mb, s.env_vars, s.envd_access_token, \
      s.allow_internet_access, s.auto_pause, \
      (SELECT json_group_object(m.key, m.value) FROM sandbox_metadata m \
-      WHERE m.sandbox_id = s.id) \
+      WHERE m.sandbox_id = s.id), s.writable_layer_mib \
      FROM sandboxes s";
 
 fn corrupt(id: &str, what: &str, e: impl fmt::Display) -> StoreError {
@@ -199,6 +202,11 @@ fn record_from_row(row: &Row<'_>) -> Result<SandboxRecord, StoreError> {
     let env_vars = serde_json::from_str(&env_vars).map_err(|e| corrupt(&raw_id, "env_vars", e))?;
     let metadata: String = row.get(17)?;
     let metadata = serde_json::from_str(&metadata).map_err(|e| corrupt(&raw_id, "metadata", e))?;
+    let writable_layer_mib = row
+        .get::<_, Option<i64>>(18)?
+        .map(u64::try_from)
+        .transpose()
+        .map_err(|e| corrupt(&raw_id, "writable_layer_mib", e))?;
     Ok(SandboxRecord {
         id,
         owner: row.get(1)?,
@@ -218,6 +226,7 @@ fn record_from_row(row: &Row<'_>) -> Result<SandboxRecord, StoreError> {
         envd_access_token: row.get(14)?,
         allow_internet_access: row.get(15)?,
         auto_pause: row.get(16)?,
+        writable_layer_mib,
     })
 }
 
@@ -378,6 +387,10 @@ impl Store {
         }
         let memory_mb = to_i64("memory_mb", r.memory_mb)?;
         let disk_mb = to_i64("disk_mb", r.disk_mb)?;
+        let writable_layer_mib = r
+            .writable_layer_mib
+            .map(|v| to_i64("writable_layer_mib", v))
+            .transpose()?;
         let env_vars = serde_json::to_string(&r.env_vars)
             .map_err(|e| StoreError::InvalidInput(format!("env_vars: {e}")))?;
         let mut conn = self.lock();
@@ -386,9 +399,10 @@ impl Store {
             .prepare_cached(
                 "INSERT INTO sandboxes (id, owner, template, alias, state, created_at_ms, \
                  started_at_ms, end_at_ms, ended_at_ms, end_reason, cpu_count, memory_mb, \
-                 disk_mb, env_vars, envd_access_token, allow_internet_access, auto_pause) \
+                 disk_mb, env_vars, envd_access_token, allow_internet_access, auto_pause, \
+                 writable_layer_mib) \
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, \
-                 ?16, ?17)",
+                 ?16, ?17, ?18)",
             )?
             .execute(params![
                 r.id.as_str(),
@@ -408,6 +422,7 @@ impl Store {
                 r.envd_access_token,
                 r.allow_internet_access,
                 r.auto_pause,
+                writable_layer_mib,
             ]);
         match inserted {
             Ok(_) => {}
@@ -643,6 +658,7 @@ mod tests {
             envd_access_token: None,
             allow_internet_access: true,
             auto_pause: false,
+            writable_layer_mib: None,
         }
     }
 
@@ -697,6 +713,7 @@ mod tests {
         r.cpu_count = u32::MAX;
         r.auto_pause = true;
         r.allow_internet_access = false;
+        r.writable_layer_mib = Some(64);
         store.insert_sandbox(&r).unwrap();
         assert_eq!(store.get_sandbox(&r.id).unwrap(), Some(r.clone()));
         assert_eq!(store.get_sandbox(&sid("nope")).unwrap(), None);

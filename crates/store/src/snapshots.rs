@@ -78,6 +78,8 @@ pub struct SnapshotRecord {
     pub memory_mb: u64,
     /// The source's metadata.
     pub metadata: BTreeMap<String, String>,
+    /// The source's writable-layer limit in MiB (what is restored from it keeps it).
+    pub writable_layer_mib: Option<u64>,
 }
 
 /// Redacts the environment's values, which may be secrets.
@@ -101,6 +103,7 @@ impl fmt::Debug for SnapshotRecord {
             .field("cpu_count", &self.cpu_count)
             .field("memory_mb", &self.memory_mb)
             .field("metadata", &self.metadata)
+            .field("writable_layer_mib", &self.writable_layer_mib)
             .finish()
     }
 }
@@ -131,7 +134,7 @@ pub struct SnapshotPage {
 
 const SELECT: &str = "SELECT key, id, owner, sandbox_id, name, state, created_at_ms, \
      size_bytes, template, layers, uid_shift, env_vars, default_user, code_interpreter, \
-     cpu_count, memory_mb, metadata FROM snapshots";
+     cpu_count, memory_mb, metadata, writable_layer_mib FROM snapshots";
 
 fn corrupt(key: &str, what: &str, e: impl fmt::Display) -> StoreError {
     StoreError::Corrupt(format!("snapshot {key:?}: {what}: {e}"))
@@ -175,6 +178,11 @@ fn from_row(row: &Row<'_>) -> Result<SnapshotRecord, StoreError> {
             .map_err(|e| corrupt(&key, "cpu_count", e))?,
         memory_mb: int(15, "memory_mb")?,
         metadata,
+        writable_layer_mib: row
+            .get::<_, Option<i64>>(17)?
+            .map(u64::try_from)
+            .transpose()
+            .map_err(|e| corrupt(&key, "writable_layer_mib", e))?,
         key,
     })
 }
@@ -235,8 +243,9 @@ impl Store {
             .prepare_cached(
                 "INSERT INTO snapshots (key, id, owner, sandbox_id, name, state, created_at_ms, \
                  size_bytes, template, layers, uid_shift, env_vars, default_user, \
-                 code_interpreter, cpu_count, memory_mb, metadata) VALUES (?1, ?2, ?3, ?4, ?5, \
-                 ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
+                 code_interpreter, cpu_count, memory_mb, metadata, writable_layer_mib) VALUES \
+                 (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, \
+                 ?18)",
             )?
             .execute(params![
                 r.key,
@@ -256,6 +265,9 @@ impl Store {
                 r.cpu_count,
                 to_i64("memory_mb", r.memory_mb)?,
                 metadata,
+                r.writable_layer_mib
+                    .map(|v| to_i64("writable_layer_mib", v))
+                    .transpose()?,
             ]);
         match inserted {
             Ok(_) => Ok(()),
@@ -406,6 +418,7 @@ mod tests {
             cpu_count: 2,
             memory_mb: 512,
             metadata: BTreeMap::from([("k".to_owned(), "v".to_owned())]),
+            writable_layer_mib: Some(64),
         }
     }
 

@@ -71,6 +71,10 @@ pub enum TemplateError {
     #[error(transparent)]
     InvalidName(#[from] cubicle_core::IdError),
 
+    /// A sandbox default asked for is out of range (e.g. the writable-layer size).
+    #[error("invalid sandbox default: {0}")]
+    InvalidDefaults(cubicle_core::LimitsError),
+
     /// Building needs root (debootstrap, chroot, chown of foreign uids).
     #[error(
         "building templates requires root, but this process runs as uid {uid}; run it with sudo"
@@ -186,6 +190,7 @@ impl TemplateError {
             | TemplateError::BrokenParent { .. } => ErrorKind::NotFound,
             TemplateError::UnknownRecipe { .. }
             | TemplateError::InvalidName(_)
+            | TemplateError::InvalidDefaults(_)
             | TemplateError::InvalidMirror { .. } => ErrorKind::InvalidInput,
             TemplateError::NotRoot { .. }
             | TemplateError::MissingTool { .. }

@@ -91,6 +91,10 @@ pub fn build_from_image(
             reason: "is the name of a built-in template".into(),
         });
     }
+    if let Some(mib) = request.defaults.writable_layer_mib {
+        cubicle_core::Limits::check_writable_layer_mib(mib)
+            .map_err(TemplateError::InvalidDefaults)?;
+    }
     // Checked again under the store lock; this is to fail before reading the image.
     if store.data_dir().template(name).exists() {
         return Err(TemplateError::Exists {
@@ -191,7 +195,8 @@ pub fn build_from_image(
             aliases: Vec::new(),
             code_interpreter: false,
             image: Some(info),
-            sandbox: Default::default(),
+            // What sandboxes of it get by default (the writable-layer limit among them).
+            sandbox: request.defaults.clone(),
         })
     })
 }
@@ -245,5 +250,20 @@ mod tests {
             err.to_string(),
             "template 'mine' exists already; remove it first with `cubicle tpl rm mine`"
         );
+    }
+
+    #[test]
+    fn a_writable_layer_too_small_is_refused_before_anything_is_read() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = TemplateStore::new(DataDir::new(tmp.path()));
+        let mut request = ImageBuildRequest {
+            image: tmp.path().join("no-such-image").display().to_string(),
+            ..Default::default()
+        };
+        request.defaults.writable_layer_mib = Some(1);
+        let err = build_from_image(&store, &request, &"tiny".parse().unwrap(), 0, &mut |_| {})
+            .unwrap_err();
+        assert_eq!(err.kind(), cubicle_core::ErrorKind::InvalidInput);
+        assert!(err.to_string().contains("writableLayerMiB = 1"), "{err}");
     }
 }

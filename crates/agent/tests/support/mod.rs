@@ -92,6 +92,7 @@ impl TestEnv {
             layers: self.layers.clone(),
             uid_shift: self.uid_shift,
             limits: Limits::default(),
+            writable_layer_mib: None,
         }
     }
 

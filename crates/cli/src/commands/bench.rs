@@ -1088,6 +1088,7 @@ async fn ns_create(
             layers: layers.clone(),
             uid_shift: template.meta.uid_shift,
             limits: Limits::default(),
+            writable_layer_mib: args.writable_layer_size,
         }
     };
     let progress = |i: usize, n: usize| {

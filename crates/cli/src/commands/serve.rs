@@ -56,6 +56,7 @@ pub async fn run(
         hibernate_below_mib: (args.hibernate_below_mib > 0).then_some(args.hibernate_below_mib),
         ..ControlConfig::default()
     };
+    let ns = runtime.clone();
     let controller = Controller::start(config, runtime, store, TemplateStore::new(data.clone()))
         .await
         .context("starting the control plane")?;
@@ -87,6 +88,8 @@ pub async fn run(
             tracing::warn!(grace = ?SHUTDOWN_GRACE, "requests still open after the grace period; stopping anyway");
         }
     }
+    // Ready-made writable layers are mounts; sandboxes' own layers stay with them.
+    ns.drain_layer_pool();
     tracing::info!("stopped; sandboxes keep running and are adopted by the next start");
     Ok(ExitCode::SUCCESS)
 }

@@ -190,6 +190,11 @@ impl Daemon {
 impl Drop for Daemon {
     fn drop(&mut self) {
         self.stop();
+        // A daemon that did not stop cleanly leaves ready-made writable layers mounted;
+        // a new pool removes those of dead processes.
+        drop(cubicle_runtime::ns::quota::LayerPool::new(DataDir::new(
+            self.dir.path(),
+        )));
         let left = self.sandbox_dirs();
         if left.is_empty() {
             return;

@@ -77,6 +77,8 @@ impl Controller {
                 memory_mb: record.memory_mb,
                 ..self.config.limits
             },
+            // It wakes with the limit it was created with.
+            writable_layer_mib: record.writable_layer_mib,
             agent: AgentConfig {
                 sandbox_id: id.to_string(),
                 env_vars: record.env_vars.clone(),

@@ -166,6 +166,7 @@ impl Controller {
             cpu_count: record.cpu_count,
             memory_mb: record.memory_mb,
             metadata: record.metadata.clone(),
+            writable_layer_mib: record.writable_layer_mib,
         })
     }
 

@@ -15,12 +15,15 @@
 //!
 //! **Destroy**: SIGKILL to the sandbox's pid 1 (the kernel then kills every process of
 //! its pid namespace), reap, remove the cgroup and the directory. All mounts live only in
-//! the sandbox's mount namespace, so they vanish with it; nothing is mounted on the host.
+//! the sandbox's mount namespace, so they vanish with it; the one exception is the
+//! writable layer of a sandbox with a size limit, a filesystem of its own mounted under
+//! its directory ([`quota`]), which the destroy unmounts.
 
 pub mod cgroup;
 pub mod checkpoint;
 pub mod init;
 pub mod message;
+pub mod quota;
 pub mod security;
 mod sys;
 mod tree_copy;
@@ -141,14 +144,14 @@ fn create_sandbox_owned_dir(dir: &Path, mode: u32, shift: u32) -> Result<(), Run
     std::os::unix::fs::chown(dir, Some(shift), Some(shift)).map_err(io_error("chown", dir))
 }
 
-/// The overlay's work directory, the root's mount point and the run directory, owned
-/// by the sandbox's root (host uid `shift`), and the agent binary's mount point.
+/// The overlay's work directory (unless it is on the sandbox's own layer filesystem,
+/// made with it), the root's mount point and the run directory, owned by the sandbox's root
+/// (host uid `shift`), and the agent binary's mount point.
 fn create_mount_dirs(paths: &SandboxPaths, shift: u32) -> Result<(), RuntimeError> {
-    for (dir, mode) in [
-        (&paths.work, 0o700),
-        (&paths.merged, 0o755),
-        (&paths.run, 0o700),
-    ] {
+    if !paths.has_own_layer_fs() {
+        create_sandbox_owned_dir(&paths.work, 0o700, shift)?;
+    }
+    for (dir, mode) in [(&paths.merged, 0o755), (&paths.run, 0o700)] {
         create_sandbox_owned_dir(dir, mode, shift)?;
     }
     std::fs::File::create(&paths.agent_mount_point)
@@ -204,13 +207,25 @@ pub struct NsRuntime {
     cgroups: Box<dyn CgroupManager>,
     live: Mutex<HashMap<SandboxId, Live>>,
     zygotes: std::sync::Arc<zygote::ZygotePool>,
+    /// Ready-made and retiring filesystems of limited writable layers.
+    layers: std::sync::Arc<quota::LayerPool>,
+}
+
+impl Drop for NsRuntime {
+    /// Ready layers are mounts: they go with the runtime.
+    fn drop(&mut self) {
+        self.layers.drain();
+    }
 }
 
 /// Paths of one sandbox on the host.
 #[derive(Debug)]
 struct SandboxPaths {
     dir: PathBuf,
+    /// The writable layer: `dir/upper`, or, for a sandbox with a writable-layer limit,
+    /// `dir/layer/upper` on its own filesystem ([`quota`]).
     upper: PathBuf,
+    /// The overlay's work directory (next to `upper`).
     work: PathBuf,
     merged: PathBuf,
     run: PathBuf,
@@ -228,9 +243,14 @@ impl SandboxPaths {
     fn new(data: &DataDir, id: &SandboxId) -> Self {
         let dir = data.sandbox(id);
         let run = dir.join("run");
+        let layer = quota::LayerFs::of(&dir);
+        let (upper, work) = match layer.exists() {
+            true => (layer.upper(), layer.work()),
+            false => (dir.join("upper"), dir.join("work")),
+        };
         SandboxPaths {
-            upper: dir.join("upper"),
-            work: dir.join("work"),
+            upper,
+            work,
             merged: dir.join("rootfs"),
             agent_mount_point: run.join("cubicle-agent"),
             socket: run.join(AGENT_SOCKET_NAME),
@@ -240,6 +260,12 @@ impl SandboxPaths {
             run,
             dir,
         }
+    }
+
+    /// Whether the writable layer is on a filesystem of its own (a sandbox with a
+    /// limit, see [`quota`]).
+    fn has_own_layer_fs(&self) -> bool {
+        self.upper != self.dir.join("upper")
     }
 }
 
@@ -297,11 +323,13 @@ impl NsRuntime {
             config.data_dir.clone(),
             config.agent_bin.clone(),
         ));
+        let layers = std::sync::Arc::new(quota::LayerPool::new(config.data_dir.clone()));
         Ok(NsRuntime {
             config,
             cgroups,
             live: Mutex::new(HashMap::new()),
             zygotes,
+            layers,
         })
     }
 
@@ -320,7 +348,31 @@ impl NsRuntime {
         Ok(self.cgroups.list()?)
     }
 
-    fn prepare_dirs(&self, spec: &SandboxSpec, paths: &SandboxPaths) -> Result<(), RuntimeError> {
+    /// Removes the ready-made layer filesystems of limited sandboxes (mounts) and waits
+    /// for layers being made or removed in the background; also done when the runtime is
+    /// dropped. Later limited creates still work, each making its own layer.
+    pub fn drain_layer_pool(&self) {
+        self.layers.drain();
+    }
+
+    /// Bytes in use and total bytes of the writable layer of a sandbox with a limit
+    /// (its own filesystem, see [`quota`]); `None` for a sandbox without one.
+    pub fn layer_usage(&self, id: &SandboxId) -> Result<Option<(u64, u64)>, RuntimeError> {
+        let layer = quota::LayerFs::of(&self.config.data_dir.sandbox(id));
+        if !layer.exists() {
+            return Ok(None);
+        }
+        layer
+            .usage()
+            .map(Some)
+            .map_err(io_error("measure", &layer.mount))
+    }
+
+    fn prepare_dirs(
+        &self,
+        spec: &SandboxSpec,
+        paths: &mut SandboxPaths,
+    ) -> Result<(), RuntimeError> {
         match std::fs::DirBuilder::new().mode(0o711).create(&paths.dir) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
@@ -328,7 +380,7 @@ impl NsRuntime {
             }
             Err(e) => return Err(io_error("create", &paths.dir)(e)),
         }
-        create_sandbox_owned_dir(&paths.upper, 0o755, spec.uid_shift)?;
+        self.make_writable_layer(spec, paths)?;
         // The sandbox's /dev and /run start empty whatever the template has there (init
         // fills them): opaque directories of the writable layer, which a checkpoint
         // copies, unlike a tmpfs (see `init::SpecialDirs`).
@@ -340,6 +392,25 @@ impl NsRuntime {
         create_mount_dirs(paths, spec.uid_shift)
     }
 
+    /// The sandbox's (empty) writable layer: `upper/` in its directory, or, with a limit,
+    /// on a filesystem of its own of the limit's size.
+    fn make_writable_layer(
+        &self,
+        spec: &SandboxSpec,
+        paths: &mut SandboxPaths,
+    ) -> Result<(), RuntimeError> {
+        match spec.writable_layer_mib {
+            None => create_sandbox_owned_dir(&paths.upper, 0o755, spec.uid_shift),
+            Some(mib) => {
+                let layer = quota::LayerFs::of(&paths.dir);
+                self.layers.provide(&layer, mib, spec.uid_shift)?;
+                paths.upper = layer.upper();
+                paths.work = layer.work();
+                Ok(())
+            }
+        }
+    }
+
     /// Clones the sandbox's first process and drives it to `Ready`.
     async fn start(
         &self,
@@ -348,7 +419,9 @@ impl NsRuntime {
     ) -> Result<(i32, OwnedFd), (RuntimeError, Option<OwnedFd>)> {
         let (mut host, child) =
             StdUnixStream::pair().map_err(|e| (spawn_error("create the sync socket")(e), None))?;
-        let zygote = match spec.agent.code_interpreter {
+        // A template zygote's mount namespace is private: it does not see the mount of a
+        // limited sandbox's layer, so such a sandbox is cloned the ordinary way.
+        let zygote = match spec.agent.code_interpreter && !paths.has_own_layer_fs() {
             true => self.zygotes.get(&spec.layers).await,
             false => None,
         };
@@ -554,6 +627,10 @@ impl NsRuntime {
                 .map_err(io_error("wait for", &paths.dir))?;
         }
         self.remove_cgroup(id).await?;
+        let layer = quota::LayerFs::of(&paths.dir);
+        if layer.exists() {
+            self.layers.discard(&layer);
+        }
         match std::fs::remove_dir_all(&paths.dir) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
@@ -711,14 +788,15 @@ impl NsRuntime {
         &self,
         dir: &Path,
         spec: &SandboxSpec,
-        paths: &SandboxPaths,
+        paths: &mut SandboxPaths,
     ) -> Result<(i32, OwnedFd), (RuntimeError, Option<OwnedFd>)> {
         let shift = spec.uid_shift;
         let prepared = (|| {
             // The checkpoint's layer, never written, becomes the sandbox's base layer
-            // by hard links; the writable layer above it starts empty.
+            // by hard links; the writable layer above it starts empty (on a filesystem
+            // of the spec's limit, if it has one).
             checkpoint::link_tree(&dir.join("upper"), &paths.base)?;
-            create_sandbox_owned_dir(&paths.upper, 0o755, shift)?;
+            self.make_writable_layer(spec, paths)?;
             checkpoint::write_host_files(&paths.upper, spec.id.as_str(), shift)?;
             create_mount_dirs(paths, shift)?;
             let agent_log = dir.join("agent.log");
@@ -846,6 +924,9 @@ impl NsRuntime {
         paths: SandboxPaths,
         outcome: Result<(i32, OwnedFd), (RuntimeError, Option<OwnedFd>)>,
     ) -> Result<SandboxInfo, RuntimeError> {
+        if let Some(mib) = spec.writable_layer_mib {
+            self.layers.top_up(mib, spec.uid_shift);
+        }
         match outcome {
             Ok((pid, pidfd)) => {
                 self.live
@@ -916,8 +997,18 @@ impl Runtime for NsRuntime {
             });
         }
         check_layers(&spec.layers)?;
-        let paths = SandboxPaths::new(&self.config.data_dir, &spec.id);
-        self.prepare_dirs(&spec, &paths)?;
+        if let Some(mib) = spec.writable_layer_mib {
+            quota::check_limit(mib)?;
+        }
+        let mut paths = SandboxPaths::new(&self.config.data_dir, &spec.id);
+        if let Err(e) = self.prepare_dirs(&spec, &mut paths) {
+            // A half-made directory (and layer filesystem) goes; an existing sandbox stays.
+            if !matches!(e, RuntimeError::AlreadyExists(_)) {
+                quota::LayerFs::of(&paths.dir).remove();
+                let _ = std::fs::remove_dir_all(&paths.dir);
+            }
+            return Err(e);
+        }
         let started = match self.cgroups.create(spec.id.as_str(), &spec.limits) {
             Ok(()) => self.start(&spec, &paths).await,
             Err(e) => Err((e.into(), None)),
@@ -1020,7 +1111,10 @@ impl Runtime for NsRuntime {
                 message: "the checkpoint was taken on other template layers".into(),
             });
         }
-        let paths = SandboxPaths::new(&self.config.data_dir, &spec.id);
+        if let Some(mib) = spec.writable_layer_mib {
+            quota::check_limit(mib)?;
+        }
+        let mut paths = SandboxPaths::new(&self.config.data_dir, &spec.id);
         match std::fs::DirBuilder::new().mode(0o711).create(&paths.dir) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
@@ -1028,7 +1122,7 @@ impl Runtime for NsRuntime {
             }
             Err(e) => return Err(io_error("create", &paths.dir)(e)),
         }
-        let restored = self.restore_into(dir, &spec, &paths).await;
+        let restored = self.restore_into(dir, &spec, &mut paths).await;
         self.started(spec, paths, restored).await
     }
 
