@@ -18,6 +18,8 @@ use cubicle_core::DataDir;
 use cubicle_runtime::ns::{NsConfig, NsRuntime};
 use cubicle_runtime::Runtime;
 
+pub mod images;
+
 /// The `cubicle` binary under test.
 pub fn cubicle_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_cubicle"))
