@@ -69,7 +69,11 @@ impl BuildOutcome {
 }
 
 /// Progress of a build, for display.
+///
+/// Not exhaustive: consumers outside this crate show events they do not know as log
+/// lines, so new kinds of progress can be added without breaking them.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum BuildEvent {
     /// A new phase starts (`index` counts from 1 to `total`).
     Step {
@@ -127,6 +131,34 @@ impl BuildPhase {
     /// Whether the build has ended.
     pub fn is_final(self) -> bool {
         matches!(self, BuildPhase::Ready | BuildPhase::Failed)
+    }
+
+    /// Every phase, in order.
+    pub const ALL: [BuildPhase; 7] = [
+        BuildPhase::Queued,
+        BuildPhase::Pulling,
+        BuildPhase::Unpacking,
+        BuildPhase::Building,
+        BuildPhase::Snapshotting,
+        BuildPhase::Ready,
+        BuildPhase::Failed,
+    ];
+}
+
+impl std::str::FromStr for BuildPhase {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        BuildPhase::ALL
+            .into_iter()
+            .find(|p| p.as_str() == s)
+            .ok_or_else(|| format!("unknown build phase {s:?}"))
+    }
+}
+
+impl std::fmt::Display for BuildPhase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 
@@ -231,7 +263,14 @@ pub fn build(
     )
 }
 
+/// Reports step `index` of a recipe build (plain or layer), and the job phase it starts:
+/// installing packages (step 2) is `unpacking`, configuring (step 3) onwards `building`.
 pub(crate) fn step(on_event: &mut dyn FnMut(BuildEvent), index: usize, title: &str) {
+    match index {
+        2 => on_event(BuildEvent::Phase(BuildPhase::Unpacking)),
+        3 => on_event(BuildEvent::Phase(BuildPhase::Building)),
+        _ => {}
+    }
     tracing::info!("[{index}/{BUILD_STEPS}] {title}");
     on_event(BuildEvent::Step {
         index,

@@ -7,7 +7,7 @@ use std::time::Instant;
 use cubicle_core::TemplateName;
 use sha2::{Digest as _, Sha256};
 
-use crate::build::BuildEvent;
+use crate::build::{BuildEvent, BuildOutcome, BuildPhase};
 use crate::error::{IoContext, TemplateError};
 use crate::meta::{now_unix, rfc3339_utc, Template, TemplateMeta};
 use crate::oci::{prepare_userland, unpack_image};
@@ -19,12 +19,17 @@ use crate::store::{remove_tree, TemplateStore, ROOTFS_DIR};
 pub const IMAGE_RECIPE: &str = "image";
 
 /// What `cubicle tpl create-from-image` (or the API) asks to build.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+///
+/// Serializable so that a build job can record it (and a rebuild repeat it); the
+/// registry credentials are never serialized.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct ImageBuildRequest {
     /// The image: a path on disk (OCI layout directory, OCI archive, `docker save`
     /// archive).
     pub image: String,
-    /// Credentials for the registry, if it needs them.
+    /// Credentials for the registry, if it needs them (never serialized).
+    #[serde(skip)]
     pub registry_auth: Option<RegistryAuth>,
     /// What replaces the image config's run-time defaults.
     pub overrides: RunOverrides,
@@ -53,7 +58,8 @@ impl std::fmt::Debug for RegistryAuth {
 }
 
 /// Overrides of the image config (`--cmd`, `--arg`, `--env`, `--workdir`, `--user`).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct RunOverrides {
     /// Replaces the image's `Entrypoint` (and drops its `Cmd` unless `args` is given).
     pub cmd: Option<String>,
@@ -80,6 +86,21 @@ pub fn build_from_image(
     uid_shift: u32,
     on_event: &mut dyn FnMut(BuildEvent),
 ) -> Result<Template, TemplateError> {
+    build_image(store, request, name, uid_shift, false, on_event).map(|o| match o {
+        BuildOutcome::Built(t) | BuildOutcome::UpToDate(t) => t,
+    })
+}
+
+/// [`build_from_image`], or with `replace` a rebuild of the image template `name`: the
+/// new build replaces it atomically (a failed one leaves it as it was).
+pub(crate) fn build_image(
+    store: &TemplateStore,
+    request: &ImageBuildRequest,
+    name: &TemplateName,
+    uid_shift: u32,
+    replace: bool,
+    on_event: &mut dyn FnMut(BuildEvent),
+) -> Result<BuildOutcome, TemplateError> {
     if Recipe::builtin(name.as_str()).is_ok() {
         return Err(TemplateError::Exists {
             name: name.to_string(),
@@ -87,7 +108,7 @@ pub fn build_from_image(
         });
     }
     // Checked again under the store lock; this is to fail before reading the image.
-    if store.data_dir().template(name).exists() {
+    if !replace && store.data_dir().template(name).exists() {
         return Err(TemplateError::Exists {
             name: name.to_string(),
             reason: format!("exists already; remove it first with `cubicle tpl rm {name}`"),
@@ -112,7 +133,8 @@ pub fn build_from_image(
             .map(|b| format!("{b:02x}"))
             .collect::<String>()
     };
-    store.install_new(name, on_event, &mut |dir, on_event| {
+    let mut build = |dir: &Path, on_event: &mut dyn FnMut(BuildEvent)| {
+        on_event(BuildEvent::Phase(BuildPhase::Unpacking));
         step(on_event, 1, &format!("reading image {}", image.display()));
         let rootfs = dir.join(ROOTFS_DIR);
         std::fs::create_dir(&rootfs).ctx("create directory", &rootfs)?;
@@ -126,6 +148,7 @@ pub fn build_from_image(
             remove_tree(&scratch)?;
         }
         let info = info?;
+        on_event(BuildEvent::Phase(BuildPhase::Building));
         step(on_event, 2, "checking the userland");
         for line in prepare_userland(&rootfs)? {
             on_event(BuildEvent::Log(line));
@@ -148,9 +171,16 @@ pub fn build_from_image(
             aliases: Vec::new(),
             code_interpreter: false,
             image: Some(info),
-            sandbox: Default::default(),
+            sandbox: request.defaults.clone(),
         })
-    })
+    };
+    if replace {
+        store.install(name, &hash, uid_shift, true, on_event, &mut build)
+    } else {
+        store
+            .install_new(name, on_event, &mut build)
+            .map(BuildOutcome::Built)
+    }
 }
 
 /// How many [`BuildEvent::Step`]s an image build goes through.
