@@ -552,6 +552,9 @@ pub struct TemplateBuildInfo {
     logs: Vec<String>,
     #[serde(rename = "logEntries")]
     log_entries: Vec<Value>,
+    /// The `logsOffset` that asks for the lines after these (Cubicle's own field).
+    #[serde(rename = "nextLogsOffset")]
+    next_logs_offset: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     reason: Option<BuildReason>,
 }
@@ -569,7 +572,9 @@ impl TemplateBuildInfo {
             .take(limit.unwrap_or(usize::MAX))
             .collect();
         let failed = b.phase == "failed";
+        let next_logs_offset = first.max(offset).min(b.log_count) + lines.len() as u64;
         TemplateBuildInfo {
+            next_logs_offset,
             template_id: b.template.clone(),
             build_id: b.id.clone(),
             status: e2b_status(&b.phase),
