@@ -111,26 +111,43 @@ pub fn blob(layout: &Path, media_type: &str, data: &[u8]) -> serde_json::Value {
 
 /// Writes an OCI layout of the two layers (the first gzipped) for `arch`.
 pub fn write_layout(layout: &Path, base: &Path, arch: &str) {
-    let (l1, l2) = (userland_layer(base), marker_layer());
+    write_oci(
+        layout,
+        arch,
+        &[(userland_layer(base), true), (marker_layer(), false)],
+        json!({"Cmd": ["/bin/sh", "-c", "cat /marker"], "Env": ["A=1"], "WorkingDir": "/"}),
+    );
+}
+
+/// Writes an OCI layout of `layers` (tar bytes, and whether to gzip them) for
+/// linux/`arch`, with `config` as the image config's `config`.
+pub fn write_oci(layout: &Path, arch: &str, layers: &[(Vec<u8>, bool)], config: serde_json::Value) {
+    let diff_ids: Vec<String> = layers.iter().map(|(l, _)| sha(l)).collect();
     let config = json!({
         "architecture": arch,
         "os": "linux",
-        "config": {"Cmd": ["/bin/sh", "-c", "cat /marker"], "Env": ["A=1"], "WorkingDir": "/"},
-        "rootfs": {"type": "layers", "diff_ids": [sha(&l1), sha(&l2)]}
+        "config": config,
+        "rootfs": {"type": "layers", "diff_ids": diff_ids}
     });
     let config = blob(
         layout,
         "application/vnd.oci.image.config.v1+json",
         &serde_json::to_vec(&config).unwrap(),
     );
-    let layers = vec![
-        blob(
-            layout,
-            "application/vnd.oci.image.layer.v1.tar+gzip",
-            &gzip(&l1),
-        ),
-        blob(layout, "application/vnd.oci.image.layer.v1.tar", &l2),
-    ];
+    let layers: Vec<serde_json::Value> = layers
+        .iter()
+        .map(|(l, gz)| {
+            if *gz {
+                blob(
+                    layout,
+                    "application/vnd.oci.image.layer.v1.tar+gzip",
+                    &gzip(l),
+                )
+            } else {
+                blob(layout, "application/vnd.oci.image.layer.v1.tar", l)
+            }
+        })
+        .collect();
     let manifest = json!({
         "schemaVersion": 2,
         "mediaType": "application/vnd.oci.image.manifest.v1+json",
@@ -153,6 +170,30 @@ pub fn write_layout(layout: &Path, base: &Path, arch: &str) {
         serde_json::to_vec(&json!({"schemaVersion": 2, "manifests": [m]})).unwrap(),
     )
     .unwrap();
+}
+
+/// A layer holding one file of `mib` MiB (zeros) at `path`: slow to verify and unpack.
+pub fn big_layer(path: &str, mib: usize) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    file(&mut b, path, &vec![0u8; mib << 20], 0o644);
+    b.into_inner().unwrap()
+}
+
+/// Changes one byte of layer `index` (from 0) of the OCI layout, keeping its name (its
+/// digest) and size: the image is then corrupt.
+pub fn corrupt_layer(layout: &Path, index: usize) {
+    let read =
+        |p: &Path| -> serde_json::Value { serde_json::from_slice(&fs::read(p).unwrap()).unwrap() };
+    let blob_path = |digest: &str| layout.join("blobs/sha256").join(&digest[7..]);
+    let index_json = read(&layout.join("index.json"));
+    let manifest = read(&blob_path(
+        index_json["manifests"][0]["digest"].as_str().unwrap(),
+    ));
+    let layer = blob_path(manifest["layers"][index]["digest"].as_str().unwrap());
+    let mut data = fs::read(&layer).unwrap();
+    let middle = data.len() / 2;
+    data[middle] ^= 0xff;
+    fs::write(&layer, data).unwrap();
 }
 
 /// Writes a `docker save` tarball (classic format) of the same two layers.
