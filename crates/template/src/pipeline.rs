@@ -79,3 +79,75 @@ pub fn build_template(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::meta::TemplateMeta;
+    use cubicle_core::DataDir;
+
+    #[test]
+    fn only_image_templates_are_rebuilt_from_images() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = TemplateStore::new(DataDir::new(tmp.path()));
+        let dir = tmp.path().join("templates/mine");
+        std::fs::create_dir_all(dir.join("rootfs")).unwrap();
+        let meta = TemplateMeta {
+            format_version: 1,
+            recipe: "base".into(),
+            recipe_hash: "h".into(),
+            uid_shift: 0,
+            built_at: "2026-01-01T00:00:00Z".into(),
+            size_bytes: 1,
+            file_count: 1,
+            build_seconds: 0.1,
+            mirror: String::new(),
+            parent: None,
+            parent_built_at: None,
+            aliases: Vec::new(),
+            code_interpreter: false,
+            image: None,
+            sandbox: Default::default(),
+        };
+        std::fs::write(
+            dir.join("template.json"),
+            serde_json::to_vec(&meta).unwrap(),
+        )
+        .unwrap();
+        let source = TemplateSource::Image {
+            name: "mine".parse().unwrap(),
+            request: Box::new(ImageBuildRequest {
+                image: "/nowhere".into(),
+                ..Default::default()
+            }),
+        };
+        assert_eq!(source.kind(), "image");
+        assert_eq!(source.template_name().unwrap().as_str(), "mine");
+        let opts = BuildOptions {
+            rebuild: true,
+            ..BuildOptions::default()
+        };
+        let err = build_template(&store, &source, &opts, &mut |_| {}).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "template 'mine' was built from the recipe 'base', not from an image"
+        );
+        // Without rebuild, the name is taken.
+        let err =
+            build_template(&store, &source, &BuildOptions::default(), &mut |_| {}).unwrap_err();
+        assert!(err.to_string().contains("exists already"), "{err}");
+        let base = TemplateSource::Recipe(&crate::recipe::BASE);
+        assert_eq!(base.template_name().unwrap().as_str(), "base");
+        assert_eq!(base.kind(), "recipe");
+    }
+
+    #[test]
+    fn phases_parse_and_print() {
+        use crate::BuildPhase;
+        for p in BuildPhase::ALL {
+            assert_eq!(p.as_str().parse::<BuildPhase>().unwrap(), p);
+            assert_eq!(p.to_string(), p.as_str());
+        }
+        assert!("nope".parse::<BuildPhase>().is_err());
+    }
+}

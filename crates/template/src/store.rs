@@ -841,6 +841,32 @@ mod tests {
     }
 
     #[test]
+    fn leftovers_are_removed_at_start_unless_a_build_runs() {
+        let (_tmp, store) = store();
+        // No templates directory at all: nothing to do.
+        assert!(store.remove_leftovers().unwrap().is_empty());
+        put(&store, ".build-x-0123", None, true);
+        put(&store, ".old-y-4567", None, false);
+        put_meta(&store, "kept", &meta("k"));
+        // A build holds the lock: its directory is not touched.
+        let held = store.lock(&mut |_| {}).unwrap();
+        assert!(store.remove_leftovers().unwrap().is_empty());
+        assert!(store.dir().join(".build-x-0123").exists());
+        drop(held);
+        let mut removed = store.remove_leftovers().unwrap();
+        removed.sort();
+        assert_eq!(
+            removed,
+            [
+                store.dir().join(".build-x-0123"),
+                store.dir().join(".old-y-4567")
+            ]
+        );
+        assert!(leftovers(&store).is_empty());
+        assert!(store.get(&name("kept")).is_ok());
+    }
+
+    #[test]
     fn concurrent_builds_wait_for_the_lock() {
         let (_tmp, store) = store();
         let held = store.lock(&mut |_| {}).unwrap();

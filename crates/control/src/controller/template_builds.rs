@@ -623,6 +623,14 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_store_knows_every_phase() {
+        assert_eq!(
+            cubicle_store::BUILD_PHASES,
+            BuildPhase::ALL.map(BuildPhase::as_str)
+        );
+    }
+
+    #[test]
     fn uuids_and_lists() {
         let id = build_uuid();
         assert_eq!(id.len(), 36);
