@@ -679,8 +679,32 @@ async fn deleting_a_template_in_use_is_refused_and_says_what_uses_it() {
         .key(Method::DELETE, "/templates/code-interpreter-v1", "")
         .await;
     assert_eq!(s, StatusCode::CONFLICT);
+    // A snapshot of it needs its layer, even once the sandbox is gone.
+    let (s, snap) = api
+        .key(
+            Method::POST,
+            &format!("/sandboxes/{id}/snapshots"),
+            r#"{"name":"keep-ci"}"#,
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{snap}");
     let (s, _) = api
         .key(Method::DELETE, &format!("/sandboxes/{id}"), "")
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let (s, v) = api
+        .key(Method::DELETE, "/templates/code-interpreter", "")
+        .await;
+    assert_error(s, &v, StatusCode::CONFLICT);
+    assert!(
+        v["message"]
+            .as_str()
+            .unwrap()
+            .ends_with("it is in use: snapshots keep-ci:default"),
+        "{v}"
+    );
+    let (s, _) = api
+        .key(Method::DELETE, "/templates/keep-ci:default", "")
         .await;
     assert_eq!(s, StatusCode::NO_CONTENT);
     // By alias: the template itself goes.

@@ -448,6 +448,12 @@ fn a_daemon_killed_during_a_build_fails_the_job_and_leaves_nothing() {
     request.template_id = Some("jobs-killed".into());
     let started = block_on(api.build_image(&request)).unwrap();
     assert_eq!(started.phase, "queued");
+    // A second build waits for the first (one at a time).
+    let small = images.path().join("small");
+    write_layout(&small, &base, "amd64");
+    let mut second = cubicle_client::ImageBuild::new(small.to_str().unwrap());
+    second.template_id = Some("jobs-waiting".into());
+    let waiting = block_on(api.build_image(&second)).unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let status = block_on(api.build_status("jobs-killed", &started.build_id, 0)).unwrap();
@@ -461,6 +467,11 @@ fn a_daemon_killed_during_a_build_fails_the_job_and_leaves_nothing() {
         assert!(Instant::now() < deadline, "never unpacking: {status:?}");
         std::thread::sleep(Duration::from_millis(5));
     }
+    let queued = block_on(api.build_status("jobs-waiting", &waiting.build_id, 0)).unwrap();
+    assert_eq!(
+        (queued.phase.as_str(), queued.status.as_str()),
+        ("queued", "building")
+    );
     d.kill();
     let left = entries(templates.path());
     assert!(
@@ -482,4 +493,18 @@ fn a_daemon_killed_during_a_build_fails_the_job_and_leaves_nothing() {
     );
     let (s, _) = get(&d, "/templates/jobs-killed");
     assert_eq!(s, 404);
+    let queued = block_on(d.api().build_status("jobs-waiting", &waiting.build_id, 0)).unwrap();
+    assert_eq!(queued.phase, "failed");
+    assert_eq!(queued.reason.unwrap().message, cubicle_control::RESTARTED);
+    // The daemon builds again after the restart.
+    d.cli(&[
+        "tpl",
+        "create-from-image",
+        "--image",
+        small.to_str().unwrap(),
+        "--template-id",
+        "jobs-after",
+    ])
+    .ok();
+    assert_eq!(entries(templates.path()), ["jobs-after"]);
 }
