@@ -250,7 +250,7 @@ pub fn build(
                 built_at: rfc3339_utc(now_unix()),
                 size_bytes: stats.bytes,
                 file_count: stats.entries,
-                build_seconds: (started.elapsed().as_secs_f64() * 10.0).round() / 10.0,
+                build_seconds: build_seconds(started),
                 mirror: mirror.clone(),
                 parent: None,
                 parent_built_at: None,
@@ -271,12 +271,28 @@ pub(crate) fn step(on_event: &mut dyn FnMut(BuildEvent), index: usize, title: &s
         3 => on_event(BuildEvent::Phase(BuildPhase::Building)),
         _ => {}
     }
-    tracing::info!("[{index}/{BUILD_STEPS}] {title}");
+    report_step(on_event, index, BUILD_STEPS, title);
+}
+
+/// Reports step `index` of `total` of any build (recipe, layer or image): logged, and
+/// sent as a [`BuildEvent::Step`].
+pub(crate) fn report_step(
+    on_event: &mut dyn FnMut(BuildEvent),
+    index: usize,
+    total: usize,
+    title: &str,
+) {
+    tracing::info!("[{index}/{total}] {title}");
     on_event(BuildEvent::Step {
         index,
-        total: BUILD_STEPS,
+        total,
         title: title.to_owned(),
     });
+}
+
+/// A build's duration as recorded in `template.json`: seconds, to a tenth.
+pub(crate) fn build_seconds(started: Instant) -> f64 {
+    (started.elapsed().as_secs_f64() * 10.0).round() / 10.0
 }
 
 /// The programs a build runs, found on the host.

@@ -164,7 +164,7 @@ pub(crate) fn build_image(
             built_at: rfc3339_utc(now_unix()),
             size_bytes: stats.bytes,
             file_count: stats.entries,
-            build_seconds: (started.elapsed().as_secs_f64() * 10.0).round() / 10.0,
+            build_seconds: crate::build::build_seconds(started),
             mirror: String::new(),
             parent: None,
             parent_built_at: None,
@@ -187,12 +187,7 @@ pub(crate) fn build_image(
 pub const IMAGE_BUILD_STEPS: usize = 4;
 
 fn step(on_event: &mut dyn FnMut(BuildEvent), index: usize, title: &str) {
-    tracing::info!("[{index}/{IMAGE_BUILD_STEPS}] {title}");
-    on_event(BuildEvent::Step {
-        index,
-        total: IMAGE_BUILD_STEPS,
-        title: title.to_owned(),
-    });
+    crate::build::report_step(on_event, index, IMAGE_BUILD_STEPS, title);
 }
 
 #[cfg(test)]
