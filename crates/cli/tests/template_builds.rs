@@ -496,15 +496,34 @@ fn a_daemon_killed_during_a_build_fails_the_job_and_leaves_nothing() {
     let queued = block_on(d.api().build_status("jobs-waiting", &waiting.build_id, 0)).unwrap();
     assert_eq!(queued.phase, "failed");
     assert_eq!(queued.reason.unwrap().message, cubicle_control::RESTARTED);
-    // The daemon builds again after the restart.
-    d.cli(&[
+    // The daemon builds again after the restart (--json: the template's object).
+    let after = d.cli(&[
         "tpl",
         "create-from-image",
         "--image",
         small.to_str().unwrap(),
         "--template-id",
         "jobs-after",
-    ])
-    .ok();
+        "--json",
+    ]);
+    let v = after.json();
+    assert_eq!(v["templateID"], "jobs-after");
+    assert_eq!(v["builds"][0]["status"], "ready");
+    assert_eq!(v["meta"]["image"]["format"], "oci-layout");
     assert_eq!(entries(templates.path()), ["jobs-after"]);
+
+    // With no daemon answering, `tpl rm` changes the data dir itself.
+    d.stop();
+    let rm = d
+        .cli_env(
+            &["tpl", "rm", "jobs-after"],
+            &[("E2B_API_URL", &d.url), ("E2B_API_KEY", &d.key)],
+        )
+        .code(0);
+    assert!(
+        rm.stderr.contains("cannot reach the Cubicle API") && rm.stderr.contains("directly"),
+        "{}",
+        rm.stderr
+    );
+    assert!(entries(templates.path()).is_empty());
 }
