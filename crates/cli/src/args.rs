@@ -734,7 +734,16 @@ pub struct TplBuildArgs {
 #[derive(Debug, Args)]
 pub struct TplCreateFromImageArgs {
     /// The image: a path (an OCI layout directory, an OCI archive or a `docker save`
-    /// tarball) or a registry reference (`host[:port]/repo:tag` or `...@sha256:...`).
+    /// tarball) or a registry reference (`host[:port]/repo[:tag]` or
+    /// `host[:port]/repo@sha256:<hex>`).
+    ///
+    /// It is a path if it starts with `/`, `./`, `../` or `~`, or if it exists;
+    /// otherwise a reference, whose first component must be a registry host (with a `.`
+    /// or `:`, or `localhost`): Docker Hub images are spelled out, e.g.
+    /// `docker.io/library/debian:12`. Registries are reached over HTTPS, loopback ones
+    /// (127.0.0.0/8, ::1, localhost) over plain HTTP. Multi-platform images resolve to
+    /// linux/amd64. Layers are cached by digest in <data>/cache/blobs and shared by all
+    /// templates: a layer already there is not downloaded again.
     #[arg(long)]
     pub image: String,
     /// Name of the new template (default: a generated `tpl-...`). Must not be taken.
@@ -793,6 +802,10 @@ pub struct TplCreateFromImageArgs {
     /// Print the result as JSON.
     #[arg(long)]
     pub json: bool,
+    /// Build in this process, in the data dir, instead of as a daemon job (no daemon
+    /// needed; the data dir must be the daemon's for it to see the template).
+    #[arg(long)]
+    pub local: bool,
 }
 
 /// `512M`, `1G`, `1.5G`, `2048` (MiB) → MiB.

@@ -18,7 +18,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use support::images::{
-    big_layer, corrupt_layer, marker_layer, userland_layer, write_layout, write_oci,
+    big_layer, corrupt_layer, marker_layer, userland_layer, write_index, write_layout,
+    write_manifest,
 };
 use support::{templates_dir, Daemon};
 
@@ -340,12 +341,13 @@ fn failed_builds_say_why_and_leave_no_template() {
 
     // No /bin/sh in the image.
     let shell_less = images.path().join("no-shell");
-    write_oci(
+    let m = write_manifest(
         &shell_less,
         "amd64",
-        &[(marker_layer(), false)],
         json!({"Cmd": ["/marker"]}),
+        &[(&marker_layer(), false)],
     );
+    write_index(&shell_less, m, "latest");
     let run = d
         .cli(&[
             "tpl",
@@ -432,15 +434,16 @@ fn a_daemon_killed_during_a_build_fails_the_job_and_leaves_nothing() {
     let images = tempfile::tempdir().unwrap();
     let layout = images.path().join("big");
     // 384 MiB to verify and unpack: long enough to be caught mid-build.
-    write_oci(
+    let m = write_manifest(
         &layout,
         "amd64",
-        &[
-            (userland_layer(&base), true),
-            (big_layer("big/zeros", 384), false),
-        ],
         json!({"Cmd": ["/bin/sh"]}),
+        &[
+            (&userland_layer(&base), true),
+            (&big_layer("big/zeros", 384), false),
+        ],
     );
+    write_index(&layout, m, "latest");
     let templates = private_templates();
     let mut d = Daemon::start_with_templates(templates.path());
     let api = d.api();

@@ -11,6 +11,8 @@
 //!   sandboxes/<id>/runtime.json     what the runtime needs to find the sandbox again
 //!   snapshots/<key>/                a snapshot's checkpoint (written by the runtime)
 //!   snapshots/fork-<key>/           a fork's temporary checkpoint
+//!   cache/blobs/sha256/<hex>        image blobs pulled from registries, by digest, shared
+//!                                   by all templates
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -74,6 +76,12 @@ impl DataDir {
     pub fn cache(&self) -> PathBuf {
         self.root.join("cache")
     }
+
+    /// The content-addressed cache of image blobs (layers, configs, manifests) pulled
+    /// from registries: `<cache>/blobs/sha256/<hex>`.
+    pub fn blob_cache(&self) -> PathBuf {
+        self.cache().join("blobs")
+    }
 }
 
 #[cfg(test)]
@@ -87,5 +95,6 @@ mod tests {
         let t: TemplateName = "base".parse().unwrap();
         assert_eq!(d.sandbox(&id), Path::new("/d/sandboxes/abc"));
         assert_eq!(d.template(&t), Path::new("/d/templates/base"));
+        assert_eq!(d.blob_cache(), Path::new("/d/cache/blobs"));
     }
 }

@@ -89,6 +89,24 @@ pub enum BuildEvent {
     Log(String),
     /// The build entered a phase of its job (what `GET .../builds/{id}/status` shows).
     Phase(BuildPhase),
+    /// Download progress of one layer of a registry image: sent when the layer starts
+    /// (`done` 0), at most every 100 ms while it downloads, and when it is complete
+    /// (`done == total`). A layer found in the layer cache is sent once, complete, with
+    /// `cached` set.
+    LayerProgress {
+        /// The layer's number, from 1.
+        index: usize,
+        /// How many layers the image has.
+        count: usize,
+        /// The layer's digest, `sha256:<hex>`.
+        digest: String,
+        /// Bytes downloaded so far.
+        done: u64,
+        /// The layer's size in bytes (compressed, as stored in the registry).
+        total: u64,
+        /// Whether the layer was already in the cache (nothing downloaded).
+        cached: bool,
+    },
 }
 
 /// The phases of a template build, in order; a build ends `Ready` or `Failed`.

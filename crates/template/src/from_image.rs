@@ -1,7 +1,6 @@
 //! Building a template from a container image on disk (see [`crate::oci`]), through the
 //! same store, uid shift and metadata as the built-in recipes.
 
-use std::path::Path;
 use std::time::Instant;
 
 use cubicle_core::TemplateName;
@@ -10,8 +9,9 @@ use sha2::{Digest as _, Sha256};
 use crate::build::{BuildEvent, BuildOutcome, BuildPhase};
 use crate::error::{IoContext, TemplateError};
 use crate::meta::{now_unix, rfc3339_utc, Template, TemplateMeta};
-use crate::oci::{prepare_userland, unpack_image};
+use crate::oci::{prepare_userland, unpack_image, ImageError};
 use crate::recipe::Recipe;
+use crate::registry::{image_source, pull, BlobCache, ImageSource};
 use crate::shift::shift_ownership;
 use crate::store::{remove_tree, TemplateStore, ROOTFS_DIR};
 
@@ -26,9 +26,11 @@ pub const IMAGE_RECIPE: &str = "image";
 #[serde(default)]
 pub struct ImageBuildRequest {
     /// The image: a path on disk (OCI layout directory, OCI archive, `docker save`
-    /// archive).
+    /// archive) or a registry reference (`host[:port]/repo[:tag]`,
+    /// `host[:port]/repo@sha256:<hex>`); [`crate::registry::image_source`] tells which.
     pub image: String,
-    /// Credentials for the registry, if it needs them (never serialized).
+    /// Credentials for the registry, if it needs them (registry images only; never
+    /// serialized).
     #[serde(skip)]
     pub registry_auth: Option<RegistryAuth>,
     /// What replaces the image config's run-time defaults.
@@ -74,7 +76,11 @@ pub struct RunOverrides {
 }
 
 /// Builds the template `name` from the image `request.image` names (an OCI layout
-/// directory, an OCI archive or a `docker save` archive) and installs it atomically.
+/// directory, an OCI archive, a `docker save` archive, or an image in a registry, pulled
+/// through the blob cache `<data>/cache/blobs`) and installs it atomically.
+///
+/// Reports [`BuildPhase::Pulling`] (registry images), [`BuildPhase::Unpacking`] and
+/// [`BuildPhase::Building`], and per-layer [`BuildEvent::LayerProgress`] while pulling.
 ///
 /// Refuses a name that is taken, or that of a built-in template. The image must have an
 /// executable `/bin/sh`; the account `user` (uid 1000) is added if it lacks one. Needs
@@ -118,14 +124,19 @@ pub(crate) fn build_image(
     if !uid.is_root() {
         return Err(TemplateError::NotRoot { uid: uid.as_raw() });
     }
-    let image = Path::new(&request.image);
-    let image = std::path::absolute(image).ctx("resolve", image)?;
+    let source = match image_source(&request.image)? {
+        ImageSource::Path(p) => ImageSource::Path(std::path::absolute(&p).ctx("resolve", &p)?),
+        registry => registry,
+    };
     let started = Instant::now();
     // The hash only has to differ from every recipe's; images are never "up to date".
     let hash = {
         let mut h = Sha256::new();
         h.update(b"image\0");
-        h.update(image.as_os_str().as_encoded_bytes());
+        match &source {
+            ImageSource::Path(p) => h.update(p.as_os_str().as_encoded_bytes()),
+            ImageSource::Registry(r) => h.update(r.whole().as_bytes()),
+        }
         h.update(uid_shift.to_le_bytes());
         h.update(now_unix().to_le_bytes());
         h.finalize()
@@ -133,21 +144,52 @@ pub(crate) fn build_image(
             .map(|b| format!("{b:02x}"))
             .collect::<String>()
     };
-    let mut build = |dir: &Path, on_event: &mut dyn FnMut(BuildEvent)| {
-        on_event(BuildEvent::Phase(BuildPhase::Unpacking));
-        step(on_event, 1, &format!("reading image {}", image.display()));
+    let cache = BlobCache::new(store.data_dir().blob_cache());
+    let mut build = |dir: &std::path::Path, on_event: &mut dyn FnMut(BuildEvent)| {
         let rootfs = dir.join(ROOTFS_DIR);
         std::fs::create_dir(&rootfs).ctx("create directory", &rootfs)?;
         std::fs::set_permissions(&rootfs, std::os::unix::fs::PermissionsExt::from_mode(0o755))
             .ctx("chmod", &rootfs)?;
         let scratch = dir.join("image");
-        let info = unpack_image(&image, &scratch, &rootfs, &mut |line| {
-            on_event(BuildEvent::Log(line))
-        });
-        if scratch.exists() {
-            remove_tree(&scratch)?;
-        }
-        let info = info?;
+        let info = match &source {
+            ImageSource::Path(image) => {
+                on_event(BuildEvent::Phase(BuildPhase::Unpacking));
+                step(on_event, 1, &format!("reading image {}", image.display()));
+                let info = unpack_image(image, &scratch, &rootfs, &mut |line| {
+                    on_event(BuildEvent::Log(line))
+                });
+                if scratch.exists() {
+                    remove_tree(&scratch)?;
+                }
+                info?
+            }
+            ImageSource::Registry(reference) => {
+                on_event(BuildEvent::Phase(BuildPhase::Pulling));
+                step(on_event, 1, &format!("pulling image {}", request.image));
+                let layout = dir.join("pulled");
+                let pulled = pull(
+                    reference,
+                    request.registry_auth.as_ref(),
+                    &cache,
+                    &layout,
+                    on_event,
+                )?;
+                on_event(BuildEvent::Phase(BuildPhase::Unpacking));
+                let info = unpack_image(&layout, &scratch, &rootfs, &mut |line| {
+                    on_event(BuildEvent::Log(line))
+                });
+                remove_tree(&layout)?;
+                if let Err(ImageError::DigestMismatch { expected, .. }) = &info {
+                    // Verified when downloaded, so the cached copy went bad since.
+                    cache.forget(expected);
+                }
+                let mut info = info?;
+                info.source = request.image.clone();
+                info.format = "registry".to_owned();
+                info.pinned = Some(pulled.pinned);
+                info
+            }
+        };
         on_event(BuildEvent::Phase(BuildPhase::Building));
         step(on_event, 2, "checking the userland");
         for line in prepare_userland(&rootfs)? {

@@ -13,8 +13,9 @@
 //!   ([`Template::layers`]).
 //! - **Images**: a template can also come from a container image on disk (an OCI
 //!   layout, an OCI archive or a `docker save` archive; see [`oci`] and
-//!   [`build_from_image`]): its layers are verified and unpacked into `rootfs/`, then
-//!   shifted and installed like a recipe's.
+//!   [`build_from_image`]) or in a registry (pulled into a blob cache shared by all
+//!   templates; see [`registry`]): its layers are verified and unpacked into `rootfs/`,
+//!   then shifted and installed like a recipe's.
 //! - **One pipeline**: [`build_template`] builds either kind of [`TemplateSource`]
 //!   (recipe or image), reporting the job phases of [`BuildPhase`]; the CLI and the
 //!   daemon's build jobs both go through it.
@@ -37,6 +38,8 @@
 //!   .old-<name>-<random>/          a replaced or removed template being deleted
 //! <data>/cache/debootstrap/        downloaded .debs, reused by later builds
 //! <data>/cache/apt/<suite>/        .debs downloaded by layer builds, reused likewise
+//! <data>/cache/blobs/sha256/<hex>  image blobs pulled from registries, by digest (mode
+//!                                  0700; `.part-*` files are downloads in progress)
 //! ```
 //!
 //! A template is current when its `template.json` has the recipe's
@@ -54,6 +57,7 @@ pub mod mirror;
 pub mod oci;
 pub mod pipeline;
 pub mod recipe;
+pub mod registry;
 mod shift;
 mod store;
 

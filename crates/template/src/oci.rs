@@ -105,6 +105,9 @@ pub enum ImageError {
         /// Why it is refused.
         reason: String,
     },
+    /// Pulling the image from its registry failed.
+    #[error(transparent)]
+    Registry(#[from] crate::registry::RegistryError),
     /// Sandboxes need `/bin/sh` (the agent is injected, the userland is the image's).
     #[error("the image has no executable /bin/sh; sandboxes need a POSIX userland in the image")]
     NoShell,
@@ -124,7 +127,11 @@ pub enum ImageError {
 impl ImageError {
     /// Whether the error is the image's (or the caller's) fault rather than the host's.
     pub fn is_input_error(&self) -> bool {
-        !matches!(self, ImageError::Io { .. })
+        match self {
+            ImageError::Io { .. } => false,
+            ImageError::Registry(e) => e.is_input_error(),
+            _ => true,
+        }
     }
 }
 
@@ -159,12 +166,17 @@ pub struct ImageConfig {
 /// Where a template's root filesystem came from, when it came from an image.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ImageInfo {
-    /// The path given (absolute).
+    /// The path given (absolute), or the registry reference as given.
     pub source: String,
-    /// `oci-layout`, `oci-archive` or `docker-archive`.
+    /// `oci-layout`, `oci-archive`, `docker-archive` or `registry`.
     pub format: String,
-    /// The digest of the manifest used (OCI), or of the config (`docker save`).
+    /// The digest of the manifest used (OCI, registry), or of the config (`docker save`).
     pub digest: String,
+    /// For a registry image, the reference pinned to the digest the tag pointed to when
+    /// pulled (the index of a multi-arch image, else the manifest):
+    /// `host[:port]/repo@sha256:...`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pinned: Option<String>,
     /// The platform unpacked, e.g. `linux/amd64`.
     pub platform: String,
     /// How many layers were applied.
@@ -262,19 +274,20 @@ pub fn unpack_image(
         source: source.display().to_string(),
         format: resolved.format.to_owned(),
         digest: resolved.digest,
+        pinned: None,
         platform: PLATFORM.to_owned(),
         layers: total,
         config,
     })
 }
 
-fn layer_name(i: usize, total: usize, digest: &str) -> String {
+pub(crate) fn layer_name(i: usize, total: usize, digest: &str) -> String {
     let short: String = digest.chars().take(7 + 12).collect();
     format!("layer {}/{total} ({short})", i + 1)
 }
 
 /// The hex part of a `sha256:<64 hex>` digest, which is safe to use as a file name.
-fn sha256_hex<'a>(digest: &'a str, what: &str) -> Result<&'a str, ImageError> {
+pub(crate) fn sha256_hex<'a>(digest: &'a str, what: &str) -> Result<&'a str, ImageError> {
     match digest.strip_prefix("sha256:") {
         Some(hex)
             if hex.len() == 64
@@ -318,7 +331,7 @@ fn read_blob(dir: &Path, digest: &str, size: u64, what: &str) -> Result<Vec<u8>,
     Ok(data)
 }
 
-fn check_digest(data: &[u8], digest: &str, what: &str) -> Result<(), ImageError> {
+pub(crate) fn check_digest(data: &[u8], digest: &str, what: &str) -> Result<(), ImageError> {
     let expected = sha256_hex(digest, what)?;
     let actual = hex(&Sha256::digest(data));
     if actual != expected {
@@ -331,11 +344,13 @@ fn check_digest(data: &[u8], digest: &str, what: &str) -> Result<(), ImageError>
     Ok(())
 }
 
-fn hex(bytes: &[u8]) -> String {
+pub(crate) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn invalid(what: impl Into<String>) -> impl FnOnce(oci_spec::OciSpecError) -> ImageError {
+pub(crate) fn invalid(
+    what: impl Into<String>,
+) -> impl FnOnce(oci_spec::OciSpecError) -> ImageError {
     let what = what.into();
     move |e| ImageError::Invalid {
         what,
@@ -351,11 +366,34 @@ fn is_ours(os: &Os, arch: &Arch) -> bool {
     *os == Os::Linux && *arch == Arch::Amd64
 }
 
-fn is_index(mt: &MediaType) -> bool {
+pub(crate) fn is_index(mt: &MediaType) -> bool {
     match mt {
         MediaType::ImageIndex => true,
         MediaType::Other(s) => s == "application/vnd.docker.distribution.manifest.list.v2+json",
         _ => false,
+    }
+}
+
+/// Where an image's manifests, indexes and configs are read from: an OCI layout on disk
+/// or a registry ([`crate::registry`]). Every document returned is verified against its
+/// digest and size.
+pub(crate) trait Documents {
+    /// The manifest or index `digest`.
+    fn manifest(&mut self, digest: &str, size: u64, what: &str) -> Result<Vec<u8>, ImageError>;
+    /// The blob `digest` (an image config).
+    fn blob(&mut self, digest: &str, size: u64, what: &str) -> Result<Vec<u8>, ImageError>;
+}
+
+/// The documents of an OCI layout directory.
+struct Layout<'a>(&'a Path);
+
+impl Documents for Layout<'_> {
+    fn manifest(&mut self, digest: &str, size: u64, what: &str) -> Result<Vec<u8>, ImageError> {
+        read_blob(self.0, digest, size, what)
+    }
+
+    fn blob(&mut self, digest: &str, size: u64, what: &str) -> Result<Vec<u8>, ImageError> {
+        read_blob(self.0, digest, size, what)
     }
 }
 
@@ -365,40 +403,23 @@ fn resolve_oci(dir: &Path) -> Result<Resolved, ImageError> {
     let data = fs::read(&path).map_err(io_err("read", &path))?;
     let index = ImageIndex::from_reader(&data[..]).map_err(invalid("index.json"))?;
     let mut found = Vec::new();
-    let picked = pick_in_index(dir, &index, 0, &mut found)?;
+    let picked = pick_in_index(&mut Layout(dir), &index, 0, &mut found)?;
     let Some((digest, manifest, config)) = picked else {
-        found.dedup();
         return Err(if found.is_empty() {
             ImageError::NotAnImage {
                 path: dir.to_path_buf(),
                 reason: "index.json lists no image manifest".into(),
             }
         } else {
-            ImageError::WrongPlatform {
-                found: found.join(", "),
-            }
+            wrong_platform(found)
         });
     };
-    let diff_ids = config.rootfs().diff_ids().len();
-    if diff_ids != manifest.layers().len() {
-        return Err(ImageError::Invalid {
-            what: "image config".into(),
-            reason: format!("{diff_ids} diff ids for {} layers", manifest.layers().len()),
-        });
-    }
     let total = manifest.layers().len();
+    check_layers(&manifest, &config)?;
     let mut layers = Vec::with_capacity(total);
     for (i, l) in manifest.layers().iter().enumerate() {
         let digest = l.digest().to_string();
         let what = layer_name(i, total, &digest);
-        if let MediaType::Other(mt) = l.media_type() {
-            if mt.contains("zstd") {
-                return Err(ImageError::Unsupported {
-                    what,
-                    reason: format!("media type {mt} (only plain and gzip tars are read)"),
-                });
-            }
-        }
         layers.push(LayerRef {
             path: blob_path(dir, &digest, &what)?,
             digest,
@@ -414,10 +435,49 @@ fn resolve_oci(dir: &Path) -> Result<Resolved, ImageError> {
     })
 }
 
-type Picked = (String, ImageManifest, ImageConfiguration);
+/// The error for an image none of whose variants is for [`PLATFORM`]; `found` lists
+/// the platforms seen.
+pub(crate) fn wrong_platform(mut found: Vec<String>) -> ImageError {
+    found.dedup();
+    ImageError::WrongPlatform {
+        found: found.join(", "),
+    }
+}
 
-fn pick_in_index(
-    dir: &Path,
+/// Checks that a manifest's layers match its config's diff ids and are of a media type
+/// [`unpack_image`] reads, before anything is fetched or unpacked.
+pub(crate) fn check_layers(
+    manifest: &ImageManifest,
+    config: &ImageConfiguration,
+) -> Result<(), ImageError> {
+    let diff_ids = config.rootfs().diff_ids().len();
+    if diff_ids != manifest.layers().len() {
+        return Err(ImageError::Invalid {
+            what: "image config".into(),
+            reason: format!("{diff_ids} diff ids for {} layers", manifest.layers().len()),
+        });
+    }
+    let total = manifest.layers().len();
+    for (i, l) in manifest.layers().iter().enumerate() {
+        if let MediaType::Other(mt) = l.media_type() {
+            if mt.contains("zstd") {
+                return Err(ImageError::Unsupported {
+                    what: layer_name(i, total, l.digest().as_ref()),
+                    reason: format!("media type {mt} (only plain and gzip tars are read)"),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A manifest picked for [`PLATFORM`]: its digest, itself and its config.
+pub(crate) type Picked = (String, ImageManifest, ImageConfiguration);
+
+/// Finds the [`PLATFORM`] manifest in `index` (following nested indexes); platforms
+/// passed over are added to `found`.
+pub(crate) fn pick_in_index(
+    docs: &mut dyn Documents,
     index: &ImageIndex,
     depth: usize,
     found: &mut Vec<String>,
@@ -432,9 +492,9 @@ fn pick_in_index(
                 });
             }
             let what = format!("image index {digest}");
-            let data = read_blob(dir, &digest, desc.size(), &what)?;
+            let data = docs.manifest(&digest, desc.size(), &what)?;
             let nested = ImageIndex::from_reader(&data[..]).map_err(invalid(what))?;
-            if let Some(p) = pick_in_index(dir, &nested, depth + 1, found)? {
+            if let Some(p) = pick_in_index(docs, &nested, depth + 1, found)? {
                 return Ok(Some(p));
             }
             continue;
@@ -446,21 +506,35 @@ fn pick_in_index(
             }
         }
         let what = format!("manifest {digest}");
-        let data = read_blob(dir, &digest, desc.size(), &what)?;
-        let manifest = ImageManifest::from_reader(&data[..]).map_err(invalid(what))?;
-        let cdesc = manifest.config();
-        let cdigest = cdesc.digest().to_string();
-        let what = format!("image config {cdigest}");
-        let data = read_blob(dir, &cdigest, cdesc.size(), &what)?;
-        let config = ImageConfiguration::from_reader(&data[..]).map_err(invalid(what))?;
-        let (os, arch) = platform_of(&config);
-        if !is_ours(&os, &arch) {
-            found.push(format!("{os}/{arch}"));
-            continue;
+        let data = docs.manifest(&digest, desc.size(), &what)?;
+        if let Some(p) = pick_manifest(docs, &digest, &data, found)? {
+            return Ok(Some(p));
         }
-        return Ok(Some((digest, manifest, config)));
     }
     Ok(None)
+}
+
+/// Reads the manifest `digest` (its bytes `data`, verified) and its config; `None` (and
+/// the platform added to `found`) if the config is for another platform.
+pub(crate) fn pick_manifest(
+    docs: &mut dyn Documents,
+    digest: &str,
+    data: &[u8],
+    found: &mut Vec<String>,
+) -> Result<Option<Picked>, ImageError> {
+    let manifest =
+        ImageManifest::from_reader(data).map_err(invalid(format!("manifest {digest}")))?;
+    let cdesc = manifest.config();
+    let cdigest = cdesc.digest().to_string();
+    let what = format!("image config {cdigest}");
+    let data = docs.blob(&cdigest, cdesc.size(), &what)?;
+    let config = ImageConfiguration::from_reader(&data[..]).map_err(invalid(what))?;
+    let (os, arch) = platform_of(&config);
+    if !is_ours(&os, &arch) {
+        found.push(format!("{os}/{arch}"));
+        return Ok(None);
+    }
+    Ok(Some((digest.to_owned(), manifest, config)))
 }
 
 /// One image of a `docker save` `manifest.json`.
@@ -554,16 +628,13 @@ fn resolve_docker(dir: &Path) -> Result<Resolved, ImageError> {
             layers,
         });
     }
-    found.dedup();
     if found.is_empty() {
         return Err(ImageError::NotAnImage {
             path: dir.to_path_buf(),
             reason: "manifest.json lists no image".into(),
         });
     }
-    Err(ImageError::WrongPlatform {
-        found: found.join(", "),
-    })
+    Err(wrong_platform(found))
 }
 
 /// A reader that hashes what passes through it.

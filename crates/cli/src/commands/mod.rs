@@ -2,6 +2,7 @@
 
 mod bench;
 mod keys;
+mod layer_bars;
 mod sandbox;
 mod serve;
 mod snapshot;

@@ -16,6 +16,7 @@ use cubicle_template::{
     TemplateStore,
 };
 
+use super::layer_bars::LayerBars;
 use crate::args::{
     TplBuildArgs, TplCommand, TplCreateFromImageArgs, TplInfoArgs, TplRebuildArgs, TplRmArgs,
 };
@@ -28,6 +29,7 @@ pub fn run(data: &DataDir, cmd: TplCommand) -> anyhow::Result<ExitCode> {
     let store = TemplateStore::new(data.clone());
     match cmd {
         TplCommand::Build(args) => build(&store, args),
+        TplCommand::CreateFromImage(args) if args.local => create_local(&store, *args),
         TplCommand::CreateFromImage(args) => super::block_on(create_from_image(*args)),
         TplCommand::Ls(args) if !args.local && api_key_in_env() => {
             super::block_on(ls_api(args.json))
@@ -76,6 +78,81 @@ fn build(store: &TemplateStore, args: TplBuildArgs) -> anyhow::Result<ExitCode> 
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `tpl create-from-image --local`: the pipeline in this process, on the data dir.
+fn create_local(store: &TemplateStore, args: TplCreateFromImageArgs) -> anyhow::Result<ExitCode> {
+    let name: TemplateName = match &args.template_id {
+        Some(id) => id.parse()?,
+        None => cubicle_template::oci::generated_template_name().parse()?,
+    };
+    let request = image_request(&args);
+    let source = TemplateSource::Image {
+        name: name.clone(),
+        request: Box::new(request),
+    };
+    let mut progress = Progress::new(true);
+    let built =
+        cubicle_template::build_template(store, &source, &BuildOptions::default(), &mut |e| {
+            progress.event(e)
+        });
+    progress.flush();
+    let t = built
+        .with_context(|| format!("building template '{name}' from {}", args.image))?
+        .template()
+        .clone();
+    let mut out = std::io::stdout().lock();
+    if args.json {
+        serde_json::to_writer_pretty(&mut out, &t)?;
+        writeln!(out)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let layers = t.meta.image.as_ref().map_or(0, |i| i.layers);
+    writeln!(
+        out,
+        "built {} from {} in {:.1} s: {} layers, {}, {} files, in {}",
+        t.name,
+        args.image,
+        t.meta.build_seconds,
+        layers,
+        human_bytes(t.meta.size_bytes),
+        t.meta.file_count,
+        t.dir.display()
+    )?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The build request `tpl create-from-image --local`'s flags make.
+fn image_request(args: &TplCreateFromImageArgs) -> cubicle_template::ImageBuildRequest {
+    cubicle_template::ImageBuildRequest {
+        image: args.image.clone(),
+        registry_auth: match (&args.registry_username, &args.registry_password) {
+            (Some(username), Some(password)) => Some(cubicle_template::RegistryAuth {
+                username: username.clone(),
+                password: password.clone(),
+            }),
+            _ => None,
+        },
+        overrides: cubicle_template::RunOverrides {
+            cmd: args.cmd.clone(),
+            args: args.args.clone(),
+            env: args.env.clone(),
+            workdir: args.workdir.clone(),
+            user: args.user.clone(),
+        },
+        defaults: cubicle_template::SandboxDefaults {
+            cpu_count: args.cpu,
+            memory_mb: args.memory,
+            writable_layer_mib: args.writable_layer_size,
+            expose_ports: args.expose_ports.clone(),
+            probe: args.probe.map(|port| cubicle_template::Probe {
+                port,
+                path: args.probe_path.clone(),
+                timeout_secs: args.probe_timeout,
+            }),
+            ..Default::default()
+        },
+    }
 }
 
 /// `tpl create-from-image`: submits the build to the daemon and follows it.
@@ -532,10 +609,12 @@ fn row(store: &TemplateStore, t: &Template) -> [String; 7] {
 
 /// Prints build progress on stderr: steps as `[2/6] title`, output lines indented.
 /// Unless verbose, runs of debootstrap lines of the same kind (`I: Retrieving ...`
-/// for a hundred packages) are shown as their first line and a count.
+/// for a hundred packages) are shown as their first line and a count. Layer downloads
+/// get a progress bar on a terminal ([`LayerBars`]).
 #[derive(Debug)]
 struct Progress {
     verbose: bool,
+    bars: LayerBars,
     /// The `I:` verb of the current run of lines, e.g. "Retrieving".
     run: Option<String>,
     /// Lines of the current run not shown.
@@ -548,6 +627,7 @@ impl Progress {
     fn new(verbose: bool) -> Self {
         Progress {
             verbose,
+            bars: LayerBars::for_stderr(),
             run: None,
             hidden: 0,
             last_hidden: String::new(),
@@ -555,6 +635,9 @@ impl Progress {
     }
 
     fn event(&mut self, event: BuildEvent) {
+        if !matches!(event, BuildEvent::LayerProgress { .. }) {
+            self.bars.clear();
+        }
         match event {
             BuildEvent::Step {
                 index,
@@ -568,6 +651,14 @@ impl Progress {
                 self.flush();
                 eprintln!("== {}", phase.as_str());
             }
+            BuildEvent::LayerProgress {
+                index,
+                count,
+                digest,
+                done,
+                total,
+                cached,
+            } => self.bars.update(index, count, &digest, done, total, cached),
             BuildEvent::Log(line) if self.verbose => eprintln!("    {line}"),
             BuildEvent::Log(line) => {
                 let verb = info_verb(&line);

@@ -1,17 +1,17 @@
-//! Container images written by tests, without any tool: tar layers built in memory,
-//! an OCI image layout directory and a `docker save` tarball of them. The userland layer
-//! copies a few programs from the `base` template (bash, dash as /bin/sh, cat and their
-//! libraries), so a sandbox of the image can run commands.
+//! Container images written by the tests: layer tars (a few programs copied from the
+//! `base` template make the userland), OCI layouts (single-platform or multi-platform)
+//! and `docker save` tarballs. Owners are root and mtimes fixed, so the same layers
+//! hash the same in every test.
 
 use std::fs;
 use std::io::Write;
 use std::path::Path;
 
-use serde_json::json;
+use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
-/// Files of the `base` rootfs the image's first layer copies: bash (which commands
-/// run under), dash as /bin/sh, cat, and the libraries they load.
+/// Files of the `base` rootfs the userland layer copies: bash (which commands run
+/// under), dash as /bin/sh, cat, and the libraries they load.
 pub const COPIED: &[&str] = &[
     "usr/bin/bash",
     "usr/bin/dash",
@@ -21,6 +21,7 @@ pub const COPIED: &[&str] = &[
     "usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2",
 ];
 
+/// `sha256:<hex>` of `data`.
 pub fn sha(data: &[u8]) -> String {
     let hex: String = Sha256::digest(data)
         .iter()
@@ -55,6 +56,17 @@ pub fn dir(b: &mut tar::Builder<Vec<u8>>, path: &str, mode: u32) {
     b.append_data(&mut h, path, std::io::empty()).unwrap();
 }
 
+/// A tar of regular files (`path`, content), mode 0644.
+pub fn files_layer(files: &[(&str, &[u8])]) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    for (path, data) in files {
+        file(&mut b, path, data, 0o644);
+    }
+    b.into_inner().unwrap()
+}
+
+/// The userland: bash, dash as /bin/sh, cat and their libraries from `base` (the
+/// `base` template's rootfs), plus `/etc/gone` for a later layer to delete.
 pub fn userland_layer(base: &Path) -> Vec<u8> {
     let mut b = tar::Builder::new(Vec::new());
     for d in [
@@ -88,6 +100,7 @@ pub fn userland_layer(base: &Path) -> Vec<u8> {
     b.into_inner().unwrap()
 }
 
+/// `/marker` and a whiteout of `/etc/gone`.
 pub fn marker_layer() -> Vec<u8> {
     let mut b = tar::Builder::new(Vec::new());
     file(&mut b, "marker", b"from the image\n", 0o644);
@@ -101,7 +114,8 @@ pub fn gzip(data: &[u8]) -> Vec<u8> {
     gz.finish().unwrap()
 }
 
-pub fn blob(layout: &Path, media_type: &str, data: &[u8]) -> serde_json::Value {
+/// Writes `data` as a blob of `layout`; its descriptor.
+pub fn blob(layout: &Path, media_type: &str, data: &[u8]) -> Value {
     let digest = sha(data);
     let blobs = layout.join("blobs/sha256");
     fs::create_dir_all(&blobs).unwrap();
@@ -109,19 +123,10 @@ pub fn blob(layout: &Path, media_type: &str, data: &[u8]) -> serde_json::Value {
     json!({"mediaType": media_type, "digest": digest, "size": data.len()})
 }
 
-/// Writes an OCI layout of the two layers (the first gzipped) for `arch`.
-pub fn write_layout(layout: &Path, base: &Path, arch: &str) {
-    write_oci(
-        layout,
-        arch,
-        &[(userland_layer(base), true), (marker_layer(), false)],
-        json!({"Cmd": ["/bin/sh", "-c", "cat /marker"], "Env": ["A=1"], "WorkingDir": "/"}),
-    );
-}
-
-/// Writes an OCI layout of `layers` (tar bytes, and whether to gzip them) for
-/// linux/`arch`, with `config` as the image config's `config`.
-pub fn write_oci(layout: &Path, arch: &str, layers: &[(Vec<u8>, bool)], config: serde_json::Value) {
+/// Writes an image manifest for `arch` into `layout`'s blobs: its config (`config`,
+/// the `config` object of the image config) and its layers (uncompressed tars, each
+/// gzipped if its flag says so). Returns the manifest's descriptor, with its platform.
+pub fn write_manifest(layout: &Path, arch: &str, config: Value, layers: &[(&[u8], bool)]) -> Value {
     let diff_ids: Vec<String> = layers.iter().map(|(l, _)| sha(l)).collect();
     let config = json!({
         "architecture": arch,
@@ -134,7 +139,7 @@ pub fn write_oci(layout: &Path, arch: &str, layers: &[(Vec<u8>, bool)], config: 
         "application/vnd.oci.image.config.v1+json",
         &serde_json::to_vec(&config).unwrap(),
     );
-    let layers: Vec<serde_json::Value> = layers
+    let layers: Vec<Value> = layers
         .iter()
         .map(|(l, gz)| {
             if *gz {
@@ -160,6 +165,13 @@ pub fn write_oci(layout: &Path, arch: &str, layers: &[(Vec<u8>, bool)], config: 
         &serde_json::to_vec(&manifest).unwrap(),
     );
     m["platform"] = json!({"architecture": arch, "os": "linux"});
+    m
+}
+
+/// Writes `oci-layout` and `index.json` listing `manifest` (a manifest's or an index's
+/// descriptor) under the tag `tag` (what `skopeo copy oci:<dir>:<tag>` reads).
+pub fn write_index(layout: &Path, mut manifest: Value, tag: &str) {
+    manifest["annotations"] = json!({"org.opencontainers.image.ref.name": tag});
     fs::write(
         layout.join("oci-layout"),
         br#"{"imageLayoutVersion":"1.0.0"}"#,
@@ -167,33 +179,33 @@ pub fn write_oci(layout: &Path, arch: &str, layers: &[(Vec<u8>, bool)], config: 
     .unwrap();
     fs::write(
         layout.join("index.json"),
-        serde_json::to_vec(&json!({"schemaVersion": 2, "manifests": [m]})).unwrap(),
+        serde_json::to_vec(&json!({"schemaVersion": 2, "manifests": [manifest]})).unwrap(),
     )
     .unwrap();
 }
 
-/// A layer holding one file of `mib` MiB (zeros) at `path`: slow to verify and unpack.
-pub fn big_layer(path: &str, mib: usize) -> Vec<u8> {
-    let mut b = tar::Builder::new(Vec::new());
-    file(&mut b, path, &vec![0u8; mib << 20], 0o644);
-    b.into_inner().unwrap()
+/// Writes a multi-platform image: an index blob listing `manifests`; its descriptor.
+pub fn write_platform_index(layout: &Path, manifests: Vec<Value>) -> Value {
+    let index = json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": manifests
+    });
+    blob(
+        layout,
+        "application/vnd.oci.image.index.v1+json",
+        &serde_json::to_vec(&index).unwrap(),
+    )
 }
 
-/// Changes one byte of layer `index` (from 0) of the OCI layout, keeping its name (its
-/// digest) and size: the image is then corrupt.
-pub fn corrupt_layer(layout: &Path, index: usize) {
-    let read =
-        |p: &Path| -> serde_json::Value { serde_json::from_slice(&fs::read(p).unwrap()).unwrap() };
-    let blob_path = |digest: &str| layout.join("blobs/sha256").join(&digest[7..]);
-    let index_json = read(&layout.join("index.json"));
-    let manifest = read(&blob_path(
-        index_json["manifests"][0]["digest"].as_str().unwrap(),
-    ));
-    let layer = blob_path(manifest["layers"][index]["digest"].as_str().unwrap());
-    let mut data = fs::read(&layer).unwrap();
-    let middle = data.len() / 2;
-    data[middle] ^= 0xff;
-    fs::write(&layer, data).unwrap();
+/// Writes an OCI layout of the userland and marker layers (the first gzipped) for
+/// `arch`, tagged `latest`.
+pub fn write_layout(layout: &Path, base: &Path, arch: &str) {
+    let (l1, l2) = (userland_layer(base), marker_layer());
+    let config =
+        json!({"Cmd": ["/bin/sh", "-c", "cat /marker"], "Env": ["A=1"], "WorkingDir": "/"});
+    let m = write_manifest(layout, arch, config, &[(&l1, true), (&l2, false)]);
+    write_index(layout, m, "latest");
 }
 
 /// Writes a `docker save` tarball (classic format) of the same two layers.
@@ -223,4 +235,25 @@ pub fn write_docker_save(path: &Path, base: &Path) {
         file(&mut b, name, data, 0o644);
     }
     fs::write(path, b.into_inner().unwrap()).unwrap();
+}
+
+/// A layer holding one file of `mib` MiB (zeros) at `path`: slow to verify and unpack.
+pub fn big_layer(path: &str, mib: usize) -> Vec<u8> {
+    files_layer(&[(path, &vec![0u8; mib << 20])])
+}
+
+/// Changes one byte of layer `index` (from 0) of a single-manifest OCI layout, keeping
+/// its name (its digest) and size: the image is then corrupt.
+pub fn corrupt_layer(layout: &Path, index: usize) {
+    let read = |p: &Path| -> Value { serde_json::from_slice(&fs::read(p).unwrap()).unwrap() };
+    let blob_path = |digest: &str| layout.join("blobs/sha256").join(&digest[7..]);
+    let index_json = read(&layout.join("index.json"));
+    let manifest = read(&blob_path(
+        index_json["manifests"][0]["digest"].as_str().unwrap(),
+    ));
+    let layer = blob_path(manifest["layers"][index]["digest"].as_str().unwrap());
+    let mut data = fs::read(&layer).unwrap();
+    let middle = data.len() / 2;
+    data[middle] ^= 0xff;
+    fs::write(&layer, data).unwrap();
 }

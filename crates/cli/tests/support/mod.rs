@@ -8,6 +8,9 @@
 
 #![allow(dead_code)]
 
+pub mod images;
+pub mod registry;
+
 use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -17,8 +20,6 @@ use std::time::{Duration, Instant};
 use cubicle_core::DataDir;
 use cubicle_runtime::ns::{NsConfig, NsRuntime};
 use cubicle_runtime::Runtime;
-
-pub mod images;
 
 /// The `cubicle` binary under test.
 pub fn cubicle_bin() -> PathBuf {
@@ -286,6 +287,23 @@ impl Run {
         serde_json::from_str(&self.stdout)
             .unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.stdout))
     }
+}
+
+/// `cubicle --data-dir <data> <args>` without an API key (it works on the data dir,
+/// no daemon), with `env` added to its environment.
+pub fn cubicle_local(data: &Path, args: &[&str], env: &[(&str, &str)]) -> Run {
+    let out = Command::new(cubicle_bin())
+        .arg("--data-dir")
+        .arg(data)
+        .args(args)
+        .env_remove("E2B_API_KEY")
+        .env_remove("CUBICLE_API_KEY")
+        .env_remove("CUBICLE_REGISTRY_PASSWORD")
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    Run::new(args, out)
 }
 
 /// A loopback address with a port nobody listens on right now.

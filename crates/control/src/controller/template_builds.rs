@@ -298,6 +298,9 @@ impl Controller {
                 title,
             } => self.build_log(id, format!("[{index}/{total}] {title}")),
             BuildEvent::Log(line) => self.build_log(id, line),
+            // Several a second while a layer downloads; the pull logs each layer's end
+            // ("downloaded", "cached") as a line of its own.
+            BuildEvent::LayerProgress { .. } => {}
             // Kinds of progress this version does not know are shown as they are.
             other => self.build_log(id, format!("{other:?}")),
         }
