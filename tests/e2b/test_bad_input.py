@@ -178,20 +178,21 @@ def test_bad_request(daemon, sandbox, unchanged, method, path, kwargs, expected)
 
 
 def test_not_implemented_endpoints_are_501_json(daemon, sandbox, unchanged):
-    """Filesystem-only pauses and snapshots, template deletion and auto-resume are
-    documented as not implemented (501)."""
+    """Filesystem-only pauses and snapshots and auto-resume are documented as not
+    implemented (501); deleting a template in use is a conflict (409)."""
     sid = sandbox.sandbox_id
     with daemon.http() as c:
         for method, path, body in [
             ("POST", f"/sandboxes/{sid}/pause", {"memory": False}),
             ("POST", f"/sandboxes/{sid}/snapshots", {"memory": False}),
-            ("DELETE", "/templates/base", None),
             ("POST", "/v2/sandboxes", {"templateID": "base", "autoPause": True, "autoPauseMemory": False}),
             ("POST", "/v2/sandboxes", {"templateID": "base", "autoResume": {"enabled": True}}),
         ]:
             r = c.request(method, path, json=body)
             b = harness.assert_error_body(r, 501)
             assert "not implemented" in b["message"], b
+        b = harness.assert_error_body(c.delete("/templates/base"), 409)
+        assert "it is in use" in b["message"], b
 
 
 def test_error_bodies_are_parsed_by_the_sdk(conn):

@@ -48,6 +48,7 @@ impl From<ControlError> for ApiError {
             ControlError::InvalidInput(_)
             | ControlError::SandboxNotFound(_)
             | ControlError::TemplateNotFound(_)
+            | ControlError::BuildNotFound(_)
             | ControlError::SnapshotNotFound(_)
             | ControlError::Conflict(_)
             | ControlError::NotImplemented(_) => e.to_string(),

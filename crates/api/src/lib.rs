@@ -14,7 +14,7 @@ pub mod models;
 pub mod proxy;
 pub mod sandboxes;
 pub mod snapshots;
-mod templates;
+pub mod templates;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -74,11 +74,27 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/sandboxes/{id}/clone", post(snapshots::fork))
         .route("/sandboxes/{id}/rollback", post(snapshots::rollback))
         .route("/snapshots", get(snapshots::list))
-        .route("/templates", get(templates::list))
+        .route(
+            "/templates",
+            get(templates::list).post(templates::e2b_build),
+        )
         .route(
             "/templates/{id}",
-            get(templates::get).delete(snapshots::delete),
+            get(templates::get)
+                .delete(templates::delete)
+                .post(templates::e2b_build),
         )
+        .route("/templates/aliases/{alias}", get(templates::alias))
+        .route("/templates/images", post(templates::build_image))
+        .route("/templates/{id}/rebuild", post(templates::rebuild))
+        .route(
+            "/templates/{id}/builds/{build}/status",
+            get(templates::build_status),
+        )
+        .route("/templates/{id}/builds/{build}", post(templates::e2b_build))
+        .route("/v3/templates", post(templates::e2b_build))
+        .route("/v2/templates", post(templates::e2b_build))
+        .route("/v2/templates/{*rest}", post(templates::e2b_build))
         .fallback(no_route)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY))

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use cubicle_control::{MetricSample, TemplateSummary};
-use cubicle_store::{SandboxRecord, SnapshotRecord};
+use cubicle_store::{BuildRecord, SandboxRecord, SnapshotRecord};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -348,7 +348,8 @@ impl From<&MetricSample> for SandboxMetric {
     }
 }
 
-/// `GET /templates` item and `GET /templates/{id}` answer.
+/// `GET /templates` item and `GET /templates/{id}` answer (E2B's `Template` and
+/// `TemplateWithBuilds`, plus Cubicle's `meta`: everything `template.json` says).
 #[derive(Debug, Serialize)]
 pub struct Template {
     #[serde(rename = "templateID")]
@@ -382,55 +383,330 @@ pub struct Template {
     build_status: &'static str,
     /// Only in `GET /templates/{id}`.
     #[serde(skip_serializing_if = "Option::is_none")]
-    builds: Option<Vec<Value>>,
+    builds: Option<Vec<TemplateBuild>>,
+    /// Only in `GET /templates/{id}`: `template.json` (Cubicle's own field).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    meta: Option<Value>,
 }
 
 impl Template {
-    /// From a template summary, its usage and the sandbox defaults.
+    /// From a template summary, its usage, the sandbox defaults and its build jobs
+    /// (oldest first). A template built without a job (`cubicle tpl build`) has one
+    /// build, derived from its recipe hash.
     pub fn new(
         t: &TemplateSummary,
         spawn_count: u64,
         last_spawned_ms: Option<i64>,
         limits: (u32, u64, u64),
-        with_builds: bool,
+        jobs: &[BuildRecord],
     ) -> Self {
         let built = rfc3339(t.built_at_ms);
-        let build_id = build_id(&t.recipe_hash);
         // The id is the name, so the name is an alias as well, then the template's own.
         let aliases: Vec<String> = std::iter::once(&t.name)
             .chain(&t.aliases)
             .cloned()
             .collect();
+        let mut builds: Vec<TemplateBuild> = jobs
+            .iter()
+            .map(|b| TemplateBuild::from_record(b, limits))
+            .collect();
+        if builds.is_empty() {
+            builds.push(TemplateBuild {
+                build_id: build_id(&t.recipe_hash),
+                status: "ready",
+                phase: "ready",
+                created_at: built.clone(),
+                updated_at: built.clone(),
+                finished_at: Some(built.clone()),
+                cpu_count: limits.0,
+                memory_mb: limits.1,
+                disk_size_mb: limits.2,
+                envd_version: cubicle_envd::ENVD_VERSION,
+                reason: None,
+            });
+        }
+        let latest = builds.last().expect("one build at least");
+        // A template is installed, so it is ready unless a rebuild of it runs.
+        let build_status = match latest.status {
+            "building" => "building",
+            _ => "ready",
+        };
+        let current = builds
+            .iter()
+            .rev()
+            .find(|b| b.status == "ready")
+            .unwrap_or(latest)
+            .build_id
+            .clone();
+        let created_at = builds[0].created_at.clone();
         Template {
             template_id: t.name.clone(),
-            build_id: build_id.clone(),
+            build_id: current,
             cpu_count: limits.0,
             memory_mb: limits.1,
             disk_size_mb: limits.2,
             public: false,
             names: aliases.clone(),
             aliases,
-            created_at: built.clone(),
-            updated_at: built.clone(),
+            created_at,
+            updated_at: built,
             created_by: None,
             last_spawned_at: last_spawned_ms.map(rfc3339),
             spawn_count,
-            build_count: 1,
+            build_count: u32::try_from(builds.len()).unwrap_or(u32::MAX),
             envd_version: cubicle_envd::ENVD_VERSION,
-            build_status: "ready",
-            builds: with_builds.then(|| {
-                vec![serde_json::json!({
-                    "buildID": build_id,
-                    "status": "ready",
-                    "createdAt": built,
-                    "updatedAt": built,
-                    "finishedAt": built,
-                    "cpuCount": limits.0,
-                    "memoryMB": limits.1,
-                    "diskSizeMB": limits.2,
-                    "envdVersion": cubicle_envd::ENVD_VERSION,
-                })]
-            }),
+            build_status,
+            builds: Some(builds),
+            meta: None,
+        }
+    }
+
+    /// `GET /templates` items carry no builds and no meta.
+    pub fn summary_only(mut self) -> Self {
+        self.builds = None;
+        self.meta = None;
+        self
+    }
+
+    /// Adds `template.json`'s contents (`GET /templates/{id}`).
+    pub fn with_meta(mut self, meta: Value) -> Self {
+        self.meta = Some(meta);
+        self
+    }
+}
+
+/// One build of a template (E2B's `TemplateBuild`, plus Cubicle's `phase` and, for a
+/// failed build, `reason`).
+#[derive(Debug, Serialize)]
+pub struct TemplateBuild {
+    #[serde(rename = "buildID")]
+    build_id: String,
+    status: &'static str,
+    phase: &'static str,
+    #[serde(rename = "createdAt")]
+    created_at: String,
+    #[serde(rename = "updatedAt")]
+    updated_at: String,
+    #[serde(rename = "finishedAt", skip_serializing_if = "Option::is_none")]
+    finished_at: Option<String>,
+    #[serde(rename = "cpuCount")]
+    cpu_count: u32,
+    #[serde(rename = "memoryMB")]
+    memory_mb: u64,
+    #[serde(rename = "diskSizeMB")]
+    disk_size_mb: u64,
+    #[serde(rename = "envdVersion")]
+    envd_version: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<BuildReason>,
+}
+
+impl TemplateBuild {
+    fn from_record(b: &BuildRecord, limits: (u32, u64, u64)) -> Self {
+        TemplateBuild {
+            build_id: b.id.clone(),
+            status: e2b_status(&b.phase),
+            phase: phase_name(&b.phase),
+            created_at: rfc3339(b.created_at_ms),
+            updated_at: rfc3339(b.updated_at_ms),
+            finished_at: b.finished_at_ms.map(rfc3339),
+            cpu_count: limits.0,
+            memory_mb: limits.1,
+            disk_size_mb: limits.2,
+            envd_version: cubicle_envd::ENVD_VERSION,
+            reason: BuildReason::of(b),
+        }
+    }
+}
+
+/// Why a build failed (E2B's `BuildStatusReason`, plus whose fault it is: `user` for a
+/// bad image or request, `internal` otherwise).
+#[derive(Debug, Serialize)]
+pub struct BuildReason {
+    message: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    step: Option<String>,
+    fault: &'static str,
+}
+
+impl BuildReason {
+    fn of(b: &BuildRecord) -> Option<Self> {
+        b.error.as_ref().map(|message| BuildReason {
+            message: message.clone(),
+            step: b.failed_phase.clone(),
+            fault: b.fault.map_or("internal", |f| f.as_str()),
+        })
+    }
+}
+
+/// `GET /templates/{id}/builds/{buildID}/status` (E2B's `TemplateBuildInfo`, plus
+/// Cubicle's `phase`).
+#[derive(Debug, Serialize)]
+pub struct TemplateBuildInfo {
+    #[serde(rename = "templateID")]
+    template_id: String,
+    #[serde(rename = "buildID")]
+    build_id: String,
+    status: &'static str,
+    phase: &'static str,
+    logs: Vec<String>,
+    #[serde(rename = "logEntries")]
+    log_entries: Vec<Value>,
+    /// The `logsOffset` that asks for the lines after these (Cubicle's own field).
+    #[serde(rename = "nextLogsOffset")]
+    next_logs_offset: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<BuildReason>,
+}
+
+impl TemplateBuildInfo {
+    /// The lines of `b`'s log from number `offset` on (lines no longer kept are
+    /// skipped), at most `limit`.
+    pub fn new(b: &BuildRecord, offset: u64, limit: Option<usize>) -> Self {
+        let first = b.log_count.saturating_sub(b.logs.len() as u64);
+        let skip = usize::try_from(offset.saturating_sub(first)).unwrap_or(usize::MAX);
+        let lines: Vec<_> = b
+            .logs
+            .iter()
+            .skip(skip)
+            .take(limit.unwrap_or(usize::MAX))
+            .collect();
+        let failed = b.phase == "failed";
+        let next_logs_offset = first.max(offset).min(b.log_count) + lines.len() as u64;
+        TemplateBuildInfo {
+            next_logs_offset,
+            template_id: b.template.clone(),
+            build_id: b.id.clone(),
+            status: e2b_status(&b.phase),
+            phase: phase_name(&b.phase),
+            logs: lines.iter().map(|l| l.message.clone()).collect(),
+            log_entries: lines
+                .iter()
+                .enumerate()
+                .map(|(i, l)| {
+                    let last = i + 1 == lines.len();
+                    serde_json::json!({
+                        "timestamp": rfc3339(l.at_ms),
+                        "message": l.message,
+                        "level": if failed && last { "error" } else { "info" },
+                    })
+                })
+                .collect(),
+            reason: BuildReason::of(b),
+        }
+    }
+}
+
+/// E2B's build status of a phase: `building` until it ends, then `ready` or `error`.
+fn e2b_status(phase: &str) -> &'static str {
+    match phase {
+        "ready" => "ready",
+        "failed" => "error",
+        _ => "building",
+    }
+}
+
+/// The phase's name as a static string (the store only holds known phases).
+fn phase_name(phase: &str) -> &'static str {
+    cubicle_store::BUILD_PHASES
+        .iter()
+        .find(|p| **p == phase)
+        .copied()
+        .unwrap_or("failed")
+}
+
+/// `POST /templates/images` body (Cubicle's own endpoint; what `cubicle tpl
+/// create-from-image` sends).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ImageBuildBody {
+    /// A registry reference, or a path on the daemon's host.
+    pub image: String,
+    /// The new template's name (default: a generated `tpl-…`).
+    #[serde(default, rename = "templateID")]
+    pub template_id: Option<String>,
+    /// Registry user name (never stored).
+    #[serde(default)]
+    pub registry_username: Option<String>,
+    /// Registry password or token (never stored).
+    #[serde(default)]
+    pub registry_password: Option<String>,
+    /// Size limit of each sandbox's writable layer, MiB.
+    #[serde(default, rename = "writableLayerSizeMB")]
+    pub writable_layer_size_mb: Option<u64>,
+    /// Ports of the image's service.
+    #[serde(default)]
+    pub expose_ports: Vec<u16>,
+    /// Readiness probe of the service.
+    #[serde(default)]
+    pub probe: Option<ProbeBody>,
+    /// Replaces the image's entrypoint.
+    #[serde(default)]
+    pub cmd: Option<String>,
+    /// Replace the image's cmd.
+    #[serde(default)]
+    pub args: Vec<String>,
+    /// Added to the image's environment.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Replaces the image's working directory.
+    #[serde(default)]
+    pub workdir: Option<String>,
+    /// Replaces the image's user.
+    #[serde(default)]
+    pub user: Option<String>,
+    /// CPUs of the template's sandboxes.
+    #[serde(default)]
+    pub cpu_count: Option<u32>,
+    /// Memory of the template's sandboxes, MiB.
+    #[serde(default, rename = "memoryMB")]
+    pub memory_mb: Option<u64>,
+}
+
+/// A readiness probe in [`ImageBuildBody`].
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ProbeBody {
+    /// Port inside the sandbox.
+    pub port: u16,
+    /// Path of the GET (default `/`).
+    #[serde(default)]
+    pub path: Option<String>,
+    /// Seconds the build waits for an answer (default 60).
+    #[serde(default)]
+    pub timeout_secs: Option<u64>,
+}
+
+/// `POST /templates/{id}/rebuild` body: the registry credentials, which are never
+/// stored, again.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RebuildBody {
+    /// Registry user name.
+    #[serde(default)]
+    pub registry_username: Option<String>,
+    /// Registry password or token.
+    #[serde(default)]
+    pub registry_password: Option<String>,
+}
+
+/// The 202 answer of a build submission.
+#[derive(Debug, Serialize)]
+pub struct BuildStarted {
+    #[serde(rename = "templateID")]
+    template_id: String,
+    #[serde(rename = "buildID")]
+    build_id: String,
+    phase: &'static str,
+}
+
+impl BuildStarted {
+    /// From the job's record.
+    pub fn from_record(b: &BuildRecord) -> Self {
+        BuildStarted {
+            template_id: b.template.clone(),
+            build_id: b.id.clone(),
+            phase: phase_name(&b.phase),
         }
     }
 }

@@ -1,6 +1,7 @@
 //! Snapshots, fork and rollback: `POST /sandboxes/{id}/snapshots`, `GET /snapshots`,
-//! `DELETE /templates/{id}` (for snapshots), `POST /sandboxes/{id}/fork` (and its alias
-//! `/clone`), and Cubicle's own `POST /sandboxes/{id}/rollback`.
+//! `POST /sandboxes/{id}/fork` (and its alias `/clone`), and Cubicle's own
+//! `POST /sandboxes/{id}/rollback`. Snapshots are deleted with `DELETE /templates/{id}`
+//! (see `templates`).
 
 use std::sync::Arc;
 
@@ -80,23 +81,6 @@ pub async fn list(
         }
     }
     Ok(resp)
-}
-
-/// `DELETE /templates/{id}`: 204 for one of the caller's snapshots (the SDK's
-/// `delete_snapshot`, id percent-decoded by the router), 404 for an unknown id; deleting
-/// a real template is not built (501).
-pub async fn delete(
-    State(state): State<Arc<AppState>>,
-    owner: Owner,
-    Path(id): Path<String>,
-) -> Result<StatusCode, ApiError> {
-    match state.controller.delete_snapshot(owner.0, &id).await {
-        Ok(()) => Ok(StatusCode::NO_CONTENT),
-        Err(ControlError::SnapshotNotFound(_)) if state.controller.template(&id).is_ok() => {
-            Err(ControlError::NotImplemented("deleting templates").into())
-        }
-        Err(e) => Err(e.into()),
-    }
 }
 
 /// `POST /sandboxes/{id}/fork` (and `/clone`) with `{"count", "timeout"}`: 201 with one

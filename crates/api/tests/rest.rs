@@ -436,7 +436,67 @@ async fn bad_input_is_a_4xx_json_error_and_changes_nothing() {
             Method::DELETE,
             "/templates/base",
             String::new(),
+            StatusCode::CONFLICT,
+        ),
+        (
+            Method::POST,
+            "/v3/templates",
+            "{}".into(),
             StatusCode::NOT_IMPLEMENTED,
+        ),
+        (
+            Method::POST,
+            "/v2/templates/base/builds/x",
+            "{}".into(),
+            StatusCode::NOT_IMPLEMENTED,
+        ),
+        (
+            Method::GET,
+            "/templates/base/builds/nope/status",
+            String::new(),
+            StatusCode::NOT_FOUND,
+        ),
+        (
+            Method::GET,
+            "/templates/aliases/nope",
+            String::new(),
+            StatusCode::NOT_FOUND,
+        ),
+        (
+            Method::POST,
+            "/templates/images",
+            r#"{"image":""}"#.into(),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            Method::POST,
+            "/templates/images",
+            r#"{"image":"/x","templateID":"base"}"#.into(),
+            StatusCode::CONFLICT,
+        ),
+        (
+            Method::POST,
+            "/templates/images",
+            r#"{"image":"/x","templateID":"Bad Name"}"#.into(),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            Method::POST,
+            "/templates/images",
+            r#"{"image":"/x","registryUsername":"u"}"#.into(),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            Method::POST,
+            "/templates/images",
+            r#"{"image":"/x","probe":{"port":80,"path":"nope"}}"#.into(),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            Method::POST,
+            "/templates/images",
+            r#"{"image":"/x","tmplateID":"a"}"#.into(),
+            StatusCode::BAD_REQUEST,
         ),
         (
             Method::GET,
@@ -576,6 +636,93 @@ async fn templates_have_the_fields_the_sdk_requires() {
     assert_eq!(one["builds"][0]["status"], "ready");
     let (s, v) = api.key(Method::GET, "/templates/nope", "").await;
     assert_error(s, &v, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn deleting_a_template_in_use_is_refused_and_says_what_uses_it() {
+    let api = api().await;
+    let sbx = api
+        .create(json!({"templateID": "code-interpreter-v1"}))
+        .await;
+    let id = sbx["sandboxID"].as_str().unwrap();
+    let (s, v) = api
+        .key(Method::DELETE, "/templates/code-interpreter", "")
+        .await;
+    assert_error(s, &v, StatusCode::CONFLICT);
+    let msg = v["message"].as_str().unwrap();
+    assert!(
+        msg.contains("cannot delete template 'code-interpreter': it is in use: sandboxes")
+            && msg.contains(id),
+        "{msg}"
+    );
+    // The parent: its child uses it.
+    let (s, v) = api.key(Method::DELETE, "/templates/base", "").await;
+    assert_error(s, &v, StatusCode::CONFLICT);
+    assert!(
+        v["message"]
+            .as_str()
+            .unwrap()
+            .contains("templates built on it: code-interpreter"),
+        "{v}"
+    );
+    // A rebuild is refused the same way.
+    let (s, v) = api
+        .key(Method::POST, "/templates/code-interpreter/rebuild", "{}")
+        .await;
+    assert_error(s, &v, StatusCode::CONFLICT);
+    // Paused still counts; killed does not.
+    let (s, _) = api
+        .key(Method::POST, &format!("/sandboxes/{id}/pause"), "{}")
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let (s, _) = api
+        .key(Method::DELETE, "/templates/code-interpreter-v1", "")
+        .await;
+    assert_eq!(s, StatusCode::CONFLICT);
+    // A snapshot of it needs its layer, even once the sandbox is gone.
+    let (s, snap) = api
+        .key(
+            Method::POST,
+            &format!("/sandboxes/{id}/snapshots"),
+            r#"{"name":"keep-ci"}"#,
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{snap}");
+    let (s, _) = api
+        .key(Method::DELETE, &format!("/sandboxes/{id}"), "")
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let (s, v) = api
+        .key(Method::DELETE, "/templates/code-interpreter", "")
+        .await;
+    assert_error(s, &v, StatusCode::CONFLICT);
+    assert!(
+        v["message"]
+            .as_str()
+            .unwrap()
+            .ends_with("it is in use: snapshots keep-ci:default"),
+        "{v}"
+    );
+    let (s, _) = api
+        .key(Method::DELETE, "/templates/keep-ci:default", "")
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    // By alias: the template itself goes.
+    let (s, v) = api
+        .key(Method::DELETE, "/templates/code-interpreter-v1", "")
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT, "{v}");
+    let (s, v) = api
+        .key(Method::GET, "/templates/code-interpreter", "")
+        .await;
+    assert_error(s, &v, StatusCode::NOT_FOUND);
+    let (s, v) = api
+        .key(Method::GET, "/templates/aliases/code-interpreter-v1", "")
+        .await;
+    assert_error(s, &v, StatusCode::NOT_FOUND);
+    let (s, v) = api.key(Method::GET, "/templates/aliases/base", "").await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(v, json!({"templateID": "base", "public": false}));
 }
 
 #[tokio::test]

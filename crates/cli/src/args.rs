@@ -673,14 +673,18 @@ pub enum TplCommand {
     /// already built from the current recipe, unless --rebuild is given. A layer's
     /// parent is built first when it is missing or outdated.
     Build(TplBuildArgs),
-    /// Build a template from a container image on disk: an OCI image layout directory,
-    /// an OCI archive (a tar of one, optionally gzipped) or a `docker save` tarball.
+    /// Build a template from a container image: an OCI image layout directory, an OCI
+    /// archive (a tar of one, optionally gzipped) or a `docker save` tarball.
     ///
-    /// Takes the image's linux/amd64 variant, checks every layer's sha256 digest,
-    /// applies the layers with their whiteouts, adds the account `user` (uid 1000) if
-    /// the image lacks it (the image must have /bin/sh; the agent is Cubicle's), and
-    /// records the image config (entrypoint, cmd, env, ...) in template.json. Needs
-    /// root. Registry references are not supported yet.
+    /// The daemon builds it as a job (E2B_API_URL, E2B_API_KEY as for every client
+    /// command; paths are the daemon host's): this command submits it and follows its
+    /// phases (queued, pulling, unpacking, building, snapshotting) and log until it is
+    /// ready (exit 0, with the template's summary) or failed (exit 1, with the reason).
+    /// The build takes the image's linux/amd64 variant, checks every layer's sha256
+    /// digest, applies the layers with their whiteouts, adds the account `user` (uid
+    /// 1000) if the image lacks it (the image must have /bin/sh; the agent is
+    /// Cubicle's), and records the image config in template.json.
+    #[command(after_help = API_ENV_HELP)]
     CreateFromImage(Box<TplCreateFromImageArgs>),
     /// List templates: the daemon's, or with --local those built in the data dir.
     ///
@@ -689,10 +693,29 @@ pub enum TplCommand {
     /// one, or with --local, it reads the data dir and needs no daemon.
     #[command(alias = "list")]
     Ls(TplLsArgs),
-    /// Delete a built template (sandboxes must not be using it, nor templates built on
-    /// it).
-    #[command(alias = "remove")]
+    /// Show everything known about a template: source (recipe or image: format,
+    /// digest, platform, layers), size, build time, sandbox defaults, service, probe,
+    /// exposed ports and (through the daemon) its builds.
+    ///
+    /// With an API key in the environment this asks the daemon (GET /templates/{id});
+    /// without one, or with --local, it reads the data dir.
+    #[command(alias = "inspect", after_help = API_ENV_HELP)]
+    Info(TplInfoArgs),
+    /// Delete a template. Refused while sandboxes (running or paused), snapshots or
+    /// templates built on it use it.
+    ///
+    /// With an API key in the environment this goes through the daemon (DELETE
+    /// /templates/{id}), which checks every use; when no daemon answers, or without a
+    /// key, the data dir is changed directly (only templates built on it are checked
+    /// then).
+    #[command(alias = "remove", after_help = API_ENV_HELP)]
     Rm(TplRmArgs),
+    /// Build a template again from its source: a built-in template as `tpl build
+    /// --rebuild` does (locally); a template from an image through the daemon, from the
+    /// request of its last build (registry credentials are never stored: give them
+    /// again). Refused while the template is in use.
+    #[command(after_help = API_ENV_HELP)]
+    Rebuild(TplRebuildArgs),
 }
 
 #[derive(Debug, Args)]
@@ -783,6 +806,10 @@ pub struct TplCreateFromImageArgs {
     /// Print the result as JSON.
     #[arg(long)]
     pub json: bool,
+    /// Build in this process, in the data dir, instead of as a daemon job (no daemon
+    /// needed; the data dir must be the daemon's for it to see the template).
+    #[arg(long)]
+    pub local: bool,
 }
 
 /// `512M`, `1G`, `1.5G`, `2048` (MiB) → MiB.
@@ -850,6 +877,44 @@ pub struct TplLsArgs {
 pub struct TplRmArgs {
     /// The template to delete.
     pub name: String,
+    /// Change the data dir directly instead of asking the daemon.
+    #[arg(long)]
+    pub local: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct TplInfoArgs {
+    /// The template (name or alias).
+    pub name: String,
+    /// Read the data dir instead of asking the daemon.
+    #[arg(long)]
+    pub local: bool,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct TplRebuildArgs {
+    /// The template to build again.
+    pub name: String,
+    /// User name for the registry (image templates).
+    #[arg(long, requires = "registry_password")]
+    pub registry_username: Option<String>,
+    /// Password (or token) for the registry.
+    #[arg(
+        long,
+        env = "CUBICLE_REGISTRY_PASSWORD",
+        hide_env_values = true,
+        requires = "registry_username"
+    )]
+    pub registry_password: Option<String>,
+    /// Debian mirror URL (built-in templates).
+    #[arg(long, env = "CUBICLE_DEBIAN_MIRROR")]
+    pub mirror: Option<String>,
+    /// Print the result as JSON (image templates).
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]

@@ -88,6 +88,7 @@ fn create(data: &Path, image: &str, name: &str, extra: &[&str], env: &[(&str, &s
     let mut args = vec![
         "tpl",
         "create-from-image",
+        "--local",
         "--image",
         image,
         "--template-id",
@@ -642,4 +643,73 @@ fn registry_errors_are_clear_and_leave_nothing_behind() {
         !cached_blobs(data.path()).contains(&digests[1][7..].to_owned()),
         "a corrupted layer was cached"
     );
+}
+
+#[test]
+fn a_daemon_build_job_pulls_from_the_registry_with_credentials_asked_again_on_rebuild() {
+    let base = base();
+    let reg = Registry::start_with_auth("alice", "s3cret");
+    let images = tempfile::tempdir().unwrap();
+    let app = images.path().join("app");
+    layout(&app, "amd64", &[(&userland_layer(&base), true)]);
+    reg.push(&app, "tag", "cubicle-test/job:v1", false);
+    let image = reg.reference("cubicle-test/job:v1");
+    let templates = tempfile::Builder::new()
+        .prefix("cubicle-reg-job-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    std::fs::set_permissions(
+        templates.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let d = Daemon::start_with_templates(templates.path());
+    let creds = [
+        "--registry-username",
+        "alice",
+        "--registry-password",
+        "s3cret",
+    ];
+    let mut args = vec![
+        "tpl",
+        "create-from-image",
+        "--image",
+        &image,
+        "--template-id",
+        "reg-job",
+    ];
+    args.extend_from_slice(&creds);
+    let built = d.cli(&args);
+    let stderr = built.stderr.clone();
+    let stdout = built.ok();
+    assert!(stdout.starts_with("built reg-job from "), "{stdout}");
+    for line in [
+        "== pulling",
+        "layer 1/1 (sha256:",
+        "== unpacking",
+        "== snapshotting",
+    ] {
+        assert!(stderr.contains(line), "no {line:?} in:\n{stderr}");
+    }
+    // The password is never stored: not in the database, not in the build's record.
+    let db = std::fs::read(d.dir.path().join("cubicle.db")).unwrap();
+    let wal = std::fs::read(d.dir.path().join("cubicle.db-wal")).unwrap_or_default();
+    for bytes in [&db, &wal] {
+        assert!(
+            !bytes.windows(6).any(|w| w == b"s3cret"),
+            "the registry password was stored"
+        );
+    }
+    // A rebuild without the credentials is refused by the registry; with them it works.
+    let refused = d.cli(&["tpl", "rebuild", "reg-job"]).code(1);
+    assert!(
+        refused.stderr.contains("failed while pulling"),
+        "{}",
+        refused.stderr
+    );
+    let mut again = vec!["tpl", "rebuild", "reg-job"];
+    again.extend_from_slice(&creds);
+    let rebuilt = d.cli(&again).ok();
+    assert!(rebuilt.starts_with("built reg-job from "), "{rebuilt}");
+    d.cli(&["tpl", "rm", "reg-job"]).ok();
 }

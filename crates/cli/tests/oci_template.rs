@@ -1,8 +1,8 @@
 //! `cubicle tpl create-from-image` end to end: an OCI image written by the test (two
 //! layers: a few programs copied from the `base` template, then a marker file and a
-//! whiteout), built into a template in a private data dir, listed, and started as a
-//! sandbox that runs `cat /marker` through the daemon; the same layers as a `docker
-//! save` tarball; a taken name and an arm64 image refused.
+//! whiteout), built by a daemon (a build job) into a private templates directory,
+//! listed, and started as a sandbox that runs `cat /marker`; the same layers as a
+//! `docker save` tarball; a taken name and an arm64 image refused.
 //!
 //! Needs root and the `base` template (its files make the image's userland), like the
 //! other tests here.
@@ -11,15 +11,10 @@ mod support;
 
 use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::path::Path;
 
 use serde_json::json;
 use support::images::{write_docker_save, write_layout};
 use support::{templates_dir, Daemon};
-
-fn cubicle(data: &Path, args: &[&str]) -> support::Run {
-    support::cubicle_local(data, args, &[])
-}
 
 #[test]
 fn template_from_an_oci_layout_runs_a_sandbox() {
@@ -37,25 +32,23 @@ fn template_from_an_oci_layout_runs_a_sandbox() {
     let images = tempfile::tempdir().unwrap();
     let layout = images.path().join("layout");
     write_layout(&layout, &base, "amd64");
-    // The data dir must be traversable by the sandboxes' unprivileged root.
-    let data = tempfile::Builder::new()
+    // The templates must be traversable by the sandboxes' unprivileged root.
+    let templates = tempfile::Builder::new()
         .prefix("cubicle-oci-test-")
         .tempdir_in("/tmp")
         .unwrap();
-    fs::set_permissions(data.path(), fs::Permissions::from_mode(0o711)).unwrap();
+    fs::set_permissions(templates.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let d = Daemon::start_with_templates(templates.path());
     let layout_arg = layout.to_str().unwrap();
 
-    let built = cubicle(
-        data.path(),
-        &[
-            "tpl",
-            "create-from-image",
-            "--image",
-            layout_arg,
-            "--template-id",
-            "oci-test",
-        ],
-    );
+    let built = d.cli(&[
+        "tpl",
+        "create-from-image",
+        "--image",
+        layout_arg,
+        "--template-id",
+        "oci-test",
+    ]);
     let stderr = built.stderr.clone();
     let stdout = built.ok();
     assert!(stdout.starts_with("built oci-test from "), "{stdout}");
@@ -69,7 +62,7 @@ fn template_from_an_oci_layout_runs_a_sandbox() {
     }
 
     // The same store as `tpl build`: shifted owners, template.json with the image.
-    let dir = data.path().join("templates/oci-test");
+    let dir = templates.path().join("oci-test");
     let rootfs = dir.join("rootfs");
     assert_eq!(
         fs::read_to_string(rootfs.join("marker")).unwrap(),
@@ -98,23 +91,20 @@ fn template_from_an_oci_layout_runs_a_sandbox() {
     assert_eq!(meta["image"]["config"]["env"], json!(["A=1"]));
 
     // Listed; a taken name, a generated name and an image for arm64.
-    let ls = cubicle(data.path(), &["tpl", "ls", "--local"]).ok();
+    let ls = d.cli(&["tpl", "ls", "--local"]).ok();
     let row = ls
         .lines()
         .find(|l| l.starts_with("oci-test "))
         .unwrap_or_else(|| panic!("{ls}"));
     assert!(row.contains("oci-layout:sha256:"), "{row}");
-    let again = cubicle(
-        data.path(),
-        &[
-            "tpl",
-            "create-from-image",
-            "--image",
-            layout_arg,
-            "--template-id",
-            "oci-test",
-        ],
-    );
+    let again = d.cli(&[
+        "tpl",
+        "create-from-image",
+        "--image",
+        layout_arg,
+        "--template-id",
+        "oci-test",
+    ]);
     assert_ne!(again.code, 0);
     assert!(
         again.stderr.contains("template 'oci-test' exists already"),
@@ -124,22 +114,20 @@ fn template_from_an_oci_layout_runs_a_sandbox() {
     // A `docker save` tarball of the same layers, with a generated name.
     let saved = images.path().join("saved.tar");
     write_docker_save(&saved, &base);
-    let generated = cubicle(
-        data.path(),
-        &[
+    let generated = d
+        .cli(&[
             "tpl",
             "create-from-image",
             "--image",
             saved.to_str().unwrap(),
-        ],
-    )
-    .ok();
+        ])
+        .ok();
     let id = generated
         .strip_prefix("built ")
         .and_then(|s| s.split_whitespace().next())
         .unwrap_or_else(|| panic!("{generated}"));
     assert!(id.starts_with("tpl-"), "{generated}");
-    let rootfs = data.path().join("templates").join(id).join("rootfs");
+    let rootfs = templates.path().join(id).join("rootfs");
     assert_eq!(
         fs::read_to_string(rootfs.join("marker")).unwrap(),
         "from the image\n"
@@ -148,20 +136,17 @@ fn template_from_an_oci_layout_runs_a_sandbox() {
     let meta: serde_json::Value =
         serde_json::from_slice(&fs::read(rootfs.with_file_name("template.json")).unwrap()).unwrap();
     assert_eq!(meta["image"]["format"], "docker-archive");
-    cubicle(data.path(), &["tpl", "rm", id]).ok();
+    d.cli(&["tpl", "rm", id]).ok();
     let arm = images.path().join("arm");
     write_layout(&arm, &base, "arm64");
-    let refused = cubicle(
-        data.path(),
-        &[
-            "tpl",
-            "create-from-image",
-            "--image",
-            arm.to_str().unwrap(),
-            "--template-id",
-            "arm",
-        ],
-    );
+    let refused = d.cli(&[
+        "tpl",
+        "create-from-image",
+        "--image",
+        arm.to_str().unwrap(),
+        "--template-id",
+        "arm",
+    ]);
     assert_ne!(refused.code, 0);
     assert!(
         refused
@@ -170,10 +155,9 @@ fn template_from_an_oci_layout_runs_a_sandbox() {
         "{}",
         refused.stderr
     );
-    assert!(!data.path().join("templates/arm").exists());
+    assert!(!templates.path().join("arm").exists());
 
     // A sandbox of it, through the daemon and the runtime.
-    let d = Daemon::start_with_templates(&data.path().join("templates"));
     let sbx = d
         .cli(&["sandbox", "create", "-t", "oci-test", "--timeout", "60"])
         .ok();

@@ -64,6 +64,7 @@ fn a_templates_writable_layer_size_holds_through_the_api() {
             &[
                 "tpl",
                 "create-from-image",
+                "--local",
                 "--image",
                 layout.to_str().unwrap(),
                 "--template-id",

@@ -31,8 +31,9 @@ use serde::de::DeserializeOwned;
 pub use crate::code::{CodeEvent, CodeResult, CodeRun, RunCode, INTERPRETER_PORT};
 pub use crate::error::ClientError;
 pub use crate::models::{
-    CreateSandbox, ForkResult, Health, ListParams, Order, Page, Sandbox, SandboxDetail,
-    SandboxMetric, SandboxState, Snapshot, Template,
+    BuildReason, BuildStarted, BuildStatus, CreateSandbox, ForkResult, Health, ImageBuild,
+    ImageProbe, ListParams, Order, Page, Sandbox, SandboxDetail, SandboxMetric, SandboxState,
+    Snapshot, Template,
 };
 
 /// Where the API is when `E2B_API_URL` is not set: `cubicle serve`'s default listen address.
@@ -413,6 +414,90 @@ impl ApiClient {
         resp.json(&url)
     }
 
+    /// `GET /templates/{id}`: one template by name or alias, with its builds and its
+    /// `template.json` (`meta`).
+    pub async fn template(&self, name: &str) -> Result<Template, ClientError> {
+        let (url, resp) = self
+            .call(
+                Method::GET,
+                &template_path(name, ""),
+                HeaderMap::new(),
+                None,
+            )
+            .await?;
+        resp.json(&url)
+    }
+
+    /// `DELETE /templates/{id}` for a template: refused (409, saying what uses it) while
+    /// sandboxes, snapshots or other templates use it.
+    pub async fn delete_template(&self, name: &str) -> Result<(), ClientError> {
+        self.call(
+            Method::DELETE,
+            &template_path(name, ""),
+            HeaderMap::new(),
+            None,
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// `POST /templates/images` (Cubicle's own): starts building a template from a
+    /// container image; follow it with [`ApiClient::build_status`].
+    pub async fn build_image(&self, build: &ImageBuild) -> Result<BuildStarted, ClientError> {
+        let (url, resp) = self
+            .call(
+                Method::POST,
+                "/templates/images",
+                HeaderMap::new(),
+                Some(serde_json::to_vec(build).expect("json")),
+            )
+            .await?;
+        resp.json(&url)
+    }
+
+    /// `POST /templates/{id}/rebuild` (Cubicle's own): builds the template again from
+    /// its recorded source; registry credentials, which are never stored, again.
+    pub async fn rebuild_template(
+        &self,
+        name: &str,
+        registry: Option<(&str, &str)>,
+    ) -> Result<BuildStarted, ClientError> {
+        let body = match registry {
+            Some((u, p)) => serde_json::json!({"registryUsername": u, "registryPassword": p}),
+            None => serde_json::json!({}),
+        };
+        let (url, resp) = self
+            .call(
+                Method::POST,
+                &template_path(name, "/rebuild"),
+                HeaderMap::new(),
+                Some(serde_json::to_vec(&body).expect("json")),
+            )
+            .await?;
+        resp.json(&url)
+    }
+
+    /// `GET /templates/{id}/builds/{buildID}/status?logsOffset=`: the build's status
+    /// and its log lines from number `logs_offset` on.
+    pub async fn build_status(
+        &self,
+        template: &str,
+        build: &str,
+        logs_offset: u64,
+    ) -> Result<BuildStatus, ClientError> {
+        let path = template_path(
+            template,
+            &format!(
+                "/builds/{}/status?logsOffset={logs_offset}",
+                utf8_percent_encode(build, SEGMENT)
+            ),
+        );
+        let (url, resp) = self
+            .call(Method::GET, &path, HeaderMap::new(), None)
+            .await?;
+        resp.json(&url)
+    }
+
     /// `GET /health` (needs no key; tells whether the daemon is up).
     pub async fn health(&self) -> Result<Health, ClientError> {
         let (url, resp) = self
@@ -526,6 +611,10 @@ fn form_urlencoded_pairs(pairs: &[(&str, Option<&str>)]) -> String {
         .filter_map(|(k, v)| v.map(|v| format!("{k}={}", utf8_percent_encode(v, SEGMENT))))
         .collect::<Vec<_>>()
         .join("&")
+}
+
+fn template_path(name: &str, rest: &str) -> String {
+    format!("/templates/{}{rest}", utf8_percent_encode(name, SEGMENT))
 }
 
 fn sandbox_path(id: &str, rest: &str) -> String {

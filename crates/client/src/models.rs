@@ -345,12 +345,151 @@ pub struct Template {
     /// Sandboxes created from it (by this API key).
     #[serde(rename = "spawnCount", default)]
     pub spawn_count: u64,
-    /// `ready` once built.
+    /// `ready` once built (`building` while a rebuild runs).
     #[serde(rename = "buildStatus", default)]
     pub build_status: String,
+    /// Its builds, oldest first (`GET /templates/{id}` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub builds: Option<Vec<Value>>,
+    /// Its `template.json` (`GET /templates/{id}` only; Cubicle's own field).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub meta: Option<Value>,
     /// Fields this client does not know.
     #[serde(flatten)]
     pub extra: Map<String, Value>,
+}
+
+/// `POST /templates/images` body: a template from a container image (what `cubicle tpl
+/// create-from-image` sends). Build it with [`ImageBuild::new`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ImageBuild {
+    /// A registry reference, or a path on the daemon's host.
+    pub image: String,
+    /// The new template's name (default: a generated `tpl-…`).
+    #[serde(rename = "templateID", skip_serializing_if = "Option::is_none")]
+    pub template_id: Option<String>,
+    /// Registry user name.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub registry_username: Option<String>,
+    /// Registry password or token (sent, never stored by the daemon).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub registry_password: Option<String>,
+    /// Size limit of each sandbox's writable layer, MiB.
+    #[serde(
+        rename = "writableLayerSizeMB",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub writable_layer_size_mb: Option<u64>,
+    /// Ports of the image's service.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub expose_ports: Vec<u16>,
+    /// The readiness probe of the service.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub probe: Option<ImageProbe>,
+    /// Replaces the image's entrypoint.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cmd: Option<String>,
+    /// Replace the image's cmd.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub args: Vec<String>,
+    /// Added to the image's environment.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    /// Replaces the image's working directory.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub workdir: Option<String>,
+    /// Replaces the image's user.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// CPUs of the template's sandboxes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpu_count: Option<u32>,
+    /// Memory of the template's sandboxes, MiB.
+    #[serde(rename = "memoryMB", skip_serializing_if = "Option::is_none")]
+    pub memory_mb: Option<u64>,
+}
+
+impl ImageBuild {
+    /// A build of `image` with the image's own settings.
+    pub fn new(image: impl Into<String>) -> Self {
+        ImageBuild {
+            image: image.into(),
+            ..ImageBuild::default()
+        }
+    }
+}
+
+/// The readiness probe of an [`ImageBuild`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ImageProbe {
+    /// Port inside the sandbox.
+    pub port: u16,
+    /// Path of the HTTP GET.
+    pub path: String,
+    /// Seconds the build waits for an answer.
+    pub timeout_secs: u64,
+}
+
+/// The answer of a build submission (202).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+pub struct BuildStarted {
+    /// The template being built.
+    #[serde(rename = "templateID")]
+    pub template_id: String,
+    /// The build's id, for [`crate::ApiClient::build_status`].
+    #[serde(rename = "buildID")]
+    pub build_id: String,
+    /// Its phase (`queued`).
+    pub phase: String,
+}
+
+/// `GET /templates/{id}/builds/{buildID}/status` (E2B's `TemplateBuildInfo` with
+/// Cubicle's `phase`).
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+pub struct BuildStatus {
+    /// The template.
+    #[serde(rename = "templateID")]
+    pub template_id: String,
+    /// The build.
+    #[serde(rename = "buildID")]
+    pub build_id: String,
+    /// E2B's status: `building`, `ready` or `error`.
+    pub status: String,
+    /// Cubicle's phase: `queued`, `pulling`, `unpacking`, `building`, `snapshotting`,
+    /// `ready` or `failed`.
+    #[serde(default)]
+    pub phase: String,
+    /// Log lines from the offset asked for.
+    #[serde(default)]
+    pub logs: Vec<String>,
+    /// The offset of the line after these (Cubicle's own field).
+    #[serde(rename = "nextLogsOffset", default)]
+    pub next_logs_offset: Option<u64>,
+    /// Why it failed.
+    #[serde(default)]
+    pub reason: Option<BuildReason>,
+}
+
+impl BuildStatus {
+    /// Whether the build has ended (ready or failed).
+    pub fn is_finished(&self) -> bool {
+        self.status == "ready" || self.status == "error"
+    }
+}
+
+/// Why a build failed.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+pub struct BuildReason {
+    /// The error.
+    pub message: String,
+    /// The phase it failed in.
+    #[serde(default)]
+    pub step: Option<String>,
+    /// `user` (a bad image or request) or `internal`.
+    #[serde(default)]
+    pub fault: Option<String>,
 }
 
 /// `GET /health`.

@@ -18,10 +18,12 @@ use crate::request::{CreateRequest, ListRequest};
 
 mod hibernate;
 mod snapshots;
+mod template_builds;
 mod template_ready;
 
 use crate::{now_ms, ControlError};
 pub use snapshots::{SnapshotListRequest, FORK_DEFAULT_TIMEOUT, MAX_FORKS};
+pub use template_builds::RESTARTED;
 
 /// How the control plane behaves.
 #[derive(Debug, Clone)]
@@ -122,6 +124,8 @@ pub struct Controller {
     deadlines_changed: Notify,
     metrics: Mutex<HashMap<SandboxId, Series>>,
     idempotency: Mutex<HashMap<(i64, String), (IdempotencySlot, i64)>>,
+    /// Template build jobs (see `template_builds`).
+    builds: template_builds::Builds,
 }
 
 /// What a create starts from.
@@ -169,8 +173,10 @@ impl Controller {
             deadlines_changed: Notify::new(),
             metrics: Mutex::new(HashMap::new()),
             idempotency: Mutex::new(HashMap::new()),
+            builds: Default::default(),
         });
         controller.reconcile().await?;
+        controller.reconcile_builds().await?;
         controller.prepare_templates();
         let weak = Arc::downgrade(&controller);
         tokio::spawn(expire_sandboxes(weak.clone()));

@@ -17,6 +17,9 @@ pub enum ControlError {
     /// No such template.
     #[error("template '{0}' not found")]
     TemplateNotFound(String),
+    /// No such template build.
+    #[error("build '{0}' not found")]
+    BuildNotFound(String),
     /// The sandbox is in a state that does not allow this.
     #[error("{0}")]
     Conflict(String),
@@ -44,6 +47,7 @@ impl ControlError {
             ControlError::InvalidInput(_) => ErrorKind::InvalidInput,
             ControlError::SandboxNotFound(_)
             | ControlError::TemplateNotFound(_)
+            | ControlError::BuildNotFound(_)
             | ControlError::SnapshotNotFound(_) => ErrorKind::NotFound,
             ControlError::Conflict(_) => ErrorKind::Conflict,
             ControlError::NotImplemented(_) | ControlError::Unavailable(_) => {

@@ -15,6 +15,9 @@
 //! - **snapshots, fork and rollback**: checkpoints of a sandbox (under its operation
 //!   lock) recorded `creating` then `ready`, sandboxes restored from them (a create
 //!   naming a snapshot, a fork), and a sandbox put back to one of its own snapshots;
+//! - **template builds**: jobs that build templates (from images, or rebuilds) one at a
+//!   time, recorded with their phase and log, and the deletion of templates nobody
+//!   uses;
 //! - **metrics**: a sampler records CPU, memory and disk of every running sandbox every
 //!   few seconds, kept for a while in memory.
 //!
@@ -32,7 +35,7 @@ pub mod testing;
 
 pub use controller::{
     ControlConfig, Controller, Route, SnapshotListRequest, TemplateSummary, FORK_DEFAULT_TIMEOUT,
-    MAX_FORKS,
+    MAX_FORKS, RESTARTED,
 };
 pub use error::ControlError;
 pub use metrics::MetricSample;

@@ -3,8 +3,8 @@
 //! per-sandbox event log. This is the only crate that speaks SQL; everything else goes
 //! through [`Store`].
 //!
-//! # Schema (version 3: `migrations/0001_init.sql`, `0002_snapshots.sql`,
-//! `0003_writable_layer.sql`)
+//! # Schema (version 4: `migrations/0001_init.sql`, `0002_snapshots.sql`,
+//! `0003_writable_layer.sql`, `0004_template_builds.sql`)
 //!
 //! ```text
 //! api_keys          id INTEGER PK AUTOINCREMENT, name UNIQUE, key_hash BLOB(32) UNIQUE,
@@ -31,6 +31,13 @@
 //!                   UNIQUE (owner, id)
 //!   index snapshots_by_owner   (owner, created_at_ms, key)
 //!   index snapshots_by_sandbox (sandbox_id)
+//! template_builds   id TEXT PK, template, owner, source CHECK(recipe, image), request
+//!                   (JSON, no credentials), rebuild, phase CHECK(queued .. ready, failed),
+//!                   created_at_ms, updated_at_ms, finished_at_ms NULL, error NULL,
+//!                   error_kind NULL (user, internal), failed_phase NULL, logs (JSON,
+//!                   the last 200 lines), log_count
+//!   index template_builds_by_template (template, created_at_ms)
+//!   index template_builds_unfinished  (created_at_ms) WHERE phase NOT IN (ready, failed)
 //! ```
 //!
 //! All tables are `STRICT`; times are unix milliseconds.
@@ -42,6 +49,12 @@
 //!   `key` (Cubicle's id, the directory name) is global; `id` (E2B's snapshot ID, e.g.
 //!   `my-snap:default`) is unique per owner. Snapshots outlive their sandbox (no foreign
 //!   key) and are never purged with it.
+//!
+//! * **Template builds** are written `queued` when submitted, move through their
+//!   phases ([`Store::update_build`], which also saves the last [`BUILD_LOG_LINES`]
+//!   lines of output) and end `ready` or `failed` ([`Store::finish_build`], with the
+//!   error and whose fault it is). A restart leaves unfinished rows, which the start-up
+//!   reconcile fails ([`Store::unfinished_builds`]).
 //!
 //! * **API keys** are stored as the SHA-256 of the whole key only (plus an 8-character
 //!   display prefix); the plaintext is returned once by [`Store::create_key`].
@@ -104,6 +117,7 @@
 //! is higher than this build's is refused with [`StoreError::TooNew`]. A shipped
 //! migration is never edited; changes go into the next numbered file.
 
+mod builds;
 mod error;
 mod keys;
 mod sandboxes;
@@ -117,6 +131,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rusqlite::{Connection, TransactionBehavior};
 
+pub use builds::{BuildFault, BuildLogLine, BuildRecord, BUILD_LOG_LINES, BUILD_PHASES};
 pub use error::StoreError;
 pub use keys::{KeyRecord, KEY_PREFIX};
 pub use sandboxes::{Event, ListQuery, Order, Page, SandboxRecord, TemplateUsage};
@@ -127,6 +142,7 @@ pub const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/0001_init.sql"),
     include_str!("../migrations/0002_snapshots.sql"),
     include_str!("../migrations/0003_writable_layer.sql"),
+    include_str!("../migrations/0004_template_builds.sql"),
 ];
 
 /// The schema version this build writes (the number of migrations).

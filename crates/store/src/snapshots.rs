@@ -342,6 +342,25 @@ impl Store {
         Ok(keys)
     }
 
+    /// Every snapshot (any owner, any state) whose checkpoint needs the template layer
+    /// `layer` (a template's `rootfs/`), oldest first.
+    pub fn snapshots_using_layer(
+        &self,
+        layer: &std::path::Path,
+    ) -> Result<Vec<SnapshotRecord>, StoreError> {
+        let layer = layer
+            .to_str()
+            .ok_or_else(|| StoreError::InvalidInput(format!("{} is not UTF-8", layer.display())))?;
+        select(
+            &self.lock(),
+            &format!(
+                "{SELECT} WHERE EXISTS (SELECT 1 FROM json_each(snapshots.layers) l \
+                 WHERE l.value = ?1) ORDER BY created_at_ms, key"
+            ),
+            &[Value::Text(layer.to_owned())],
+        )
+    }
+
     /// The keys of every snapshot record, whatever its owner or state.
     pub fn snapshot_keys(&self) -> Result<Vec<String>, StoreError> {
         let conn = self.lock();
@@ -480,6 +499,41 @@ mod tests {
         assert_eq!(store.snapshot_keys().unwrap(), vec!["r1"]);
         assert!(store.delete_snapshot("r1").unwrap());
         assert!(!store.delete_snapshot("r1").unwrap());
+    }
+
+    #[test]
+    fn snapshots_are_found_by_the_layers_they_need() {
+        let store = Store::open_in_memory().unwrap();
+        store
+            .insert_snapshot(&snap("a", "a:default", 1, "s", 1))
+            .unwrap();
+        store
+            .finish_snapshot(
+                "a",
+                1,
+                &[
+                    PathBuf::from("/t/top/rootfs"),
+                    PathBuf::from("/t/base/rootfs"),
+                ],
+            )
+            .unwrap();
+        store
+            .insert_snapshot(&snap("b", "b:default", 2, "s", 2))
+            .unwrap();
+        store
+            .finish_snapshot("b", 1, &[PathBuf::from("/t/base/rootfs")])
+            .unwrap();
+        let keys = |p: &str| -> Vec<String> {
+            store
+                .snapshots_using_layer(std::path::Path::new(p))
+                .unwrap()
+                .into_iter()
+                .map(|s| s.key)
+                .collect()
+        };
+        assert_eq!(keys("/t/base/rootfs"), ["a", "b"]);
+        assert_eq!(keys("/t/top/rootfs"), ["a"]);
+        assert!(keys("/t/top").is_empty());
     }
 
     #[test]

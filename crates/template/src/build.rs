@@ -69,7 +69,11 @@ impl BuildOutcome {
 }
 
 /// Progress of a build, for display.
+///
+/// Not exhaustive: consumers outside this crate show events they do not know as log
+/// lines, so new kinds of progress can be added without breaking them.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum BuildEvent {
     /// A new phase starts (`index` counts from 1 to `total`).
     Step {
@@ -145,6 +149,34 @@ impl BuildPhase {
     /// Whether the build has ended.
     pub fn is_final(self) -> bool {
         matches!(self, BuildPhase::Ready | BuildPhase::Failed)
+    }
+
+    /// Every phase, in order.
+    pub const ALL: [BuildPhase; 7] = [
+        BuildPhase::Queued,
+        BuildPhase::Pulling,
+        BuildPhase::Unpacking,
+        BuildPhase::Building,
+        BuildPhase::Snapshotting,
+        BuildPhase::Ready,
+        BuildPhase::Failed,
+    ];
+}
+
+impl std::str::FromStr for BuildPhase {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        BuildPhase::ALL
+            .into_iter()
+            .find(|p| p.as_str() == s)
+            .ok_or_else(|| format!("unknown build phase {s:?}"))
+    }
+}
+
+impl std::fmt::Display for BuildPhase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 
@@ -236,7 +268,7 @@ pub fn build(
                 built_at: rfc3339_utc(now_unix()),
                 size_bytes: stats.bytes,
                 file_count: stats.entries,
-                build_seconds: (started.elapsed().as_secs_f64() * 10.0).round() / 10.0,
+                build_seconds: build_seconds(started),
                 mirror: mirror.clone(),
                 parent: None,
                 parent_built_at: None,
@@ -249,13 +281,36 @@ pub fn build(
     )
 }
 
+/// Reports step `index` of a recipe build (plain or layer), and the job phase it starts:
+/// installing packages (step 2) is `unpacking`, configuring (step 3) onwards `building`.
 pub(crate) fn step(on_event: &mut dyn FnMut(BuildEvent), index: usize, title: &str) {
-    tracing::info!("[{index}/{BUILD_STEPS}] {title}");
+    match index {
+        2 => on_event(BuildEvent::Phase(BuildPhase::Unpacking)),
+        3 => on_event(BuildEvent::Phase(BuildPhase::Building)),
+        _ => {}
+    }
+    report_step(on_event, index, BUILD_STEPS, title);
+}
+
+/// Reports step `index` of `total` of any build (recipe, layer or image): logged, and
+/// sent as a [`BuildEvent::Step`].
+pub(crate) fn report_step(
+    on_event: &mut dyn FnMut(BuildEvent),
+    index: usize,
+    total: usize,
+    title: &str,
+) {
+    tracing::info!("[{index}/{total}] {title}");
     on_event(BuildEvent::Step {
         index,
-        total: BUILD_STEPS,
+        total,
         title: title.to_owned(),
     });
+}
+
+/// A build's duration as recorded in `template.json`: seconds, to a tenth.
+pub(crate) fn build_seconds(started: Instant) -> f64 {
+    (started.elapsed().as_secs_f64() * 10.0).round() / 10.0
 }
 
 /// The programs a build runs, found on the host.

@@ -6,7 +6,7 @@ use std::time::Instant;
 use cubicle_core::TemplateName;
 use sha2::{Digest as _, Sha256};
 
-use crate::build::{BuildEvent, BuildPhase};
+use crate::build::{BuildEvent, BuildOutcome, BuildPhase};
 use crate::error::{IoContext, TemplateError};
 use crate::meta::{now_unix, rfc3339_utc, Template, TemplateMeta};
 use crate::oci::{prepare_userland, unpack_image, ImageError};
@@ -19,13 +19,19 @@ use crate::store::{remove_tree, TemplateStore, ROOTFS_DIR};
 pub const IMAGE_RECIPE: &str = "image";
 
 /// What `cubicle tpl create-from-image` (or the API) asks to build.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+///
+/// Serializable so that a build job can record it (and a rebuild repeat it); the
+/// registry credentials are never serialized.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct ImageBuildRequest {
     /// The image: a path on disk (OCI layout directory, OCI archive, `docker save`
     /// archive) or a registry reference (`host[:port]/repo[:tag]`,
     /// `host[:port]/repo@sha256:<hex>`); [`crate::registry::image_source`] tells which.
     pub image: String,
-    /// Credentials for the registry, if it needs them (registry images only).
+    /// Credentials for the registry, if it needs them (registry images only; never
+    /// serialized).
+    #[serde(skip)]
     pub registry_auth: Option<RegistryAuth>,
     /// What replaces the image config's run-time defaults.
     pub overrides: RunOverrides,
@@ -54,7 +60,8 @@ impl std::fmt::Debug for RegistryAuth {
 }
 
 /// Overrides of the image config (`--cmd`, `--arg`, `--env`, `--workdir`, `--user`).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct RunOverrides {
     /// Replaces the image's `Entrypoint` (and drops its `Cmd` unless `args` is given).
     pub cmd: Option<String>,
@@ -85,6 +92,21 @@ pub fn build_from_image(
     uid_shift: u32,
     on_event: &mut dyn FnMut(BuildEvent),
 ) -> Result<Template, TemplateError> {
+    build_image(store, request, name, uid_shift, false, on_event).map(|o| match o {
+        BuildOutcome::Built(t) | BuildOutcome::UpToDate(t) => t,
+    })
+}
+
+/// [`build_from_image`], or with `replace` a rebuild of the image template `name`: the
+/// new build replaces it atomically (a failed one leaves it as it was).
+pub(crate) fn build_image(
+    store: &TemplateStore,
+    request: &ImageBuildRequest,
+    name: &TemplateName,
+    uid_shift: u32,
+    replace: bool,
+    on_event: &mut dyn FnMut(BuildEvent),
+) -> Result<BuildOutcome, TemplateError> {
     if Recipe::builtin(name.as_str()).is_ok() {
         return Err(TemplateError::Exists {
             name: name.to_string(),
@@ -96,7 +118,7 @@ pub fn build_from_image(
             .map_err(TemplateError::InvalidDefaults)?;
     }
     // Checked again under the store lock; this is to fail before reading the image.
-    if store.data_dir().template(name).exists() {
+    if !replace && store.data_dir().template(name).exists() {
         return Err(TemplateError::Exists {
             name: name.to_string(),
             reason: format!("exists already; remove it first with `cubicle tpl rm {name}`"),
@@ -127,7 +149,7 @@ pub fn build_from_image(
             .collect::<String>()
     };
     let cache = BlobCache::new(store.data_dir().blob_cache());
-    store.install_new(name, on_event, &mut |dir, on_event| {
+    let mut build = |dir: &std::path::Path, on_event: &mut dyn FnMut(BuildEvent)| {
         let rootfs = dir.join(ROOTFS_DIR);
         std::fs::create_dir(&rootfs).ctx("create directory", &rootfs)?;
         std::fs::set_permissions(&rootfs, std::os::unix::fs::PermissionsExt::from_mode(0o755))
@@ -188,7 +210,7 @@ pub fn build_from_image(
             built_at: rfc3339_utc(now_unix()),
             size_bytes: stats.bytes,
             file_count: stats.entries,
-            build_seconds: (started.elapsed().as_secs_f64() * 10.0).round() / 10.0,
+            build_seconds: crate::build::build_seconds(started),
             mirror: String::new(),
             parent: None,
             parent_built_at: None,
@@ -198,19 +220,21 @@ pub fn build_from_image(
             // What sandboxes of it get by default (the writable-layer limit among them).
             sandbox: request.defaults.clone(),
         })
-    })
+    };
+    if replace {
+        store.install(name, &hash, uid_shift, true, on_event, &mut build)
+    } else {
+        store
+            .install_new(name, on_event, &mut build)
+            .map(BuildOutcome::Built)
+    }
 }
 
 /// How many [`BuildEvent::Step`]s an image build goes through.
 pub const IMAGE_BUILD_STEPS: usize = 4;
 
 fn step(on_event: &mut dyn FnMut(BuildEvent), index: usize, title: &str) {
-    tracing::info!("[{index}/{IMAGE_BUILD_STEPS}] {title}");
-    on_event(BuildEvent::Step {
-        index,
-        total: IMAGE_BUILD_STEPS,
-        title: title.to_owned(),
-    });
+    crate::build::report_step(on_event, index, IMAGE_BUILD_STEPS, title);
 }
 
 #[cfg(test)]

@@ -221,7 +221,7 @@ pub(crate) fn build_layer(
                 built_at: rfc3339_utc(now_unix()),
                 size_bytes: stats.tree.bytes,
                 file_count: stats.tree.entries,
-                build_seconds: (started.elapsed().as_secs_f64() * 10.0).round() / 10.0,
+                build_seconds: crate::build::build_seconds(started),
                 mirror: mirror.clone(),
                 parent: Some(parent.name.to_owned()),
                 parent_built_at: Some(parent_t.meta.built_at.clone()),

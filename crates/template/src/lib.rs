@@ -16,6 +16,9 @@
 //!   [`build_from_image`]) or in a registry (pulled into a blob cache shared by all
 //!   templates; see [`registry`]): its layers are verified and unpacked into `rootfs/`,
 //!   then shifted and installed like a recipe's.
+//! - **One pipeline**: [`build_template`] builds either kind of [`TemplateSource`]
+//!   (recipe or image), reporting the job phases of [`BuildPhase`]; the CLI and the
+//!   daemon's build jobs both go through it.
 //! - **Storing** templates on disk and finding them again, by name or alias
 //!   ([`TemplateStore`]).
 //!
@@ -52,6 +55,7 @@ mod layer;
 mod meta;
 pub mod mirror;
 pub mod oci;
+pub mod pipeline;
 pub mod recipe;
 pub mod registry;
 mod shift;
@@ -68,6 +72,7 @@ pub use from_image::{
 pub use meta::{
     parse_rfc3339_utc, rfc3339_utc, Probe, SandboxDefaults, Service, Template, TemplateMeta,
 };
+pub use pipeline::{build_template, TemplateSource};
 pub use recipe::Recipe;
 pub use shift::{
     is_opaque, layer_id, measure, shift_layer_ownership, shift_ownership, LayerStats, TreeStats,

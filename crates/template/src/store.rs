@@ -194,6 +194,37 @@ impl TemplateStore {
         remove_tree(&aside)
     }
 
+    /// Deletes what interrupted builds and removals left (`.build-*`, `.old-*`), unless a
+    /// build or removal is running now (then it is theirs, and the next build cleans
+    /// up). Returns the paths removed. The daemon calls this on start, after a restart
+    /// cut a build short.
+    pub fn remove_leftovers(&self) -> Result<Vec<PathBuf>, TemplateError> {
+        let dir = self.dir();
+        if !dir.is_dir() {
+            return Ok(Vec::new());
+        }
+        let path = dir.join(LOCK_FILE);
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(&path)
+            .ctx("open", &path)?;
+        let _lock = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(l) => l,
+            Err((_, Errno::EWOULDBLOCK)) => return Ok(Vec::new()),
+            Err((_, e)) => return Err(TemplateError::io("lock", path, e.into())),
+        };
+        let mut removed = Vec::new();
+        self.remove_stale(&mut |e| {
+            if let BuildEvent::Log(line) = e {
+                removed.push(PathBuf::from(line.trim_start_matches("removing leftover ")));
+            }
+        })?;
+        Ok(removed)
+    }
+
     /// Takes the store's exclusive lock, waiting (and saying so) if another build or
     /// removal holds it. Released when the returned value is dropped.
     pub(crate) fn lock(
@@ -807,6 +838,32 @@ mod tests {
         assert_eq!(removed, 2);
         // A half-built directory is never listed.
         assert_eq!(store.list().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn leftovers_are_removed_at_start_unless_a_build_runs() {
+        let (_tmp, store) = store();
+        // No templates directory at all: nothing to do.
+        assert!(store.remove_leftovers().unwrap().is_empty());
+        put(&store, ".build-x-0123", None, true);
+        put(&store, ".old-y-4567", None, false);
+        put_meta(&store, "kept", &meta("k"));
+        // A build holds the lock: its directory is not touched.
+        let held = store.lock(&mut |_| {}).unwrap();
+        assert!(store.remove_leftovers().unwrap().is_empty());
+        assert!(store.dir().join(".build-x-0123").exists());
+        drop(held);
+        let mut removed = store.remove_leftovers().unwrap();
+        removed.sort();
+        assert_eq!(
+            removed,
+            [
+                store.dir().join(".build-x-0123"),
+                store.dir().join(".old-y-4567")
+            ]
+        );
+        assert!(leftovers(&store).is_empty());
+        assert!(store.get(&name("kept")).is_ok());
     }
 
     #[test]

@@ -1,34 +1,46 @@
-//! `cubicle tpl ...`: template build, listing and removal.
+//! `cubicle tpl ...`: templates. Built-in templates are built locally through the
+//! template pipeline (`tpl build`, which `scripts/setup` runs before any daemon);
+//! templates from images are built by the daemon as jobs, which `create-from-image`
+//! and `rebuild` submit and follow; `ls`, `info` and `rm` ask the daemon when an API
+//! key is set and read the data dir otherwise.
 
 use std::io::Write;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::Context;
+use cubicle_client::{ApiClient, BuildStarted, ClientError, ImageBuild, ImageProbe};
 use cubicle_core::{uid_map, DataDir, TemplateName};
 use cubicle_template::{
-    BuildEvent, BuildOptions, BuildOutcome, ImageBuildRequest, Probe, Recipe, RegistryAuth,
-    RunOverrides, SandboxDefaults, Template, TemplateMeta, TemplateStore,
+    BuildEvent, BuildOptions, BuildOutcome, Recipe, Template, TemplateMeta, TemplateSource,
+    TemplateStore,
 };
 
 use super::layer_bars::LayerBars;
-use crate::args::{TplBuildArgs, TplCommand, TplCreateFromImageArgs};
+use crate::args::{
+    TplBuildArgs, TplCommand, TplCreateFromImageArgs, TplInfoArgs, TplRebuildArgs, TplRmArgs,
+};
+
+/// How often a followed build's status is asked for.
+const POLL: Duration = Duration::from_millis(200);
 
 /// Runs one `tpl` subcommand.
 pub fn run(data: &DataDir, cmd: TplCommand) -> anyhow::Result<ExitCode> {
     let store = TemplateStore::new(data.clone());
     match cmd {
         TplCommand::Build(args) => build(&store, args),
-        TplCommand::CreateFromImage(args) => create_from_image(&store, *args),
+        TplCommand::CreateFromImage(args) if args.local => create_local(&store, *args),
+        TplCommand::CreateFromImage(args) => super::block_on(create_from_image(*args)),
         TplCommand::Ls(args) if !args.local && api_key_in_env() => {
             super::block_on(ls_api(args.json))
         }
         TplCommand::Ls(args) => ls(&store, args.json),
-        TplCommand::Rm(args) => {
-            let name: TemplateName = args.name.parse()?;
-            store.remove(&name)?;
-            eprintln!("removed template {name}");
-            Ok(ExitCode::SUCCESS)
+        TplCommand::Info(args) if !args.local && api_key_in_env() => {
+            super::block_on(info_api(args))
         }
+        TplCommand::Info(args) => info_local(&store, args),
+        TplCommand::Rm(args) => rm(&store, args),
+        TplCommand::Rebuild(args) => rebuild(&store, args),
     }
 }
 
@@ -40,7 +52,10 @@ fn build(store: &TemplateStore, args: TplBuildArgs) -> anyhow::Result<ExitCode> 
         uid_shift: uid_map::HOST_BASE,
     };
     let mut progress = Progress::new(args.verbose);
-    let outcome = cubicle_template::build(store, recipe, &opts, &mut |e| progress.event(e));
+    let outcome =
+        cubicle_template::build_template(store, &TemplateSource::Recipe(recipe), &opts, &mut |e| {
+            progress.event(e)
+        });
     progress.flush();
     let outcome = outcome.with_context(|| format!("building template '{}'", recipe.name))?;
     match outcome {
@@ -65,24 +80,36 @@ fn build(store: &TemplateStore, args: TplBuildArgs) -> anyhow::Result<ExitCode> 
     Ok(ExitCode::SUCCESS)
 }
 
-fn create_from_image(
-    store: &TemplateStore,
-    args: TplCreateFromImageArgs,
-) -> anyhow::Result<ExitCode> {
+/// `tpl create-from-image --local`: the pipeline in this process, on the data dir.
+fn create_local(store: &TemplateStore, args: TplCreateFromImageArgs) -> anyhow::Result<ExitCode> {
     let name: TemplateName = match &args.template_id {
         Some(id) => id.parse()?,
         None => cubicle_template::oci::generated_template_name().parse()?,
     };
-    let mut progress = Progress::new(true);
     let request = image_request(&args);
+    let source = TemplateSource::Image {
+        name: name.clone(),
+        request: Box::new(request),
+    };
+    let mut progress = Progress::new(true);
     let built =
-        cubicle_template::build_from_image(store, &request, &name, uid_map::HOST_BASE, &mut |e| {
+        cubicle_template::build_template(store, &source, &BuildOptions::default(), &mut |e| {
             progress.event(e)
         });
     progress.flush();
-    let t = built.with_context(|| format!("building template '{name}' from {}", args.image))?;
+    let t = built
+        .with_context(|| format!("building template '{name}' from {}", args.image))?
+        .template()
+        .clone();
+    let mut out = std::io::stdout().lock();
+    if args.json {
+        serde_json::to_writer_pretty(&mut out, &t)?;
+        writeln!(out)?;
+        return Ok(ExitCode::SUCCESS);
+    }
     let layers = t.meta.image.as_ref().map_or(0, |i| i.layers);
-    println!(
+    writeln!(
+        out,
         "built {} from {} in {:.1} s: {} layers, {}, {} files, in {}",
         t.name,
         args.image,
@@ -91,34 +118,34 @@ fn create_from_image(
         human_bytes(t.meta.size_bytes),
         t.meta.file_count,
         t.dir.display()
-    );
+    )?;
     Ok(ExitCode::SUCCESS)
 }
 
-/// The build request `tpl create-from-image`'s flags make.
-fn image_request(args: &TplCreateFromImageArgs) -> ImageBuildRequest {
-    ImageBuildRequest {
+/// The build request `tpl create-from-image --local`'s flags make.
+fn image_request(args: &TplCreateFromImageArgs) -> cubicle_template::ImageBuildRequest {
+    cubicle_template::ImageBuildRequest {
         image: args.image.clone(),
         registry_auth: match (&args.registry_username, &args.registry_password) {
-            (Some(username), Some(password)) => Some(RegistryAuth {
+            (Some(username), Some(password)) => Some(cubicle_template::RegistryAuth {
                 username: username.clone(),
                 password: password.clone(),
             }),
             _ => None,
         },
-        overrides: RunOverrides {
+        overrides: cubicle_template::RunOverrides {
             cmd: args.cmd.clone(),
             args: args.args.clone(),
             env: args.env.clone(),
             workdir: args.workdir.clone(),
             user: args.user.clone(),
         },
-        defaults: SandboxDefaults {
+        defaults: cubicle_template::SandboxDefaults {
             cpu_count: args.cpu,
             memory_mb: args.memory,
             writable_layer_mib: args.writable_layer_size,
             expose_ports: args.expose_ports.clone(),
-            probe: args.probe.map(|port| Probe {
+            probe: args.probe.map(|port| cubicle_template::Probe {
                 port,
                 path: args.probe_path.clone(),
                 timeout_secs: args.probe_timeout,
@@ -126,6 +153,339 @@ fn image_request(args: &TplCreateFromImageArgs) -> ImageBuildRequest {
             ..Default::default()
         },
     }
+}
+
+/// `tpl create-from-image`: submits the build to the daemon and follows it.
+async fn create_from_image(args: TplCreateFromImageArgs) -> anyhow::Result<ExitCode> {
+    let api = daemon("tpl create-from-image")?;
+    let request = image_build(&args);
+    let started = api
+        .build_image(&request)
+        .await
+        .map_err(|e| super::explain(e.into(), &api))?;
+    follow(&api, &started, &args.image, args.json).await
+}
+
+/// The request `tpl create-from-image`'s flags make. A path that exists here is sent
+/// absolute (the daemon resolves it on the same host).
+fn image_build(args: &TplCreateFromImageArgs) -> ImageBuild {
+    let path = std::path::Path::new(&args.image);
+    let image = match std::path::absolute(path) {
+        Ok(abs) if path.exists() => abs.display().to_string(),
+        _ => args.image.clone(),
+    };
+    ImageBuild {
+        image,
+        template_id: args.template_id.clone(),
+        registry_username: args.registry_username.clone(),
+        registry_password: args.registry_password.clone(),
+        writable_layer_size_mb: args.writable_layer_size,
+        expose_ports: args.expose_ports.clone(),
+        probe: args.probe.map(|port| ImageProbe {
+            port,
+            path: args.probe_path.clone(),
+            timeout_secs: args.probe_timeout,
+        }),
+        cmd: args.cmd.clone(),
+        args: args.args.clone(),
+        env: args.env.iter().cloned().collect(),
+        workdir: args.workdir.clone(),
+        user: args.user.clone(),
+        cpu_count: args.cpu,
+        memory_mb: args.memory,
+    }
+}
+
+/// The daemon's client, for a command that needs one.
+fn daemon(command: &str) -> anyhow::Result<ApiClient> {
+    ApiClient::from_env().map_err(|e| match e {
+        ClientError::NoApiKey => anyhow::anyhow!(
+            "`cubicle {command}` builds through the daemon: {e} (and E2B_API_URL if it \
+             does not listen on the default address)"
+        ),
+        other => other.into(),
+    })
+}
+
+/// Follows a build: phases and log lines on stderr as they come; exit 0 with the
+/// template's summary (or its JSON) when it is ready, 1 with the reason when it failed.
+async fn follow(
+    api: &ApiClient,
+    started: &BuildStarted,
+    image: &str,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    eprintln!(
+        "build {} of template {}: {}",
+        started.build_id, started.template_id, started.phase
+    );
+    let mut offset = 0;
+    let status = loop {
+        let status = api
+            .build_status(&started.template_id, &started.build_id, offset)
+            .await
+            .map_err(|e| {
+                anyhow::Error::from(e).context(format!(
+                    "following build {} of template {}",
+                    started.build_id, started.template_id
+                ))
+            })?;
+        offset = status
+            .next_logs_offset
+            .unwrap_or(offset + status.logs.len() as u64);
+        for line in &status.logs {
+            if line.starts_with("== ") || line.starts_with('[') {
+                eprintln!("{line}");
+            } else {
+                eprintln!("    {line}");
+            }
+        }
+        if status.is_finished() {
+            break status;
+        }
+        tokio::time::sleep(POLL).await;
+    };
+    if status.status != "ready" {
+        let reason = status.reason.as_ref();
+        let message = reason.map_or("no reason given", |r| r.message.as_str());
+        let phase = reason
+            .and_then(|r| r.step.as_deref())
+            .map(|s| format!(" while {s}"))
+            .unwrap_or_default();
+        eprintln!(
+            "error: building template '{}' failed{phase}: {message}",
+            started.template_id
+        );
+        return Ok(ExitCode::from(1));
+    }
+    let t = api.template(&started.template_id).await?;
+    let mut out = std::io::stdout().lock();
+    if json {
+        serde_json::to_writer_pretty(&mut out, &t)?;
+        writeln!(out)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let meta: Option<TemplateMeta> = t.meta.clone().and_then(|m| serde_json::from_value(m).ok());
+    match meta {
+        Some(meta) => {
+            let layers = meta.image.as_ref().map_or(0, |i| i.layers);
+            writeln!(
+                out,
+                "built {} from {image} in {:.1} s: {layers} layers, {}, {} files",
+                t.template_id,
+                meta.build_seconds,
+                human_bytes(meta.size_bytes),
+                meta.file_count,
+            )?;
+        }
+        None => writeln!(out, "built {} from {image}", t.template_id)?,
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `tpl rm`: through the daemon when a key is set and it answers, else the data dir.
+fn rm(store: &TemplateStore, args: TplRmArgs) -> anyhow::Result<ExitCode> {
+    if !args.local && api_key_in_env() {
+        let api = ApiClient::from_env()?;
+        match super::block_on(api.delete_template(&args.name)) {
+            Ok(()) => {
+                eprintln!("removed template {}", args.name);
+                return Ok(ExitCode::SUCCESS);
+            }
+            Err(e) if e.is_unreachable() => {
+                eprintln!(
+                    "note: {e}; removing it from {} directly",
+                    store.dir().display()
+                );
+            }
+            Err(e) => return Err(super::explain(e.into(), &api)),
+        }
+    }
+    let name: TemplateName = args.name.parse()?;
+    store.remove(&name)?;
+    eprintln!("removed template {name}");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `tpl rebuild`: built-in templates locally, image templates through a daemon job.
+fn rebuild(store: &TemplateStore, args: TplRebuildArgs) -> anyhow::Result<ExitCode> {
+    if Recipe::builtin(&args.name).is_ok() {
+        return build(
+            store,
+            TplBuildArgs {
+                name: args.name,
+                rebuild: true,
+                mirror: args.mirror,
+                verbose: false,
+            },
+        );
+    }
+    super::block_on(async {
+        let api = daemon("tpl rebuild")?;
+        let registry = args
+            .registry_username
+            .as_deref()
+            .zip(args.registry_password.as_deref());
+        let started = api
+            .rebuild_template(&args.name, registry)
+            .await
+            .map_err(|e| super::explain(e.into(), &api))?;
+        let source = api
+            .template(&started.template_id)
+            .await
+            .ok()
+            .and_then(|t| t.meta)
+            .and_then(|m| m["image"]["source"].as_str().map(str::to_owned))
+            .unwrap_or_else(|| "its image".into());
+        follow(&api, &started, &source, args.json).await
+    })
+}
+
+/// `tpl info` from the data dir.
+fn info_local(store: &TemplateStore, args: TplInfoArgs) -> anyhow::Result<ExitCode> {
+    let name: TemplateName = args.name.parse()?;
+    let t = store.get(&name)?;
+    let mut out = std::io::stdout().lock();
+    if args.json {
+        serde_json::to_writer_pretty(&mut out, &t)?;
+        writeln!(out)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    write!(out, "{}", describe(t.name.as_str(), &t.meta, &[]))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `tpl info` through the daemon (`GET /templates/{id}`), with its builds.
+async fn info_api(args: TplInfoArgs) -> anyhow::Result<ExitCode> {
+    let api = ApiClient::from_env()?;
+    let t = api
+        .template(&args.name)
+        .await
+        .map_err(|e| super::explain(e.into(), &api))?;
+    let mut out = std::io::stdout().lock();
+    if args.json {
+        serde_json::to_writer_pretty(&mut out, &t)?;
+        writeln!(out)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let meta: TemplateMeta = serde_json::from_value(t.meta.clone().unwrap_or_default())
+        .context("the daemon's answer has no readable template.json (meta)")?;
+    let builds: Vec<String> = t
+        .builds
+        .iter()
+        .flatten()
+        .map(|b| {
+            let mut line = format!(
+                "{} {} {}",
+                b["buildID"].as_str().unwrap_or("?"),
+                b["phase"].as_str().or(b["status"].as_str()).unwrap_or("?"),
+                b["createdAt"].as_str().unwrap_or("")
+            );
+            if let Some(m) = b["reason"]["message"].as_str() {
+                line.push_str(&format!(": {m}"));
+            }
+            line
+        })
+        .collect();
+    write!(out, "{}", describe(&t.template_id, &meta, &builds))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// What `tpl info` prints: one `key: value` line per fact.
+fn describe(name: &str, meta: &TemplateMeta, builds: &[String]) -> String {
+    let mut rows: Vec<(&str, String)> = vec![("name", name.to_owned())];
+    if !meta.aliases.is_empty() {
+        rows.push(("aliases", meta.aliases.join(", ")));
+    }
+    if let Some(p) = &meta.parent {
+        rows.push(("parent", p.clone()));
+    }
+    match &meta.image {
+        Some(i) => {
+            rows.push(("source", format!("image {} ({})", i.source, i.format)));
+            rows.push(("digest", i.digest.clone()));
+            rows.push(("platform", i.platform.clone()));
+            rows.push(("layers", i.layers.to_string()));
+            let c = &i.config;
+            let argv: Vec<&String> = c.entrypoint.iter().chain(&c.cmd).collect();
+            if !argv.is_empty() {
+                rows.push(("image cmd", format!("{argv:?}")));
+            }
+        }
+        None => {
+            let hash: String = meta.recipe_hash.chars().take(12).collect();
+            rows.push(("source", format!("recipe {}:{hash}", meta.recipe)));
+            if !meta.mirror.is_empty() {
+                rows.push(("mirror", meta.mirror.clone()));
+            }
+        }
+    }
+    rows.push((
+        "size",
+        format!(
+            "{}, {} files",
+            human_bytes(meta.size_bytes),
+            meta.file_count
+        ),
+    ));
+    rows.push((
+        "built",
+        format!("{} in {:.1} s", built_when(meta), meta.build_seconds),
+    ));
+    if meta.code_interpreter {
+        rows.push(("code interpreter", "yes".into()));
+    }
+    let d = &meta.sandbox;
+    if let Some(c) = d.cpu_count {
+        rows.push(("cpus", c.to_string()));
+    }
+    if let Some(m) = d.memory_mb {
+        rows.push(("memory", format!("{m} MiB")));
+    }
+    if let Some(w) = d.writable_layer_mib {
+        rows.push(("writable layer", format!("{w} MiB")));
+    }
+    if !d.expose_ports.is_empty() {
+        let ports: Vec<String> = d.expose_ports.iter().map(u16::to_string).collect();
+        rows.push(("exposed ports", ports.join(", ")));
+    }
+    if !d.env.is_empty() {
+        let env: Vec<String> = d.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        rows.push(("env", env.join(" ")));
+    }
+    if let Some(s) = &d.service {
+        let mut line = format!("{:?}", s.argv);
+        if let Some(w) = &s.workdir {
+            line.push_str(&format!(" in {w}"));
+        }
+        if let Some(u) = &s.user {
+            line.push_str(&format!(" as {u}"));
+        }
+        rows.push(("service", line));
+    }
+    if let Some(p) = &d.probe {
+        rows.push((
+            "probe",
+            format!(
+                "GET http://127.0.0.1:{}{} within {} s",
+                p.port, p.path, p.timeout_secs
+            ),
+        ));
+    }
+    for (i, b) in builds.iter().enumerate() {
+        rows.push((if i == 0 { "builds" } else { "" }, b.clone()));
+    }
+    let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0) + 1;
+    rows.iter()
+        .map(|(k, v)| {
+            let key = if k.is_empty() {
+                String::new()
+            } else {
+                format!("{k}:")
+            };
+            format!("{key:<width$} {v}\n")
+        })
+        .collect()
 }
 
 fn ls(store: &TemplateStore, json: bool) -> anyhow::Result<ExitCode> {
@@ -310,6 +670,11 @@ impl Progress {
                 self.flush();
                 self.run = verb.map(str::to_owned);
                 eprintln!("    {line}");
+            }
+            // Progress this version does not know how to show, as it is.
+            other => {
+                self.flush();
+                eprintln!("    {other:?}");
             }
         }
     }

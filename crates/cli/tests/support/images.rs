@@ -236,3 +236,24 @@ pub fn write_docker_save(path: &Path, base: &Path) {
     }
     fs::write(path, b.into_inner().unwrap()).unwrap();
 }
+
+/// A layer holding one file of `mib` MiB (zeros) at `path`: slow to verify and unpack.
+pub fn big_layer(path: &str, mib: usize) -> Vec<u8> {
+    files_layer(&[(path, &vec![0u8; mib << 20])])
+}
+
+/// Changes one byte of layer `index` (from 0) of a single-manifest OCI layout, keeping
+/// its name (its digest) and size: the image is then corrupt.
+pub fn corrupt_layer(layout: &Path, index: usize) {
+    let read = |p: &Path| -> Value { serde_json::from_slice(&fs::read(p).unwrap()).unwrap() };
+    let blob_path = |digest: &str| layout.join("blobs/sha256").join(&digest[7..]);
+    let index_json = read(&layout.join("index.json"));
+    let manifest = read(&blob_path(
+        index_json["manifests"][0]["digest"].as_str().unwrap(),
+    ));
+    let layer = blob_path(manifest["layers"][index]["digest"].as_str().unwrap());
+    let mut data = fs::read(&layer).unwrap();
+    let middle = data.len() / 2;
+    data[middle] ^= 0xff;
+    fs::write(&layer, data).unwrap();
+}

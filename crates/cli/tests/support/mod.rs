@@ -80,10 +80,33 @@ impl Daemon {
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
         std::os::unix::fs::symlink(templates, dir.path().join("templates")).unwrap();
         let addr = free_addr();
-        let log = |name: &str| std::fs::File::create(dir.path().join(name)).unwrap();
+        let mut daemon = Daemon {
+            url: format!("http://{addr}"),
+            key: String::new(),
+            dir,
+            child: None,
+        };
+        daemon.spawn();
+        daemon.key = std::fs::read_to_string(daemon.dir.path().join("initial-api-key"))
+            .expect("initial-api-key")
+            .trim()
+            .to_owned();
+        daemon
+    }
+
+    /// Starts `cubicle serve` on this data dir and address; returns once it answers.
+    fn spawn(&mut self) {
+        let addr = self.url.trim_start_matches("http://").to_owned();
+        let log = |name: &str| {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(self.dir.path().join(name))
+                .unwrap()
+        };
         let child = Command::new(cubicle_bin())
             .arg("--data-dir")
-            .arg(dir.path())
+            .arg(self.dir.path())
             .args(["serve", "--listen", &addr])
             .env("CUBICLE_AGENT_BIN", agent_bin())
             .env("CUBICLE_LOG", "info")
@@ -92,18 +115,28 @@ impl Daemon {
             .stderr(log("serve.err"))
             .spawn()
             .expect("spawn cubicle serve");
-        let mut daemon = Daemon {
-            url: format!("http://{addr}"),
-            key: String::new(),
-            dir,
-            child: Some(child),
-        };
-        daemon.wait_ready(&addr);
-        daemon.key = std::fs::read_to_string(daemon.dir.path().join("initial-api-key"))
-            .expect("initial-api-key")
-            .trim()
-            .to_owned();
-        daemon
+        self.child = Some(child);
+        self.wait_ready(&addr);
+    }
+
+    /// SIGKILL: the daemon dies at once, as in a crash (sandboxes keep running).
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
+    }
+
+    /// Starts the daemon again (after [`Daemon::kill`] or [`Daemon::stop`]), same data
+    /// dir, address and key.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "the daemon is still running");
+        self.spawn();
+    }
+
+    /// A typed API client for this daemon.
+    pub fn api(&self) -> cubicle_client::ApiClient {
+        cubicle_client::ApiClient::new(&self.url, &self.key).unwrap()
     }
 
     fn wait_ready(&mut self, addr: &str) {
