@@ -14,7 +14,9 @@
 //! - **Images**: a template can also come from a container image on disk (an OCI
 //!   layout, an OCI archive or a `docker save` archive; see [`oci`] and
 //!   [`build_from_image`]): its layers are verified and unpacked into `rootfs/`, then
-//!   shifted and installed like a recipe's.
+//!   shifted and installed like a recipe's. The image config's entrypoint, cmd, env,
+//!   working directory and user, with the build's overrides, become the template's
+//!   service and environment ([`run_config`], [`SandboxDefaults`]).
 //! - **Storing** templates on disk and finding them again, by name or alias
 //!   ([`TemplateStore`]).
 //!
@@ -50,6 +52,7 @@ mod meta;
 pub mod mirror;
 pub mod oci;
 pub mod recipe;
+pub mod run_config;
 mod shift;
 mod store;
 
