@@ -22,6 +22,7 @@ mod template_ready;
 
 use crate::{now_ms, ControlError};
 pub use snapshots::{SnapshotListRequest, FORK_DEFAULT_TIMEOUT, MAX_FORKS};
+pub use template_ready::{prepare_template, template_checkpoint, PreparedTemplate};
 
 /// How the control plane behaves.
 #[derive(Debug, Clone)]
@@ -142,6 +143,9 @@ struct Launch {
     secure: bool,
     allow_internet_access: bool,
     auto_pause: bool,
+    /// The template's main service, for a sandbox started fresh (a restored one has
+    /// it running already).
+    service: Option<cubicle_runtime::ServiceConfig>,
 }
 
 /// The sandbox made by the first create with one idempotency key (locked while that
@@ -375,6 +379,7 @@ impl Controller {
                     secure: request.secure,
                     allow_internet_access: request.allow_internet_access,
                     auto_pause: request.auto_pause,
+                    service: None,
                 };
                 let dir = self.snapshot_dir(&snapshot.key);
                 self.launch(owner, launch, &snapshot, Some(&dir)).await?
@@ -422,7 +427,16 @@ impl Controller {
         let timeout = request
             .timeout_secs
             .unwrap_or(self.config.default_timeout.as_secs());
-        let limits = self.config.limits;
+        // The template's CPU and memory (E2B's create has no fields for them).
+        let limits = template_ready::template_limits(&template, self.config.limits);
+        // The template's environment under the request's.
+        let mut env_vars = template.meta.sandbox.env.clone();
+        env_vars.extend(request.env_vars);
+        // A template with a service starts from its checkpoint, service running.
+        let checkpoint = template_checkpoint(&template);
+        if template.meta.sandbox.service.is_some() && checkpoint.is_none() {
+            tracing::warn!(template = %template.name, "template's service has no checkpoint; starting it fresh");
+        }
         // What a start needs, in the shape a snapshot has (nothing of it is stored).
         let from = SnapshotRecord {
             key: String::new(),
@@ -450,12 +464,14 @@ impl Controller {
             alias: Some(template_name.to_string()),
             timeout_secs: timeout,
             metadata: request.metadata,
-            env_vars: request.env_vars,
+            env_vars,
             secure: request.secure,
             allow_internet_access: request.allow_internet_access,
             auto_pause: request.auto_pause,
+            service: template_ready::service_config(&template),
         };
-        self.launch(owner, launch, &from, None).await
+        self.launch(owner, launch, &from, checkpoint.as_deref())
+            .await
     }
 
     /// Records a new sandbox as `creating`, starts it (fresh from `from`'s layers, or
@@ -497,7 +513,8 @@ impl Controller {
             auto_pause: launch.auto_pause,
         };
         self.store.insert_sandbox(&record)?;
-        let spec = self.spec_for(&record, from);
+        let mut spec = self.spec_for(&record, from);
+        spec.agent.service = launch.service;
         let started = match checkpoint {
             None => self.runtime.create(spec).await,
             Some(dir) => self.runtime.restore(dir, spec).await,
@@ -554,6 +571,7 @@ impl Controller {
                 max_upload_bytes: self.config.max_upload_bytes,
                 code_interpreter: from.code_interpreter,
                 warm_python: None,
+                service: None,
             },
         }
     }

@@ -15,6 +15,8 @@
 //! - **snapshots, fork and rollback**: checkpoints of a sandbox (under its operation
 //!   lock) recorded `creating` then `ready`, sandboxes restored from them (a create
 //!   naming a snapshot, a fork), and a sandbox put back to one of its own snapshots;
+//! - **templates with a service** (`template_ready`): the service started once,
+//!   probed and checkpointed at build time; their sandboxes are restored from it;
 //! - **metrics**: a sampler records CPU, memory and disk of every running sandbox every
 //!   few seconds, kept for a while in memory.
 //!
@@ -31,8 +33,8 @@ mod request;
 pub mod testing;
 
 pub use controller::{
-    ControlConfig, Controller, Route, SnapshotListRequest, TemplateSummary, FORK_DEFAULT_TIMEOUT,
-    MAX_FORKS,
+    prepare_template, template_checkpoint, ControlConfig, Controller, PreparedTemplate, Route,
+    SnapshotListRequest, TemplateSummary, FORK_DEFAULT_TIMEOUT, MAX_FORKS,
 };
 pub use error::ControlError;
 pub use metrics::MetricSample;

@@ -6,18 +6,22 @@ use std::process::ExitCode;
 use anyhow::Context;
 use cubicle_core::{uid_map, DataDir, TemplateName};
 use cubicle_template::{
-    BuildEvent, BuildOptions, BuildOutcome, ImageBuildRequest, Probe, Recipe, RegistryAuth,
-    RunOverrides, SandboxDefaults, Template, TemplateMeta, TemplateStore,
+    BuildEvent, BuildOptions, BuildOutcome, BuildPhase, ImageBuildRequest, Probe, Recipe,
+    RegistryAuth, RunOverrides, SandboxDefaults, Template, TemplateMeta, TemplateStore,
 };
 
 use crate::args::{TplBuildArgs, TplCommand, TplCreateFromImageArgs};
 
 /// Runs one `tpl` subcommand.
-pub fn run(data: &DataDir, cmd: TplCommand) -> anyhow::Result<ExitCode> {
+pub fn run(
+    data: &DataDir,
+    agent_bin: Option<std::path::PathBuf>,
+    cmd: TplCommand,
+) -> anyhow::Result<ExitCode> {
     let store = TemplateStore::new(data.clone());
     match cmd {
         TplCommand::Build(args) => build(&store, args),
-        TplCommand::CreateFromImage(args) => create_from_image(&store, *args),
+        TplCommand::CreateFromImage(args) => create_from_image(data, agent_bin, &store, *args),
         TplCommand::Ls(args) if !args.local && api_key_in_env() => {
             super::block_on(ls_api(args.json))
         }
@@ -65,6 +69,8 @@ fn build(store: &TemplateStore, args: TplBuildArgs) -> anyhow::Result<ExitCode> 
 }
 
 fn create_from_image(
+    data: &DataDir,
+    agent_bin: Option<std::path::PathBuf>,
     store: &TemplateStore,
     args: TplCreateFromImageArgs,
 ) -> anyhow::Result<ExitCode> {
@@ -80,6 +86,40 @@ fn create_from_image(
         });
     progress.flush();
     let t = built.with_context(|| format!("building template '{name}' from {}", args.image))?;
+    // The snapshotting phase, run here until builds are daemon jobs (which will call
+    // `Controller::prepare_template`): a template with a service is started once in this
+    // process's own runtime, probed, checkpointed; a failure removes the template.
+    let prepared = if t.meta.sandbox.service.is_some() {
+        progress.event(BuildEvent::Phase(BuildPhase::Snapshotting));
+        let prepared = super::block_on(async {
+            let runtime = super::ns_runtime(data, agent_bin)?;
+            let limits = cubicle_core::Limits::default();
+            cubicle_control::prepare_template(&runtime, store, &t, limits, 1 << 30)
+                .await
+                .map_err(|e| anyhow::anyhow!(e.chain()))
+        });
+        match prepared {
+            Ok(p) => p,
+            Err(e) => {
+                if let Err(rm) = store.remove(&t.name) {
+                    eprintln!("removing the template after the failure: {rm}");
+                }
+                return Err(e.context(format!(
+                    "building template '{name}' from {}: its service did not become ready",
+                    args.image
+                )));
+            }
+        }
+    } else {
+        None
+    };
+    progress.event(BuildEvent::Phase(BuildPhase::Ready));
+    if args.json {
+        let mut out = std::io::stdout().lock();
+        serde_json::to_writer_pretty(&mut out, &t)?;
+        writeln!(out)?;
+        return Ok(ExitCode::SUCCESS);
+    }
     let layers = t.meta.image.as_ref().map_or(0, |i| i.layers);
     println!(
         "built {} from {} in {:.1} s: {} layers, {}, {} files, in {}",
@@ -91,6 +131,37 @@ fn create_from_image(
         t.meta.file_count,
         t.dir.display()
     );
+    let sandbox = &t.meta.sandbox;
+    if let Some(service) = &sandbox.service {
+        println!(
+            "service: {} as {} in {}",
+            cubicle_template::run_config::shell_words(&service.argv),
+            service.user.as_deref().unwrap_or("root"),
+            service.workdir.as_deref().unwrap_or("/")
+        );
+    }
+    if !sandbox.expose_ports.is_empty() {
+        let ports: Vec<String> = sandbox.expose_ports.iter().map(u16::to_string).collect();
+        println!(
+            "exposed ports: {} (reachable as {{port}}-{{sandbox id}}.{{domain}})",
+            ports.join(", ")
+        );
+    }
+    if let Some(p) = prepared {
+        let probe = match &p.probe_answer {
+            Some(answer) => format!(
+                "answered the probe ({answer}) after {:.2} s",
+                p.ready.as_secs_f64()
+            ),
+            None => format!("kept running for {:.1} s (no probe)", p.ready.as_secs_f64()),
+        };
+        println!(
+            "snapshotted: the service started in {:.2} s, {probe}; checkpoint of {} in {:.2} s",
+            p.start.as_secs_f64(),
+            human_bytes(p.size_bytes),
+            p.checkpoint_time.as_secs_f64()
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }
 
