@@ -10,12 +10,11 @@
 mod support;
 
 use std::fs;
-use std::io::Write;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 
 use serde_json::json;
-use sha2::{Digest, Sha256};
+use support::oci::{blob, dir, file, gzip, sha, symlink};
 use support::{cubicle_bin, templates_dir, Daemon};
 
 /// Files of the `base` rootfs the image's first layer copies: bash (which commands
@@ -28,40 +27,6 @@ const COPIED: &[&str] = &[
     "usr/lib/x86_64-linux-gnu/libtinfo.so.6",
     "usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2",
 ];
-
-fn sha(data: &[u8]) -> String {
-    let hex: String = Sha256::digest(data)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    format!("sha256:{hex}")
-}
-
-fn header(kind: tar::EntryType, size: u64, mode: u32) -> tar::Header {
-    let mut h = tar::Header::new_gnu();
-    h.set_entry_type(kind);
-    h.set_size(size);
-    h.set_mode(mode);
-    h.set_uid(0);
-    h.set_gid(0);
-    h.set_mtime(1_700_000_000);
-    h
-}
-
-fn file(b: &mut tar::Builder<Vec<u8>>, path: &str, data: &[u8], mode: u32) {
-    let mut h = header(tar::EntryType::Regular, data.len() as u64, mode);
-    b.append_data(&mut h, path, data).unwrap();
-}
-
-fn symlink(b: &mut tar::Builder<Vec<u8>>, path: &str, target: &str) {
-    let mut h = header(tar::EntryType::Symlink, 0, 0o777);
-    b.append_link(&mut h, path, target).unwrap();
-}
-
-fn dir(b: &mut tar::Builder<Vec<u8>>, path: &str, mode: u32) {
-    let mut h = header(tar::EntryType::Directory, 0, mode);
-    b.append_data(&mut h, path, std::io::empty()).unwrap();
-}
 
 fn userland_layer(base: &Path) -> Vec<u8> {
     let mut b = tar::Builder::new(Vec::new());
@@ -101,20 +66,6 @@ fn marker_layer() -> Vec<u8> {
     file(&mut b, "marker", b"from the image\n", 0o644);
     file(&mut b, "etc/.wh.gone", b"", 0o644);
     b.into_inner().unwrap()
-}
-
-fn gzip(data: &[u8]) -> Vec<u8> {
-    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-    gz.write_all(data).unwrap();
-    gz.finish().unwrap()
-}
-
-fn blob(layout: &Path, media_type: &str, data: &[u8]) -> serde_json::Value {
-    let digest = sha(data);
-    let blobs = layout.join("blobs/sha256");
-    fs::create_dir_all(&blobs).unwrap();
-    fs::write(blobs.join(&digest[7..]), data).unwrap();
-    json!({"mediaType": media_type, "digest": digest, "size": data.len()})
 }
 
 /// Writes an OCI layout of the two layers (the first gzipped) for `arch`.

@@ -8,6 +8,8 @@
 
 #![allow(dead_code)]
 
+pub mod oci;
+
 use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
