@@ -61,7 +61,10 @@ fn http(d: &Daemon, method: &str, path: &str, host: &str, body: &str) -> (u16, S
         .nth(1)
         .and_then(|c| c.parse().ok())
         .unwrap_or(0);
-    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b).to_owned();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_owned();
     (status, body)
 }
 
@@ -85,7 +88,11 @@ fn exec(d: &Daemon, id: &str, script: &str) -> String {
 
 #[test]
 fn templates_with_a_service_answer_right_after_create() {
-    assert_eq!(nix::unistd::geteuid().as_raw(), 0, "building templates needs root");
+    assert_eq!(
+        nix::unistd::geteuid().as_raw(),
+        0,
+        "building templates needs root"
+    );
     let base = templates_dir().join("base/rootfs");
     assert!(
         base.join("usr/bin/python3").is_file(),
@@ -160,7 +167,10 @@ fn templates_with_a_service_answer_right_after_create() {
     );
     assert_eq!(sandbox["expose_ports"], json!([8000]));
     assert_eq!(sandbox["env"]["GREETING"], "hello from the image");
-    assert_eq!(sandbox["probe"], json!({"port": 8000, "path": "/", "timeout_secs": 30}));
+    assert_eq!(
+        sandbox["probe"],
+        json!({"port": 8000, "path": "/", "timeout_secs": 30})
+    );
     assert!(templates.join("svc/checkpoint/checkpoint.json").is_file());
 
     // From the `docker save` archive, with every override.
@@ -255,7 +265,11 @@ fn templates_with_a_service_answer_right_after_create() {
         "the service exited with status 3",
         "starting up\ncannot bind",
     ] {
-        assert!(exits.stderr.contains(part), "no {part:?} in {}", exits.stderr);
+        assert!(
+            exits.stderr.contains(part),
+            "no {part:?} in {}",
+            exits.stderr
+        );
     }
     // Refused before anything runs.
     let refused = cubicle(
@@ -308,7 +322,10 @@ fn templates_with_a_service_answer_right_after_create() {
     );
     assert_eq!(status, 201, "{body}");
     let forks: serde_json::Value = serde_json::from_str(&body).unwrap();
-    let fork = forks[0]["sandbox"]["sandboxID"].as_str().unwrap().to_owned();
+    let fork = forks[0]["sandbox"]["sandboxID"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     let (status, body) = get_port(&d, &fork, 8000);
     assert_eq!(status, 200, "{body}");
 
@@ -326,12 +343,15 @@ fn templates_with_a_service_answer_right_after_create() {
     let (status, body) = http(&d, "GET", &format!("/sandboxes/{over}"), &listen, "");
     assert_eq!(status, 200, "{body}");
     let info: serde_json::Value = serde_json::from_str(&body).unwrap();
-    assert_eq!((info["cpuCount"].clone(), info["memoryMB"].clone()), (json!(1), json!(512)));
+    assert_eq!(
+        (info["cpuCount"].clone(), info["memoryMB"].clone()),
+        (json!(1), json!(512))
+    );
     let (status, _) = get_port(&d, &over, 8000);
     assert_eq!(status, 502, "nothing listens on 8000 in this one");
 
     // How long creates take: restored with the service vs. a plain template.
-    let mut timed = |template: &str| {
+    let timed = |template: &str| {
         let mut ms: Vec<f64> = (0..5)
             .map(|_| {
                 let t = Instant::now();

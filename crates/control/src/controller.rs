@@ -90,6 +90,10 @@ pub struct TemplateSummary {
     pub recipe_hash: String,
     /// Size of its root filesystem, bytes.
     pub size_bytes: u64,
+    /// CPUs of its sandboxes, if the template sets them (else the daemon's default).
+    pub cpu_count: Option<u32>,
+    /// Memory of its sandboxes in MiB, if the template sets it.
+    pub memory_mb: Option<u64>,
 }
 
 /// A running or paused sandbox in the live index.
@@ -514,9 +518,22 @@ impl Controller {
         };
         self.store.insert_sandbox(&record)?;
         let mut spec = self.spec_for(&record, from);
-        spec.agent.service = launch.service;
+        spec.agent.service = launch.service.clone();
+        let fresh_if_restore_fails = launch.service.is_some();
         let started = match checkpoint {
             None => self.runtime.create(spec).await,
+            Some(dir) if fresh_if_restore_fails => {
+                // A template's checkpoint can go stale (a new agent binary, a changed
+                // host); its service then starts fresh, as without a checkpoint.
+                match self.runtime.restore(dir, spec.clone()).await {
+                    Ok(info) => Ok(info),
+                    Err(e) => {
+                        tracing::warn!(sandbox = %id, template = %record.template, error = %e,
+                            "the template's checkpoint did not restore; starting its service fresh (rebuild the template to checkpoint it again)");
+                        self.runtime.create(spec).await
+                    }
+                }
+            }
             Some(dir) => self.runtime.restore(dir, spec).await,
         };
         let info = match started {
@@ -1001,6 +1018,8 @@ fn summary(t: cubicle_template::Template) -> TemplateSummary {
         built_at_ms: t.meta.built_at_unix().map(|s| s as i64 * 1000).unwrap_or(0),
         recipe_hash: t.meta.recipe_hash.clone(),
         size_bytes: t.meta.size_bytes,
+        cpu_count: t.meta.sandbox.cpu_count,
+        memory_mb: t.meta.sandbox.memory_mb,
     }
 }
 
