@@ -439,7 +439,7 @@ impl Controller {
         // A template with a service starts from its checkpoint, service running.
         let checkpoint = template_checkpoint(&template);
         if template.meta.sandbox.service.is_some() && checkpoint.is_none() {
-            tracing::warn!(template = %template.name, "template's service has no checkpoint; starting it fresh");
+            tracing::debug!(template = %template.name, "template's service has no checkpoint; starting it fresh");
         }
         // What a start needs, in the shape a snapshot has (nothing of it is stored).
         let from = SnapshotRecord {

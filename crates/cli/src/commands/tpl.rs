@@ -147,7 +147,12 @@ fn create_from_image(
             ports.join(", ")
         );
     }
-    if let Some(p) = prepared {
+    if let Some(ended) = prepared.as_ref().and_then(|p| p.completed.as_ref()) {
+        println!(
+            "the service {ended} within a second (a one-shot command, no probe): every sandbox \
+             runs it afresh; no checkpoint"
+        );
+    } else if let Some(p) = prepared {
         let probe = match &p.probe_answer {
             Some(answer) => format!(
                 "answered the probe ({answer}) after {:.2} s",

@@ -5,7 +5,10 @@
 //!
 //! The sandbox used for it goes through the runtime only (no store record, no owner, no
 //! live-index entry) and is destroyed whatever happens. Without a probe, the service
-//! only has to be still running [`SETTLE`] after it started.
+//! only has to be still running [`SETTLE`] after it started, or to have ended with
+//! status 0 by then: a one-shot command (a base image's `bash`, which ends at once on
+//! an empty stdin), which then runs afresh in each sandbox, as in a container, and no
+//! checkpoint is written.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -22,6 +25,8 @@ use crate::ControlError;
 pub const CHECKPOINT_DIR: &str = "checkpoint";
 /// How long a service without a probe must keep running before it is checkpointed.
 pub const SETTLE: Duration = Duration::from_secs(1);
+/// How the agent says a service ended with status 0.
+const COMPLETED: &str = "exited with status 0";
 /// Lines of the service's log a failure shows.
 const LOG_LINES: usize = 20;
 /// First and longest pause between two probes.
@@ -33,8 +38,11 @@ const PROBE_ATTEMPT: Duration = Duration::from_secs(5);
 /// What preparing a template did.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PreparedTemplate {
-    /// Where the checkpoint is.
-    pub checkpoint: PathBuf,
+    /// Where the checkpoint is; `None` when the service (without a probe) completed
+    /// with status 0, so its sandboxes start it afresh.
+    pub checkpoint: Option<PathBuf>,
+    /// How the service ended during the build, if it did (with status 0).
+    pub completed: Option<String>,
     /// Its size, bytes.
     pub size_bytes: u64,
     /// The probe's answer (its status line), if there is a probe.
@@ -144,7 +152,13 @@ pub async fn prepare_template(
     if result.is_err() {
         let _ = remove_dir(&dir);
     }
-    if let Ok(Some(p)) = &result {
+    if let Ok(Some(PreparedTemplate {
+        completed: Some(ended),
+        ..
+    })) = &result
+    {
+        tracing::info!(template = %template.name, %ended, "template's command completed; its sandboxes run it afresh");
+    } else if let Ok(Some(p)) = &result {
         tracing::info!(
             template = %template.name, bytes = p.size_bytes,
             start_ms = p.start.as_millis() as u64, ready_ms = p.ready.as_millis() as u64,
@@ -166,7 +180,17 @@ async fn ready_and_checkpoint(
     let probe_answer = match &template.meta.sandbox.probe {
         Some(probe) => Some(wait_for_probe(socket, probe).await?),
         None => {
-            wait_settled(socket).await?;
+            if let Some(ended) = wait_settled(socket).await? {
+                return Ok(PreparedTemplate {
+                    checkpoint: None,
+                    completed: Some(ended),
+                    size_bytes: 0,
+                    probe_answer: None,
+                    start: Duration::ZERO,
+                    ready: t0.elapsed(),
+                    checkpoint_time: Duration::ZERO,
+                });
+            }
             None
         }
     };
@@ -174,7 +198,8 @@ async fn ready_and_checkpoint(
     let t1 = Instant::now();
     let info = runtime.checkpoint(id, dir).await?;
     Ok(PreparedTemplate {
-        checkpoint: dir.to_owned(),
+        checkpoint: Some(dir.to_owned()),
+        completed: None,
         size_bytes: info.size_bytes,
         probe_answer,
         start: Duration::ZERO,
@@ -225,19 +250,23 @@ async fn wait_for_probe(
 }
 
 /// Waits [`SETTLE`] and checks the service still runs (checked every 50 ms, so a
-/// service that fails at once fails the build at once).
-async fn wait_settled(socket: &Path) -> Result<(), ControlError> {
+/// service that fails at once fails the build at once). `Some(how it ended)` for a
+/// service that completed with status 0.
+async fn wait_settled(socket: &Path) -> Result<Option<String>, ControlError> {
     let deadline = Instant::now() + SETTLE;
     loop {
         let status = status_of(socket).await?;
         if !status.running {
-            return Err(failure(
-                "the service did not keep running (the template has no probe)",
-                &status,
-            ));
+            return match &status.ended {
+                Some(ended) if ended == COMPLETED => Ok(Some(ended.clone())),
+                _ => Err(failure(
+                    "the service did not keep running (the template has no probe)",
+                    &status,
+                )),
+            };
         }
         if Instant::now() >= deadline {
-            return Ok(());
+            return Ok(None);
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
