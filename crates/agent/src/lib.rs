@@ -10,7 +10,8 @@
 //!   host only ([`tunnel`]).
 //!
 //! In templates that enable it, it also serves E2B's code interpreter on
-//! `127.0.0.1:49999` ([`interpreter`]).
+//! `127.0.0.1:49999` ([`interpreter`]); in templates with a main service (an image's
+//! entrypoint) it starts and watches that service ([`service`]).
 //!
 //! It runs on a single-threaded tokio runtime and never needs a new thread, so a fork
 //! bomb that exhausts the sandbox's pids limit cannot take it down; as pid 1 it reaps
@@ -25,6 +26,7 @@ pub mod process;
 pub mod reaper;
 pub mod rpc;
 pub mod server;
+pub mod service;
 pub mod tunnel;
 pub mod users;
 pub mod watch;

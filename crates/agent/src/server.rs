@@ -35,6 +35,8 @@ pub struct Agent {
     pub host_connections: HostConnections,
     /// Id, access token and env vars: set from `config`, replaced after a restore.
     pub identity: SharedIdentity,
+    /// The template's main service, if it has one.
+    pub service: Arc<crate::service::Service>,
 }
 
 /// The agent's [`AgentIdentity`], shared with the code interpreter.
@@ -94,6 +96,7 @@ impl Agent {
             processes: process::Processes::default(),
             watchers: watch::Watchers::default(),
             host_connections: HostConnections::default(),
+            service: Arc::default(),
         }
     }
 
@@ -120,7 +123,9 @@ impl Agent {
             UserError::Unknown(name) => {
                 ConnectError::new(Code::Unauthenticated, format!("invalid username: '{name}'"))
             }
-            e @ UserError::Read { .. } => ConnectError::new(Code::Internal, e.to_string()),
+            e @ (UserError::Read { .. } | UserError::UnknownGroup(_)) => {
+                ConnectError::new(Code::Internal, e.to_string())
+            }
         })
     }
 }
@@ -141,6 +146,9 @@ pub async fn run(config: AgentConfig) -> io::Result<()> {
     }
     cubicle_runtime::ns::init::report_ready()?;
     tracing::info!(sandbox = %agent.config.sandbox_id, "agent ready");
+    if let Some(service) = agent.config.service.clone() {
+        crate::service::start(&agent, &service);
+    }
     serve(listener, agent).await
 }
 
@@ -253,6 +261,9 @@ async fn serve_connection(
             if from_host && req.method() == Method::POST && req.uri().path() == IDENTITY_PATH {
                 return Ok(set_identity(&agent, req).await);
             }
+            if from_host && req.method() == Method::GET && req.uri().path() == SERVICE_PATH {
+                return Ok(rpc::json(StatusCode::OK, &agent.service.status()));
+            }
             let has_body = has_body(&req);
             let mut resp = route(&agent, from_host, req).await;
             close_after_refusal(has_body, &mut resp);
@@ -267,6 +278,7 @@ async fn serve_connection(
 }
 
 use cubicle_runtime::ns::checkpoint::{IDENTITY_PATH, QUIESCE_PATH};
+use cubicle_runtime::ns::message::SERVICE_PATH;
 
 /// Takes over the identity a restored sandbox is given (host only).
 async fn set_identity(agent: &Agent, req: Request<Incoming>) -> Response<Body> {

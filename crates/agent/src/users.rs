@@ -27,6 +27,9 @@ pub enum UserError {
     /// No such user in `/etc/passwd`.
     #[error("user '{0}' does not exist in the sandbox")]
     Unknown(String),
+    /// No such group in `/etc/group`.
+    #[error("group '{0}' does not exist in the sandbox")]
+    UnknownGroup(String),
     /// `/etc/passwd` could not be read.
     #[error("read {path}")]
     Read {
@@ -74,6 +77,58 @@ impl Accounts {
         let group = std::fs::read_to_string(&self.group).unwrap_or_default();
         user.groups = supplementary_groups(&group, &user.name, user.gid);
         Ok(user)
+    }
+
+    /// A user as a container image's `User` names one: `user`, `uid`, `user:group` or
+    /// `uid:gid`. A uid without an account runs with gid 0 and home `/`, as in Docker;
+    /// a group replaces the primary group and the supplementary ones.
+    pub fn by_spec(&self, spec: &str) -> Result<User, UserError> {
+        let (user, group) = match spec.split_once(':') {
+            Some((u, g)) => (u, Some(g)),
+            None => (spec, None),
+        };
+        let mut found = match user.parse::<u32>() {
+            Ok(uid) => {
+                let passwd = std::fs::read_to_string(&self.passwd).unwrap_or_default();
+                match passwd
+                    .lines()
+                    .filter_map(parse_passwd_line)
+                    .find(|u| u.uid == uid)
+                {
+                    Some(mut u) => {
+                        let group = std::fs::read_to_string(&self.group).unwrap_or_default();
+                        u.groups = supplementary_groups(&group, &u.name, u.gid);
+                        u
+                    }
+                    None => User {
+                        name: uid.to_string(),
+                        uid,
+                        gid: 0,
+                        home: PathBuf::from("/"),
+                        shell: "/bin/sh".into(),
+                        groups: vec![0],
+                    },
+                }
+            }
+            Err(_) => self.user(user)?,
+        };
+        if let Some(group) = group {
+            let gid = match group.parse::<u32>() {
+                Ok(gid) => gid,
+                Err(_) => std::fs::read_to_string(&self.group)
+                    .unwrap_or_default()
+                    .lines()
+                    .find_map(|l| {
+                        let mut f = l.split(':');
+                        (f.next()? == group).then_some(())?;
+                        f.nth(1)?.parse().ok()
+                    })
+                    .ok_or_else(|| UserError::UnknownGroup(group.to_owned()))?,
+            };
+            found.gid = gid;
+            found.groups = vec![gid];
+        }
+        Ok(found)
     }
 
     /// uid → name and gid → name tables, for listing many files.
@@ -187,5 +242,17 @@ mod tests {
         assert_eq!(names.user(1000), "user");
         assert_eq!(names.group(27), "sudo");
         assert_eq!(names.user(4242), "4242");
+        let u = acc.by_spec("1000").unwrap();
+        assert_eq!((u.name.as_str(), u.gid), ("user", 1000));
+        let u = acc.by_spec("4242").unwrap();
+        assert_eq!((u.uid, u.gid, u.home.as_path()), (4242, 0, Path::new("/")));
+        let u = acc.by_spec("user:sudo").unwrap();
+        assert_eq!((u.uid, u.gid, u.groups.clone()), (1000, 27, vec![27]));
+        let u = acc.by_spec("0:33").unwrap();
+        assert_eq!((u.uid, u.gid), (0, 33));
+        assert!(
+            matches!(acc.by_spec("user:nogroup"), Err(UserError::UnknownGroup(g)) if g == "nogroup")
+        );
+        assert!(matches!(acc.by_spec("nobody"), Err(UserError::Unknown(_))));
     }
 }

@@ -33,8 +33,8 @@ fn model(
         .map_err(ControlError::from)?;
     let config = state.controller.config();
     let limits = (
-        config.limits.cpu_count,
-        config.limits.memory_mb,
+        t.cpu_count.unwrap_or(config.limits.cpu_count),
+        t.memory_mb.unwrap_or(config.limits.memory_mb),
         config.disk_mb,
     );
     Ok(Template::new(

@@ -53,6 +53,13 @@ fn template_from_an_oci_layout_runs_a_sandbox() {
     let stdout = built.ok();
     assert!(stdout.starts_with("built oci-test from "), "{stdout}");
     assert!(stdout.contains(" 2 layers"), "{stdout}");
+    // Its cmd is a one-shot command: it runs in every sandbox, nothing is checkpointed
+    // (the build's log says so).
+    assert!(
+        stderr.contains("the service exited with status 0 within a second"),
+        "{stderr}"
+    );
+    assert!(!templates.path().join("oci-test/checkpoint").exists());
     for line in [
         "unpacking layer 1/2 (sha256:",
         "unpacking layer 2/2 (sha256:",

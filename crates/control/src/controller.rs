@@ -24,6 +24,7 @@ mod template_ready;
 use crate::{now_ms, ControlError};
 pub use snapshots::{SnapshotListRequest, FORK_DEFAULT_TIMEOUT, MAX_FORKS};
 pub use template_builds::RESTARTED;
+pub use template_ready::{prepare_template, template_checkpoint, PreparedTemplate};
 
 /// How the control plane behaves.
 #[derive(Debug, Clone)]
@@ -91,6 +92,10 @@ pub struct TemplateSummary {
     pub recipe_hash: String,
     /// Size of its root filesystem, bytes.
     pub size_bytes: u64,
+    /// CPUs of its sandboxes, if the template sets them (else the daemon's default).
+    pub cpu_count: Option<u32>,
+    /// Memory of its sandboxes in MiB, if the template sets it.
+    pub memory_mb: Option<u64>,
 }
 
 /// A running or paused sandbox in the live index.
@@ -146,6 +151,9 @@ struct Launch {
     secure: bool,
     allow_internet_access: bool,
     auto_pause: bool,
+    /// The template's main service, for a sandbox started fresh (a restored one has
+    /// it running already).
+    service: Option<cubicle_runtime::ServiceConfig>,
 }
 
 /// The sandbox made by the first create with one idempotency key (locked while that
@@ -381,6 +389,7 @@ impl Controller {
                     secure: request.secure,
                     allow_internet_access: request.allow_internet_access,
                     auto_pause: request.auto_pause,
+                    service: None,
                 };
                 let dir = self.snapshot_dir(&snapshot.key);
                 self.launch(owner, launch, &snapshot, Some(&dir)).await?
@@ -428,7 +437,16 @@ impl Controller {
         let timeout = request
             .timeout_secs
             .unwrap_or(self.config.default_timeout.as_secs());
-        let limits = self.config.limits;
+        // The template's CPU and memory (E2B's create has no fields for them).
+        let limits = template_ready::template_limits(&template, self.config.limits);
+        // The template's environment under the request's.
+        let mut env_vars = template.meta.sandbox.env.clone();
+        env_vars.extend(request.env_vars);
+        // A template with a service starts from its checkpoint, service running.
+        let checkpoint = template_checkpoint(&template);
+        if template.meta.sandbox.service.is_some() && checkpoint.is_none() {
+            tracing::debug!(template = %template.name, "template's service has no checkpoint; starting it fresh");
+        }
         // What a start needs, in the shape a snapshot has (nothing of it is stored).
         let from = SnapshotRecord {
             key: String::new(),
@@ -458,12 +476,14 @@ impl Controller {
             alias: Some(template_name.to_string()),
             timeout_secs: timeout,
             metadata: request.metadata,
-            env_vars: request.env_vars,
+            env_vars,
             secure: request.secure,
             allow_internet_access: request.allow_internet_access,
             auto_pause: request.auto_pause,
+            service: template_ready::service_config(&template),
         };
-        self.launch(owner, launch, &from, None).await
+        self.launch(owner, launch, &from, checkpoint.as_deref())
+            .await
     }
 
     /// Records a new sandbox as `creating`, starts it (fresh from `from`'s layers, or
@@ -507,9 +527,23 @@ impl Controller {
             writable_layer_mib: from.writable_layer_mib,
         };
         self.store.insert_sandbox(&record)?;
-        let spec = self.spec_for(&record, from);
+        let mut spec = self.spec_for(&record, from);
+        spec.agent.service = launch.service.clone();
+        let fresh_if_restore_fails = launch.service.is_some();
         let started = match checkpoint {
             None => self.runtime.create(spec).await,
+            Some(dir) if fresh_if_restore_fails => {
+                // A template's checkpoint can go stale (a new agent binary, a changed
+                // host); its service then starts fresh, as without a checkpoint.
+                match self.runtime.restore(dir, spec.clone()).await {
+                    Ok(info) => Ok(info),
+                    Err(e) => {
+                        tracing::warn!(sandbox = %id, template = %record.template, error = %e,
+                            "the template's checkpoint did not restore; starting its service fresh (rebuild the template to checkpoint it again)");
+                        self.runtime.create(spec).await
+                    }
+                }
+            }
             Some(dir) => self.runtime.restore(dir, spec).await,
         };
         let info = match started {
@@ -565,6 +599,7 @@ impl Controller {
                 max_upload_bytes: self.config.max_upload_bytes,
                 code_interpreter: from.code_interpreter,
                 warm_python: None,
+                service: None,
             },
         }
     }
@@ -994,6 +1029,8 @@ fn summary(t: cubicle_template::Template) -> TemplateSummary {
         built_at_ms: t.meta.built_at_unix().map(|s| s as i64 * 1000).unwrap_or(0),
         recipe_hash: t.meta.recipe_hash.clone(),
         size_bytes: t.meta.size_bytes,
+        cpu_count: t.meta.sandbox.cpu_count,
+        memory_mb: t.meta.sandbox.memory_mb,
     }
 }
 

@@ -26,6 +26,10 @@ pub enum ControlError {
     /// The feature exists in the E2B API but not in Cubicle yet.
     #[error("{0} is not implemented yet")]
     NotImplemented(&'static str),
+    /// A template's service did not become ready (it ended, or its probe never
+    /// answered); the message says how and shows the end of its output.
+    #[error("{0}")]
+    ServiceNotReady(String),
     /// The daemon is shutting down or over capacity.
     #[error("{0}")]
     Unavailable(String),
@@ -44,7 +48,9 @@ impl ControlError {
     /// The coarse kind, which the API maps to an HTTP status.
     pub fn kind(&self) -> ErrorKind {
         match self {
-            ControlError::InvalidInput(_) => ErrorKind::InvalidInput,
+            ControlError::InvalidInput(_) | ControlError::ServiceNotReady(_) => {
+                ErrorKind::InvalidInput
+            }
             ControlError::SandboxNotFound(_)
             | ControlError::TemplateNotFound(_)
             | ControlError::BuildNotFound(_)

@@ -18,6 +18,8 @@
 //! - **template builds**: jobs that build templates (from images, or rebuilds) one at a
 //!   time, recorded with their phase and log, and the deletion of templates nobody
 //!   uses;
+//! - **templates with a service** (`template_ready`): the service started once,
+//!   probed and checkpointed at build time; their sandboxes are restored from it;
 //! - **metrics**: a sampler records CPU, memory and disk of every running sandbox every
 //!   few seconds, kept for a while in memory.
 //!
@@ -34,8 +36,8 @@ mod request;
 pub mod testing;
 
 pub use controller::{
-    ControlConfig, Controller, Route, SnapshotListRequest, TemplateSummary, FORK_DEFAULT_TIMEOUT,
-    MAX_FORKS, RESTARTED,
+    prepare_template, template_checkpoint, ControlConfig, Controller, PreparedTemplate, Route,
+    SnapshotListRequest, TemplateSummary, FORK_DEFAULT_TIMEOUT, MAX_FORKS, RESTARTED,
 };
 pub use error::ControlError;
 pub use metrics::MetricSample;

@@ -582,3 +582,92 @@ async fn memory_pressure_hibernates_paused_sandboxes_only() {
     assert!(rt.running.lock().unwrap().contains_key(&running.id));
     assert_eq!(c.get(1, &running.id).unwrap().state, SandboxState::Running);
 }
+
+/// A fake template `web` whose image runs a service, with CPU, memory and env
+/// defaults; `checkpointed` also gives it the checkpoint its build would have written.
+fn add_service_template(tmp: &std::path::Path, checkpointed: bool) {
+    let dir = tmp.join("templates/web");
+    std::fs::create_dir_all(dir.join("rootfs")).unwrap();
+    let meta = serde_json::json!({
+        "format_version": 1, "recipe": "image", "recipe_hash": "02",
+        "uid_shift": cubicle_core::uid_map::HOST_BASE, "built_at": "2026-01-03T00:00:00Z",
+        "size_bytes": 1, "file_count": 1, "build_seconds": 1.0, "mirror": "",
+        "sandbox": {
+            "cpu_count": 1, "memory_mb": 512,
+            "env": {"A": "template", "B": "template"},
+            "expose_ports": [8000],
+            "service": {"argv": ["python3", "-m", "http.server"], "workdir": "/srv", "user": "www"},
+            "probe": {"port": 8000, "path": "/", "timeout_secs": 5}
+        }
+    });
+    std::fs::write(dir.join("template.json"), meta.to_string()).unwrap();
+    if checkpointed {
+        let cp = dir.join("checkpoint");
+        std::fs::create_dir_all(&cp).unwrap();
+        std::fs::write(cp.join("checkpoint.json"), "{}").unwrap();
+        std::fs::write(cp.join("fake-checkpoint.json"), "{}").unwrap();
+    }
+}
+
+#[tokio::test]
+async fn templates_with_a_service_restore_their_checkpoint_with_their_defaults() {
+    let rt = Arc::new(FakeRuntime::default());
+    let (tmp, c) = controller(rt.clone(), Store::open_in_memory().unwrap()).await;
+    add_service_template(tmp.path(), true);
+    let mut req = create("web");
+    req.env_vars = BTreeMap::from([("B".to_string(), "request".to_string())]);
+    let rec = c.create(1, req.clone()).await.unwrap();
+    assert_eq!((rec.cpu_count, rec.memory_mb), (1, 512));
+    assert_eq!(rec.env_vars["A"], "template");
+    assert_eq!(rec.env_vars["B"], "request");
+    {
+        let restored = rt.restored.lock().unwrap();
+        assert_eq!(restored.len(), 1, "started from the template's checkpoint");
+        assert_eq!(restored[0].0, tmp.path().join("templates/web/checkpoint"));
+        assert_eq!(restored[0].1.limits.memory_mb, 512);
+        assert_eq!(restored[0].1.agent.env_vars["B"], "request");
+    }
+    // A checkpoint that no longer restores: the service starts fresh instead.
+    *rt.fail_next_restore.lock().unwrap() = true;
+    let rec = c.create(1, req).await.unwrap();
+    assert_eq!(rec.state, SandboxState::Running);
+    let spec = rt.created.lock().unwrap().last().cloned().unwrap();
+    assert_eq!(spec.id, rec.id);
+    let service = spec.agent.service.unwrap();
+    assert_eq!(service.argv, ["python3", "-m", "http.server"]);
+    assert_eq!(service.cwd.as_deref(), Some("/srv"));
+    assert_eq!(service.user.as_deref(), Some("www"));
+    // GET /templates reports the template's CPU and memory.
+    let web = c.template("web").unwrap();
+    assert_eq!((web.cpu_count, web.memory_mb), (Some(1), Some(512)));
+    // Templates without a service are unchanged: no service, the daemon's limits.
+    let base = c.create(1, create("base")).await.unwrap();
+    let spec = rt.created.lock().unwrap().last().cloned().unwrap();
+    assert_eq!(spec.id, base.id);
+    assert_eq!(spec.agent.service, None);
+    assert_eq!(base.cpu_count, ControlConfig::default().limits.cpu_count);
+}
+
+#[tokio::test]
+async fn preparing_a_template_leaves_nothing_when_its_service_cannot_be_reached() {
+    let rt = Arc::new(FakeRuntime::default());
+    let (tmp, c) = controller(rt.clone(), Store::open_in_memory().unwrap()).await;
+    let store = cubicle_template::TemplateStore::new(cubicle_core::DataDir::new(tmp.path()));
+    let base = store.get(&"base".parse().unwrap()).unwrap();
+    assert_eq!(c.prepare_template(&base).await.unwrap(), None);
+    assert!(rt.created.lock().unwrap().is_empty(), "nothing to start");
+    add_service_template(tmp.path(), true);
+    let web = store.get(&"web".parse().unwrap()).unwrap();
+    // The fake runtime's agent socket does not exist: the service's state cannot be read.
+    let err = c.prepare_template(&web).await.unwrap_err();
+    assert!(
+        err.to_string().contains("asking the sandbox's agent"),
+        "{err}"
+    );
+    assert_eq!(rt.created.lock().unwrap().len(), 1);
+    assert!(
+        rt.running.lock().unwrap().is_empty(),
+        "the sandbox was destroyed"
+    );
+    assert!(!tmp.path().join("templates/web/checkpoint").exists());
+}

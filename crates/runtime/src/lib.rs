@@ -9,6 +9,7 @@
 #![warn(missing_docs)]
 
 pub mod ns;
+pub mod service;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -17,7 +18,7 @@ use async_trait::async_trait;
 use cubicle_core::{ErrorKind, Limits, LimitsError, SandboxId};
 use serde::{Deserialize, Serialize};
 
-pub use ns::message::AgentConfig;
+pub use ns::message::{AgentConfig, ServiceConfig, ServiceStatus};
 
 /// What to start.
 #[derive(Debug, Clone)]

@@ -67,6 +67,10 @@ pub enum TemplateError {
     #[error(transparent)]
     Image(#[from] crate::oci::ImageError),
 
+    /// The service, environment, ports or probe asked for do not fit the image.
+    #[error(transparent)]
+    RunConfig(#[from] crate::run_config::RunConfigError),
+
     /// A string is not a valid template name.
     #[error(transparent)]
     InvalidName(#[from] cubicle_core::IdError),
@@ -189,6 +193,7 @@ impl TemplateError {
             | TemplateError::Corrupt { .. }
             | TemplateError::BrokenParent { .. } => ErrorKind::NotFound,
             TemplateError::UnknownRecipe { .. }
+            | TemplateError::RunConfig(_)
             | TemplateError::InvalidName(_)
             | TemplateError::InvalidDefaults(_)
             | TemplateError::InvalidMirror { .. } => ErrorKind::InvalidInput,

@@ -8,10 +8,12 @@ use sha2::{Digest as _, Sha256};
 
 use crate::build::{BuildEvent, BuildOutcome, BuildPhase};
 use crate::error::{IoContext, TemplateError};
+use crate::meta::SandboxDefaults;
 use crate::meta::{now_unix, rfc3339_utc, Template, TemplateMeta};
-use crate::oci::{prepare_userland, unpack_image, ImageError};
+use crate::oci::{prepare_userland, unpack_image, ImageConfig, ImageError};
 use crate::recipe::Recipe;
 use crate::registry::{image_source, pull, BlobCache, ImageSource};
+use crate::run_config;
 use crate::shift::shift_ownership;
 use crate::store::{remove_tree, TemplateStore, ROOTFS_DIR};
 
@@ -195,8 +197,13 @@ pub(crate) fn build_image(
             }
         };
         on_event(BuildEvent::Phase(BuildPhase::Building));
-        step(on_event, 2, "checking the userland");
+        step(on_event, 2, "checking the userland and the service");
         for line in prepare_userland(&rootfs)? {
+            on_event(BuildEvent::Log(line));
+        }
+        let sandbox = sandbox_defaults(&info.config, request);
+        run_config::check(&sandbox, false)?;
+        for line in run_config::validate(&rootfs, &sandbox)? {
             on_event(BuildEvent::Log(line));
         }
         step(on_event, 3, &format!("shifting owners by {uid_shift}"));
@@ -217,8 +224,7 @@ pub(crate) fn build_image(
             aliases: Vec::new(),
             code_interpreter: false,
             image: Some(info),
-            // What sandboxes of it get by default (the writable-layer limit among them).
-            sandbox: request.defaults.clone(),
+            sandbox,
         })
     };
     if replace {
@@ -227,6 +233,26 @@ pub(crate) fn build_image(
         store
             .install_new(name, on_event, &mut build)
             .map(BuildOutcome::Built)
+    }
+}
+
+/// The template's sandbox defaults: what `request` asks for, with the env and service
+/// of the image config under the overrides, and the image's `ExposedPorts` when the
+/// request names no port.
+fn sandbox_defaults(config: &ImageConfig, request: &ImageBuildRequest) -> SandboxDefaults {
+    let (env, service) = run_config::resolve(config, &request.overrides);
+    let mut expose_ports = if request.defaults.expose_ports.is_empty() {
+        run_config::image_ports(config, false)
+    } else {
+        request.defaults.expose_ports.clone()
+    };
+    expose_ports.sort_unstable();
+    expose_ports.dedup();
+    SandboxDefaults {
+        env,
+        service,
+        expose_ports,
+        ..request.defaults.clone()
     }
 }
 

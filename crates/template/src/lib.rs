@@ -19,6 +19,9 @@
 //! - **One pipeline**: [`build_template`] builds either kind of [`TemplateSource`]
 //!   (recipe or image), reporting the job phases of [`BuildPhase`]; the CLI and the
 //!   daemon's build jobs both go through it.
+//! - **Services**: the image config's entrypoint, cmd, env, working directory and user,
+//!   with the build's overrides, become the template's service and environment
+//!   ([`run_config`], [`SandboxDefaults`]).
 //! - **Storing** templates on disk and finding them again, by name or alias
 //!   ([`TemplateStore`]).
 //!
@@ -58,6 +61,7 @@ pub mod oci;
 pub mod pipeline;
 pub mod recipe;
 pub mod registry;
+pub mod run_config;
 mod shift;
 mod store;
 

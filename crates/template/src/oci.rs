@@ -739,7 +739,11 @@ fn clean_relative(path: &Path) -> Result<PathBuf, String> {
 /// at it). Missing directories are created (mode 0755) when `create`; otherwise a
 /// missing component gives `Ok(None)`. Returns a host path inside `root` whose every
 /// component is a real directory (or, for the last one, whatever is there).
-fn resolve_in_root(root: &Path, rel: &Path, create: bool) -> Result<Option<PathBuf>, String> {
+pub(crate) fn resolve_in_root(
+    root: &Path,
+    rel: &Path,
+    create: bool,
+) -> Result<Option<PathBuf>, String> {
     let mut pending: VecDeque<OsString> = rel
         .components()
         .filter_map(|c| match c {

@@ -202,7 +202,7 @@ fn user_of(agent: &Agent, q: &FileQuery) -> Result<User, FileError> {
             StatusCode::UNAUTHORIZED,
             format!("error looking up user '{name}': no such user in the sandbox"),
         ),
-        e @ UserError::Read { .. } => {
+        e @ (UserError::Read { .. } | UserError::UnknownGroup(_)) => {
             FileError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}"))
         }
     })

@@ -22,7 +22,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let data = DataDir::new(&cli.data_dir);
     let agent_bin = cli.agent_bin;
     match cli.command {
-        Command::Tpl(cmd) => tpl::run(&data, cmd),
+        Command::Tpl(cmd) => tpl::run(&data, agent_bin, cmd),
         Command::Sandbox(cmd) => block_on(sandbox::run(cmd)),
         Command::Bench(cmd) => block_on(bench::run(&data, agent_bin, cmd)),
         Command::Serve(args) => block_on(serve::run(&data, agent_bin, args)),

@@ -12,8 +12,8 @@ use anyhow::Context;
 use cubicle_client::{ApiClient, BuildStarted, ClientError, ImageBuild, ImageProbe};
 use cubicle_core::{uid_map, DataDir, TemplateName};
 use cubicle_template::{
-    BuildEvent, BuildOptions, BuildOutcome, Recipe, Template, TemplateMeta, TemplateSource,
-    TemplateStore,
+    BuildEvent, BuildOptions, BuildOutcome, BuildPhase, Recipe, Template, TemplateMeta,
+    TemplateSource, TemplateStore,
 };
 
 use super::layer_bars::LayerBars;
@@ -25,11 +25,17 @@ use crate::args::{
 const POLL: Duration = Duration::from_millis(200);
 
 /// Runs one `tpl` subcommand.
-pub fn run(data: &DataDir, cmd: TplCommand) -> anyhow::Result<ExitCode> {
+pub fn run(
+    data: &DataDir,
+    agent_bin: Option<std::path::PathBuf>,
+    cmd: TplCommand,
+) -> anyhow::Result<ExitCode> {
     let store = TemplateStore::new(data.clone());
     match cmd {
         TplCommand::Build(args) => build(&store, args),
-        TplCommand::CreateFromImage(args) if args.local => create_local(&store, *args),
+        TplCommand::CreateFromImage(args) if args.local => {
+            create_local(data, agent_bin, &store, *args)
+        }
         TplCommand::CreateFromImage(args) => super::block_on(create_from_image(*args)),
         TplCommand::Ls(args) if !args.local && api_key_in_env() => {
             super::block_on(ls_api(args.json))
@@ -80,8 +86,14 @@ fn build(store: &TemplateStore, args: TplBuildArgs) -> anyhow::Result<ExitCode> 
     Ok(ExitCode::SUCCESS)
 }
 
-/// `tpl create-from-image --local`: the pipeline in this process, on the data dir.
-fn create_local(store: &TemplateStore, args: TplCreateFromImageArgs) -> anyhow::Result<ExitCode> {
+/// `tpl create-from-image --local`: the pipeline in this process, on the data dir, and
+/// for a template with a service the snapshotting phase in this process's own runtime.
+fn create_local(
+    data: &DataDir,
+    agent_bin: Option<std::path::PathBuf>,
+    store: &TemplateStore,
+    args: TplCreateFromImageArgs,
+) -> anyhow::Result<ExitCode> {
     let name: TemplateName = match &args.template_id {
         Some(id) => id.parse()?,
         None => cubicle_template::oci::generated_template_name().parse()?,
@@ -101,6 +113,31 @@ fn create_local(store: &TemplateStore, args: TplCreateFromImageArgs) -> anyhow::
         .with_context(|| format!("building template '{name}' from {}", args.image))?
         .template()
         .clone();
+    let prepared = if t.meta.sandbox.service.is_some() {
+        progress.event(BuildEvent::Phase(BuildPhase::Snapshotting));
+        let prepared = super::block_on(async {
+            let runtime = super::ns_runtime(data, agent_bin)?;
+            let limits = cubicle_core::Limits::default();
+            cubicle_control::prepare_template(&runtime, store, &t, limits, 1 << 30)
+                .await
+                .map_err(|e| anyhow::anyhow!(e.chain()))
+        });
+        match prepared {
+            Ok(p) => p,
+            Err(e) => {
+                if let Err(rm) = store.remove(&t.name) {
+                    eprintln!("removing the template after the failure: {rm}");
+                }
+                return Err(e.context(format!(
+                    "building template '{name}' from {}: its service did not become ready",
+                    args.image
+                )));
+            }
+        }
+    } else {
+        None
+    };
+    progress.event(BuildEvent::Phase(BuildPhase::Ready));
     let mut out = std::io::stdout().lock();
     if args.json {
         serde_json::to_writer_pretty(&mut out, &t)?;
@@ -119,6 +156,10 @@ fn create_local(store: &TemplateStore, args: TplCreateFromImageArgs) -> anyhow::
         t.meta.file_count,
         t.dir.display()
     )?;
+    write_service(&mut out, &t.meta)?;
+    if let Some(p) = prepared {
+        writeln!(out, "{}", p.summary())?;
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -277,10 +318,34 @@ async fn follow(
                 human_bytes(meta.size_bytes),
                 meta.file_count,
             )?;
+            write_service(&mut out, &meta)?;
         }
         None => writeln!(out, "built {} from {image}", t.template_id)?,
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The service and exposed ports of a template just built, if it has them.
+fn write_service(out: &mut impl Write, meta: &TemplateMeta) -> std::io::Result<()> {
+    let sandbox = &meta.sandbox;
+    if let Some(service) = &sandbox.service {
+        writeln!(
+            out,
+            "service: {} as {} in {}",
+            cubicle_template::run_config::shell_words(&service.argv),
+            service.user.as_deref().unwrap_or("root"),
+            service.workdir.as_deref().unwrap_or("/")
+        )?;
+    }
+    if !sandbox.expose_ports.is_empty() {
+        let ports: Vec<String> = sandbox.expose_ports.iter().map(u16::to_string).collect();
+        writeln!(
+            out,
+            "exposed ports: {} (reachable as {{port}}-{{sandbox id}}.{{domain}})",
+            ports.join(", ")
+        )?;
+    }
+    Ok(())
 }
 
 /// `tpl rm`: through the daemon when a key is set and it answers, else the data dir.

@@ -87,6 +87,7 @@ impl Controller {
                 max_upload_bytes: self.config.max_upload_bytes,
                 code_interpreter: template.meta.code_interpreter,
                 warm_python: None,
+                service: None,
             },
         };
         let dir = self.hibernation_dir(id);

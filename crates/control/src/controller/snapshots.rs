@@ -352,6 +352,7 @@ impl Controller {
                     secure: record.envd_access_token.is_some(),
                     allow_internet_access: record.allow_internet_access,
                     auto_pause: false,
+                    service: None,
                 };
                 self.launch(owner, launch, &source, Some(&dir))
             })

@@ -279,11 +279,15 @@ impl Controller {
             }
         };
         self.set_build_phase(&id, BuildPhase::Snapshotting);
-        if let Err(e) = self.prepare_template(&template).await {
-            let failure = Failure::of(&e);
-            // A template that is not ready is no template.
-            self.remove_half_template(&id, &template).await;
-            return self.end_build(&id, Err(failure));
+        match self.prepare_template(&template).await {
+            Ok(Some(prepared)) => self.build_log(&id, prepared.summary()),
+            Ok(None) => {}
+            Err(e) => {
+                let failure = Failure::of(&e);
+                // A template that is not ready is no template.
+                self.remove_half_template(&id, &template).await;
+                return self.end_build(&id, Err(failure));
+            }
         }
         self.end_build(&id, Ok(&template));
     }

@@ -47,7 +47,50 @@ pub struct AgentConfig {
     /// instead of starting a Python of its own.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub warm_python: Option<WarmPython>,
+    /// The template's main service, which the agent starts once it serves (see
+    /// [`ServiceConfig`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<ServiceConfig>,
 }
+
+/// A sandbox's main service (a template image's entrypoint and cmd): started by the
+/// agent next to itself once it serves, with the sandbox's environment
+/// ([`AgentConfig::env_vars`] over the user's basics), stdin `/dev/null`, stdout and
+/// stderr kept in a bounded log; never restarted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceConfig {
+    /// Program and arguments; the program is looked up in the environment's `PATH`
+    /// when it has no `/`.
+    pub argv: Vec<String>,
+    /// Working directory (default `/`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cwd: Option<String>,
+    /// `user`, `uid`, `user:group` or `uid:gid` (default root).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+}
+
+/// What `GET` [`SERVICE_PATH`] answers (host only): the main service's state and the
+/// end of its output.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceStatus {
+    /// Its pid inside the sandbox, once started.
+    pub pid: Option<u32>,
+    /// Whether it runs.
+    pub running: bool,
+    /// How it ended, in words ("exited with status 3", "killed by signal 9", "could not
+    /// start: ..."), if it did.
+    pub ended: Option<String>,
+    /// The last [`SERVICE_LOG_BYTES`] of its stdout and stderr.
+    pub log: String,
+}
+
+/// The agent's path for the main service's [`ServiceStatus`].
+pub const SERVICE_PATH: &str = "/_cubicle/service";
+/// How much of the main service's output the agent keeps (the end of it).
+pub const SERVICE_LOG_BYTES: usize = 64 << 10;
 
 /// What a sandbox restored from a checkpoint takes over from its new spec (the agent's
 /// `POST /_cubicle/identity`): everything else of the agent is the checkpoint's.
@@ -95,6 +138,7 @@ impl AgentConfig {
             max_upload_bytes: 1 << 30,
             code_interpreter: false,
             warm_python: None,
+            service: None,
         }
     }
 }
