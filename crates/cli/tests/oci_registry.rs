@@ -75,7 +75,8 @@ fn upper_layer() -> Vec<u8> {
 }
 
 fn run_config() -> Value {
-    json!({"Cmd": ["/bin/sh", "-c", "cat /marker"], "Env": ["FROM=registry"], "WorkingDir": "/"})
+    // A distribution image's shell: a one-shot service that ends at once (status 0).
+    json!({"Cmd": ["/bin/sh"], "Env": ["FROM=registry"], "WorkingDir": "/"})
 }
 
 /// Writes a single-platform layout tagged `tag`.

@@ -15,30 +15,11 @@ mod support;
 use std::fs;
 use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
 use support::images::{base_layer, write_one_layer_docker_save, write_one_layer_layout};
-use support::{cubicle_bin, templates_dir, Daemon};
-
-fn cubicle(data: &Path, args: &[&str]) -> support::Run {
-    let out = std::process::Command::new(cubicle_bin())
-        .arg("--data-dir")
-        .arg(data)
-        .args(args)
-        .env_remove("E2B_API_KEY")
-        .env_remove("CUBICLE_API_KEY")
-        .stdin(std::process::Stdio::null())
-        .output()
-        .unwrap();
-    support::Run {
-        args: args.iter().map(|a| a.to_string()).collect(),
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
-}
+use support::{templates_dir, Daemon};
 
 /// One HTTP/1.1 request to the daemon; returns the status and the body.
 fn http(d: &Daemon, method: &str, path: &str, host: &str, body: &str) -> (u16, String) {
@@ -130,21 +111,18 @@ fn templates_with_a_service_answer_right_after_create() {
 
     // From the OCI layout, as the image says, probed on the image's port.
     let t0 = Instant::now();
-    let built = cubicle(
-        data.path(),
-        &[
-            "tpl",
-            "create-from-image",
-            "--image",
-            layout.to_str().unwrap(),
-            "--template-id",
-            "svc",
-            "--probe",
-            "8000",
-            "--probe-timeout",
-            "30",
-        ],
-    );
+    let built = d.cli(&[
+        "tpl",
+        "create-from-image",
+        "--image",
+        layout.to_str().unwrap(),
+        "--template-id",
+        "svc",
+        "--probe",
+        "8000",
+        "--probe-timeout",
+        "30",
+    ]);
     let build_secs = t0.elapsed().as_secs_f64();
     let stderr = built.stderr.clone();
     let out = built.ok();
@@ -154,9 +132,10 @@ fn templates_with_a_service_answer_right_after_create() {
         "{out}"
     );
     assert!(out.contains("exposed ports: 8000"), "{out}");
+    // The snapshotting phase's line of the build's log.
     assert!(
-        out.contains("answered the probe (HTTP/1.0 200 OK)"),
-        "{out}"
+        stderr.contains("answered the probe (HTTP/1.0 200 OK)"),
+        "{stderr}"
     );
     let meta: serde_json::Value =
         serde_json::from_slice(&fs::read(templates.join("svc/template.json")).unwrap()).unwrap();
@@ -174,9 +153,8 @@ fn templates_with_a_service_answer_right_after_create() {
     assert!(templates.join("svc/checkpoint/checkpoint.json").is_file());
 
     // From the `docker save` archive, with every override.
-    let built = cubicle(
-        data.path(),
-        &[
+    let built = d
+        .cli(&[
             "tpl",
             "create-from-image",
             "--image",
@@ -205,9 +183,8 @@ fn templates_with_a_service_answer_right_after_create() {
             "1",
             "--memory",
             "512M",
-        ],
-    )
-    .ok();
+        ])
+        .ok();
     assert!(
         built.contains("service: python3 -m http.server 9000 as user in /tmp/www"),
         "{built}"
@@ -215,21 +192,18 @@ fn templates_with_a_service_answer_right_after_create() {
 
     // Builds that fail: a probe nobody answers, a service that exits. Nothing is left.
     let t0 = Instant::now();
-    let never = cubicle(
-        data.path(),
-        &[
-            "tpl",
-            "create-from-image",
-            "--image",
-            layout.to_str().unwrap(),
-            "--template-id",
-            "svc-never",
-            "--probe",
-            "8001",
-            "--probe-timeout",
-            "2",
-        ],
-    );
+    let never = d.cli(&[
+        "tpl",
+        "create-from-image",
+        "--image",
+        layout.to_str().unwrap(),
+        "--template-id",
+        "svc-never",
+        "--probe",
+        "8001",
+        "--probe-timeout",
+        "2",
+    ]);
     assert_ne!(never.code, 0);
     assert!(
         never.stderr.contains(
@@ -240,25 +214,22 @@ fn templates_with_a_service_answer_right_after_create() {
         never.stderr
     );
     assert!(t0.elapsed() < Duration::from_secs(60), "{:?}", t0.elapsed());
-    let exits = cubicle(
-        data.path(),
-        &[
-            "tpl",
-            "create-from-image",
-            "--image",
-            layout.to_str().unwrap(),
-            "--template-id",
-            "svc-exits",
-            "--cmd",
-            "sh",
-            "--arg",
-            "-c",
-            "--arg",
-            "echo starting up; echo cannot bind >&2; exit 3",
-            "--probe",
-            "8000",
-        ],
-    );
+    let exits = d.cli(&[
+        "tpl",
+        "create-from-image",
+        "--image",
+        layout.to_str().unwrap(),
+        "--template-id",
+        "svc-exits",
+        "--cmd",
+        "sh",
+        "--arg",
+        "-c",
+        "--arg",
+        "echo starting up; echo cannot bind >&2; exit 3",
+        "--probe",
+        "8000",
+    ]);
     assert_ne!(exits.code, 0);
     for part in [
         "the service ended before answering the probe on port 8000 (GET /)",
@@ -272,19 +243,16 @@ fn templates_with_a_service_answer_right_after_create() {
         );
     }
     // Refused before anything runs.
-    let refused = cubicle(
-        data.path(),
-        &[
-            "tpl",
-            "create-from-image",
-            "--image",
-            layout.to_str().unwrap(),
-            "--template-id",
-            "svc-refused",
-            "--user",
-            "nobody-here",
-        ],
-    );
+    let refused = d.cli(&[
+        "tpl",
+        "create-from-image",
+        "--image",
+        layout.to_str().unwrap(),
+        "--template-id",
+        "svc-refused",
+        "--user",
+        "nobody-here",
+    ]);
     assert_ne!(refused.code, 0);
     assert!(
         refused
