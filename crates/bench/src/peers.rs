@@ -610,12 +610,12 @@ impl Criu {
         let took = started.elapsed();
         if !out.status.success() {
             let log = std::fs::read_to_string(dir.join(log)).unwrap_or_default();
-            let last = log
+            // The first error is the cause; the last is "Dumping FAILED".
+            let first = log
                 .lines()
-                .rev()
                 .find(|l| l.contains("Error"))
                 .unwrap_or("see criu.log");
-            return Err(criu_failed(format!("criu {}: {last}", args[0])));
+            return Err(criu_failed(format!("criu {}: {first}", args[0])));
         }
         Ok(took)
     }

@@ -745,7 +745,17 @@ fn bench_seed_scenarios() {
                 if args.contains(&"--peers") {
                     let p = &l["peers"][0];
                     assert_eq!(p["name"], "criu", "{r:#}");
-                    assert_eq!(p["outcome"]["status"], "measured", "{r:#}");
+                    // Measured; or, rarely under load, a dump CRIU itself refused (its
+                    // first error is the message): the peer ran and said why.
+                    let status = p["outcome"]["status"].as_str().unwrap_or_default();
+                    let message = p["outcome"]["message"].as_str().unwrap_or_default();
+                    assert!(
+                        status == "measured"
+                            || (status == "failed"
+                                && (message.contains("criu dump: ")
+                                    || message.contains("criu restore: "))),
+                        "{r:#}"
+                    );
                 }
             }
         }
