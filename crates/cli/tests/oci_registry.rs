@@ -699,6 +699,15 @@ fn a_daemon_build_job_pulls_from_the_registry_with_credentials_asked_again_on_re
     ] {
         assert!(stderr.contains(line), "no {line:?} in:\n{stderr}");
     }
+    // Following the job without a terminal: one line per layer and stage, no bars.
+    for stage in ["downloaded", "verified", "unpacked"] {
+        let n = stderr
+            .lines()
+            .filter(|l| l.contains("layer 1/1 (sha256:") && l.contains(&format!("): {stage} ")))
+            .count();
+        assert_eq!(n, 1, "{stage}:\n{stderr}");
+    }
+    assert!(!stderr.contains('\r'), "{stderr}");
     // The password is never stored: not in the database, not in the build's record.
     let db = std::fs::read(d.dir.path().join("cubicle.db")).unwrap();
     let wal = std::fs::read(d.dir.path().join("cubicle.db-wal")).unwrap_or_default();
