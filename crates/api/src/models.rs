@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use chrono::{DateTime, SecondsFormat, Utc};
 use cubicle_control::{MetricSample, TemplateSummary};
 use cubicle_store::{BuildRecord, SandboxRecord, SnapshotRecord};
+use cubicle_template::LayerProgress;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -557,12 +558,22 @@ pub struct TemplateBuildInfo {
     next_logs_offset: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     reason: Option<BuildReason>,
+    /// While the build runs, the latest progress of each layer of its image:
+    /// `{index, count, digest, stage, done, total, cached}` (Cubicle's own field;
+    /// absent when there is none).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    layers: Vec<LayerProgress>,
 }
 
 impl TemplateBuildInfo {
     /// The lines of `b`'s log from number `offset` on (lines no longer kept are
-    /// skipped), at most `limit`.
-    pub fn new(b: &BuildRecord, offset: u64, limit: Option<usize>) -> Self {
+    /// skipped), at most `limit`, and the progress of its layers.
+    pub fn new(
+        b: &BuildRecord,
+        offset: u64,
+        limit: Option<usize>,
+        layers: Vec<LayerProgress>,
+    ) -> Self {
         let first = b.log_count.saturating_sub(b.logs.len() as u64);
         let skip = usize::try_from(offset.saturating_sub(first)).unwrap_or(usize::MAX);
         let lines: Vec<_> = b
@@ -593,6 +604,7 @@ impl TemplateBuildInfo {
                 })
                 .collect(),
             reason: BuildReason::of(b),
+            layers,
         }
     }
 }
@@ -749,6 +761,46 @@ mod tests {
         .unwrap_err();
         assert!(err.to_string().contains("unknown field `tiemout`"), "{err}");
         assert!(serde_json::from_value::<NewSandbox>(serde_json::json!({"timeout": 5})).is_err());
+    }
+
+    #[test]
+    fn build_status_shows_layers_only_when_there_are_some() {
+        let record = BuildRecord {
+            id: "b".into(),
+            template: "t".into(),
+            owner: 1,
+            source: "image".into(),
+            request: "{}".into(),
+            rebuild: false,
+            phase: "unpacking".into(),
+            created_at_ms: 0,
+            updated_at_ms: 0,
+            finished_at_ms: None,
+            error: None,
+            fault: None,
+            failed_phase: None,
+            logs: Vec::new(),
+            log_count: 0,
+        };
+        let v = serde_json::to_value(TemplateBuildInfo::new(&record, 0, None, Vec::new())).unwrap();
+        assert!(v.get("layers").is_none(), "{v}");
+        let layer = LayerProgress {
+            index: 1,
+            count: 1,
+            digest: "sha256:ab".into(),
+            stage: cubicle_template::LayerStage::Unpacking,
+            done: 3,
+            total: 9,
+            cached: false,
+        };
+        let v =
+            serde_json::to_value(TemplateBuildInfo::new(&record, 0, None, vec![layer])).unwrap();
+        assert_eq!(
+            v["layers"],
+            serde_json::json!([{"index": 1, "count": 1, "digest": "sha256:ab",
+                "stage": "unpacking", "done": 3, "total": 9, "cached": false}])
+        );
+        assert_eq!(v["phase"], "unpacking");
     }
 
     #[test]

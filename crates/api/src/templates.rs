@@ -113,8 +113,9 @@ pub async fn alias(
 }
 
 /// `GET /templates/{id}/builds/{buildID}/status?logsOffset=&limit=`: the build's
-/// status (E2B's `building`, `ready`, `error`), Cubicle's `phase`, and its log lines
-/// from `logsOffset` on.
+/// status (E2B's `building`, `ready`, `error`), Cubicle's `phase`, its log lines from
+/// `logsOffset` on, and while it runs the progress of each layer of its image
+/// (Cubicle's `layers`).
 pub async fn build_status(
     State(state): State<Arc<AppState>>,
     _owner: Owner,
@@ -135,8 +136,8 @@ pub async fn build_status(
             _ => {}
         }
     }
-    let record = state.controller.template_build(&id, &build)?;
-    Ok(Json(TemplateBuildInfo::new(&record, offset, limit)))
+    let (record, layers) = state.controller.template_build(&id, &build)?;
+    Ok(Json(TemplateBuildInfo::new(&record, offset, limit, layers)))
 }
 
 /// `POST /templates/images` (Cubicle's own): builds a template from a container image

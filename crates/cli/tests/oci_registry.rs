@@ -173,18 +173,24 @@ fn registry_images_build_templates_that_run_and_share_cached_layers() {
         &format!("pulling {image} from http://{}", reg.addr),
         "layer 1/3 (sha256:",
         "== unpacking",
-        "unpacking layer 3/3 (sha256:",
         "== building",
     ] {
         assert!(stderr.contains(line), "no {line:?} in:\n{stderr}");
     }
+    // One line per layer and stage as it completes (stderr is no terminal: no bars).
     for i in 1..=3 {
         let short = &digests[i - 1][..19];
-        assert!(
-            stderr.contains(&format!("layer {i}/3 ({short}): downloaded ")),
-            "layer {i} not downloaded:\n{stderr}"
-        );
+        for stage in ["downloaded", "verified", "unpacked"] {
+            assert_eq!(
+                stderr
+                    .matches(&format!("layer {i}/3 ({short}): {stage} "))
+                    .count(),
+                1,
+                "layer {i} not {stage} once:\n{stderr}"
+            );
+        }
     }
+    assert!(!stderr.contains('\r'), "{stderr}");
     assert_eq!(
         reg.blob_gets(),
         4,
@@ -407,13 +413,14 @@ fn registry_images_build_templates_that_run_and_share_cached_layers() {
     let complete: Vec<_> = events
         .iter()
         .filter_map(|e| match e {
-            cubicle_template::BuildEvent::LayerProgress {
+            cubicle_template::BuildEvent::LayerProgress(cubicle_template::LayerProgress {
                 index,
+                stage: cubicle_template::LayerStage::Downloading,
                 done,
                 total,
                 cached: false,
                 ..
-            } if done == total => Some(*index),
+            }) if done == total => Some(*index),
             _ => None,
         })
         .collect();
@@ -692,6 +699,15 @@ fn a_daemon_build_job_pulls_from_the_registry_with_credentials_asked_again_on_re
     ] {
         assert!(stderr.contains(line), "no {line:?} in:\n{stderr}");
     }
+    // Following the job without a terminal: one line per layer and stage, no bars.
+    for stage in ["downloaded", "verified", "unpacked"] {
+        let n = stderr
+            .lines()
+            .filter(|l| l.contains("layer 1/1 (sha256:") && l.contains(&format!("): {stage} ")))
+            .count();
+        assert_eq!(n, 1, "{stage}:\n{stderr}");
+    }
+    assert!(!stderr.contains('\r'), "{stderr}");
     // The password is never stored: not in the database, not in the build's record.
     let db = std::fs::read(d.dir.path().join("cubicle.db")).unwrap();
     let wal = std::fs::read(d.dir.path().join("cubicle.db-wal")).unwrap_or_default();

@@ -60,13 +60,21 @@ fn template_from_an_oci_layout_runs_a_sandbox() {
         "{stderr}"
     );
     assert!(!templates.path().join("oci-test/checkpoint").exists());
-    for line in [
-        "unpacking layer 1/2 (sha256:",
-        "unpacking layer 2/2 (sha256:",
-        "added the account user",
-    ] {
-        assert!(stderr.contains(line), "no {line:?} in:\n{stderr}");
+    for i in 1..=2 {
+        for stage in ["verified", "unpacked"] {
+            assert!(
+                stderr
+                    .lines()
+                    .any(|l| l.contains(&format!("layer {i}/2 (sha256:"))
+                        && l.contains(&format!("): {stage} "))),
+                "layer {i} not {stage} in:\n{stderr}"
+            );
+        }
     }
+    assert!(
+        stderr.contains("added the account user"),
+        "no account in:\n{stderr}"
+    );
 
     // The same store as `tpl build`: shifted owners, template.json with the image.
     let dir = templates.path().join("oci-test");

@@ -2,7 +2,8 @@
 //! job and follows its phases to a usable template; the E2B template endpoints (list,
 //! get with builds, build status, aliases, delete) answer in E2B's shapes; a template in
 //! use cannot be removed or rebuilt; failed builds (a corrupted layer, no /bin/sh) and a
-//! daemon killed mid-build leave no template behind.
+//! daemon killed mid-build leave no template behind; a running build shows the
+//! progress of each layer of its image.
 //!
 //! Each test's daemon gets a private templates directory (the images' userland is
 //! copied from the `base` template of $CUBICLE_DATA_DIR, which must be built). Needs
@@ -18,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use support::images::{
-    big_layer, corrupt_layer, marker_layer, userland_layer, write_index, write_layout,
+    big_layer, corrupt_layer, gzip, marker_layer, userland_layer, write_index, write_layout,
     write_manifest,
 };
 use support::{templates_dir, Daemon};
@@ -128,7 +129,10 @@ fn an_image_build_job_goes_through_its_phases_to_a_template_with_a_lifecycle() {
     for line in [
         ": queued",
         "== unpacking",
-        "unpacking layer 1/2 (sha256:",
+        "layer 1/2 (sha256:",
+        ": verified ",
+        "layer 2/2 (sha256:",
+        ": unpacked ",
         "== building",
         "added the account user",
         "== snapshotting",
@@ -426,6 +430,103 @@ fn failed_builds_say_why_and_leave_no_template() {
         "{}",
         unreachable.stderr
     );
+}
+
+#[test]
+fn a_running_build_shows_the_progress_of_each_layer() {
+    let base = base_rootfs();
+    let images = tempfile::tempdir().unwrap();
+    let layout = images.path().join("big");
+    // 256 MiB to verify and unpack: each stage takes long enough to be seen mid-way.
+    let (userland, big) = (userland_layer(&base), big_layer("big/zeros", 256));
+    let m = write_manifest(
+        &layout,
+        "amd64",
+        json!({"Cmd": ["/bin/sh"]}),
+        &[(&userland, true), (&big, false)],
+    );
+    write_index(&layout, m, "latest");
+    // What the status reports as each layer's total: the size of its blob.
+    let sizes = [gzip(&userland).len() as u64, big.len() as u64];
+    let templates = private_templates();
+    let d = Daemon::start_with_templates(templates.path());
+    let api = d.api();
+    let name = "jobs-progress";
+    let mut request = cubicle_client::ImageBuild::new(layout.to_str().unwrap());
+    request.template_id = Some(name.into());
+    let started = block_on(api.build_image(&request)).unwrap();
+    let status_path = format!("/templates/{name}/builds/{}/status", started.build_id);
+
+    // Poll until it ends: every observation of a layer is consistent, its bytes only
+    // grow within a stage, and the big layer is caught mid-unpack.
+    let mut seen: Vec<(u64, String, u64)> = Vec::new();
+    let mut mid_unpack = false;
+    let mut partial = false;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let last = loop {
+        let (s, v) = get(&d, &status_path);
+        assert_eq!(s, 200, "{v}");
+        if v["status"] != "building" {
+            break v;
+        }
+        for l in v["layers"]
+            .as_array()
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+        {
+            let index = l["index"].as_u64().unwrap();
+            let (stage, done, total) = (
+                l["stage"].as_str().unwrap().to_owned(),
+                l["done"].as_u64().unwrap(),
+                l["total"].as_u64().unwrap(),
+            );
+            assert_eq!(l["count"], 2, "{l}");
+            assert_eq!(l["cached"], false, "{l}");
+            assert!(l["digest"].as_str().unwrap().starts_with("sha256:"), "{l}");
+            assert_eq!(total, sizes[index as usize - 1], "{l}");
+            assert!(done <= total, "{l}");
+            assert!(["verifying", "unpacking"].contains(&stage.as_str()), "{l}");
+            if let Some(before) = seen.iter().rev().find(|(i, _, _)| *i == index) {
+                if before.1 == stage {
+                    assert!(done >= before.2, "went back: {before:?} then {l}");
+                } else {
+                    assert_eq!(
+                        (before.1.as_str(), stage.as_str()),
+                        ("verifying", "unpacking")
+                    );
+                }
+            }
+            partial |= done > 0 && done < total;
+            mid_unpack |= index == 2 && stage == "unpacking" && done < total;
+            seen.push((index, stage, done));
+        }
+        assert!(Instant::now() < deadline, "still running: {v}");
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    assert_eq!(last["status"], "ready", "{last}");
+    assert!(
+        last.get("layers").is_none(),
+        "an ended build has no layers: {last}"
+    );
+    assert!(mid_unpack, "layer 2 never seen unpacking: {seen:?}");
+    assert!(partial, "no layer seen part-way: {seen:?}");
+    // The client reads the same field (empty once ended), and the log has one line per
+    // layer and stage.
+    let status = block_on(api.build_status(name, &started.build_id, 0)).unwrap();
+    assert!(status.layers.is_empty());
+    for i in 1..=2 {
+        for stage in ["verified", "unpacked"] {
+            let n = status
+                .logs
+                .iter()
+                .filter(|l| l.starts_with(&format!("layer {i}/2 (sha256:")))
+                .filter(|l| l.contains(&format!("): {stage} ")))
+                .count();
+            assert_eq!(n, 1, "layer {i} {stage}: {:?}", status.logs);
+        }
+    }
+    d.cli(&["tpl", "rm", name]).ok();
+    assert!(entries(templates.path()).is_empty());
 }
 
 #[test]

@@ -31,9 +31,9 @@ use serde::de::DeserializeOwned;
 pub use crate::code::{CodeEvent, CodeResult, CodeRun, RunCode, INTERPRETER_PORT};
 pub use crate::error::ClientError;
 pub use crate::models::{
-    BuildReason, BuildStarted, BuildStatus, CreateSandbox, ForkResult, Health, ImageBuild,
-    ImageProbe, ListParams, Order, Page, Sandbox, SandboxDetail, SandboxMetric, SandboxState,
-    Snapshot, Template,
+    BuildLayer, BuildReason, BuildStarted, BuildStatus, CreateSandbox, ForkResult, Health,
+    ImageBuild, ImageProbe, ListParams, Order, Page, Sandbox, SandboxDetail, SandboxMetric,
+    SandboxState, Snapshot, Template,
 };
 
 /// Where the API is when `E2B_API_URL` is not set: `cubicle serve`'s default listen address.

@@ -470,6 +470,38 @@ pub struct BuildStatus {
     /// Why it failed.
     #[serde(default)]
     pub reason: Option<BuildReason>,
+    /// While it runs, the latest progress of each layer of its image (Cubicle's own
+    /// field; empty when there is none or the build has ended).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub layers: Vec<BuildLayer>,
+}
+
+/// The progress of one layer of a build's image: what is being done with it and how
+/// many bytes of its blob are done.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+pub struct BuildLayer {
+    /// The layer's number, from 1.
+    pub index: usize,
+    /// How many layers the image has.
+    pub count: usize,
+    /// Its digest, `sha256:<hex>`.
+    pub digest: String,
+    /// `downloading`, `verifying` or `unpacking`.
+    pub stage: String,
+    /// Bytes of its blob downloaded or read so far.
+    pub done: u64,
+    /// The size of its blob.
+    pub total: u64,
+    /// Whether it was in the layer cache (nothing downloaded).
+    #[serde(default)]
+    pub cached: bool,
+}
+
+impl BuildLayer {
+    /// Whether its stage is complete.
+    pub fn is_complete(&self) -> bool {
+        self.done >= self.total
+    }
 }
 
 impl BuildStatus {

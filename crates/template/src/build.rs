@@ -8,7 +8,7 @@ use std::io::{BufRead, BufReader};
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use nix::fcntl::OFlag;
 
@@ -89,24 +89,96 @@ pub enum BuildEvent {
     Log(String),
     /// The build entered a phase of its job (what `GET .../builds/{id}/status` shows).
     Phase(BuildPhase),
-    /// Download progress of one layer of a registry image: sent when the layer starts
-    /// (`done` 0), at most every 100 ms while it downloads, and when it is complete
-    /// (`done == total`). A layer found in the layer cache is sent once, complete, with
-    /// `cached` set.
-    LayerProgress {
-        /// The layer's number, from 1.
-        index: usize,
-        /// How many layers the image has.
-        count: usize,
-        /// The layer's digest, `sha256:<hex>`.
-        digest: String,
-        /// Bytes downloaded so far.
-        done: u64,
-        /// The layer's size in bytes (compressed, as stored in the registry).
-        total: u64,
-        /// Whether the layer was already in the cache (nothing downloaded).
-        cached: bool,
-    },
+    /// Progress of one layer of an image: see [`LayerProgress`].
+    LayerProgress(LayerProgress),
+}
+
+/// How far one layer of an image got in one [`LayerStage`]: sent when the stage starts
+/// (`done` 0), at most every [`PROGRESS_EVERY`] while it runs, and when it is complete
+/// (`done == total`). A registry layer found in the layer cache is sent once, complete,
+/// with `cached` set. Serialised in camelCase, as the build status endpoint shows it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LayerProgress {
+    /// The layer's number, from 1.
+    pub index: usize,
+    /// How many layers the image has.
+    pub count: usize,
+    /// The layer's digest, `sha256:<hex>` (for `docker save` layers, of the
+    /// uncompressed tar).
+    pub digest: String,
+    /// What is being done with it.
+    pub stage: LayerStage,
+    /// Bytes of the layer's blob downloaded or read so far.
+    pub done: u64,
+    /// The size of the layer's blob in bytes (compressed, as stored).
+    pub total: u64,
+    /// Whether the layer was already in the cache (nothing downloaded).
+    pub cached: bool,
+}
+
+/// What is done to a layer, in this order: registry layers are downloaded, every layer
+/// is verified against its digest, then unpacked into the root filesystem.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum LayerStage {
+    /// Fetching the blob from the registry into the layer cache.
+    Downloading,
+    /// Reading the blob to check its digest.
+    Verifying,
+    /// Applying the layer's tar to the root filesystem.
+    Unpacking,
+}
+
+impl LayerStage {
+    /// Its name in the API: `downloading`, `verifying`, `unpacking`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LayerStage::Downloading => "downloading",
+            LayerStage::Verifying => "verifying",
+            LayerStage::Unpacking => "unpacking",
+        }
+    }
+}
+
+impl std::fmt::Display for LayerStage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// How often [`BuildEvent::LayerProgress`] is sent while a layer stage runs.
+pub const PROGRESS_EVERY: Duration = Duration::from_millis(100);
+
+/// Decides when an intermediate [`LayerProgress`] is due: at most once every
+/// [`PROGRESS_EVERY`] (the first and last events of a stage are sent by its caller).
+#[derive(Debug)]
+pub(crate) struct Throttle {
+    last: Instant,
+}
+
+impl Throttle {
+    /// A throttle whose stage (and first event) starts now.
+    pub(crate) fn new() -> Self {
+        Throttle {
+            last: Instant::now(),
+        }
+    }
+
+    /// Whether an event is due now (and if so, the next one is counted from now).
+    pub(crate) fn due(&mut self) -> bool {
+        self.due_at(Instant::now())
+    }
+
+    fn due_at(&mut self, now: Instant) -> bool {
+        if now.saturating_duration_since(self.last) < PROGRESS_EVERY {
+            return false;
+        }
+        self.last = now;
+        true
+    }
 }
 
 /// The phases of a template build, in order; a build ends `Ready` or `Failed`.
@@ -523,6 +595,34 @@ mod tests {
         assert_eq!(lines.len(), 33);
         assert_eq!(run.tail.len(), TAIL_LINES);
         assert_eq!(run.tail.back().map(String::as_str), Some("n29"));
+    }
+
+    #[test]
+    fn progress_is_throttled_to_one_event_per_interval() {
+        let start = Instant::now();
+        let mut t = Throttle { last: start };
+        let ms = |n| start + Duration::from_millis(n);
+        // Right after the start event: nothing; then one per 100 ms, however many reads.
+        let due: Vec<u64> = (0..=350).step_by(10).filter(|&n| t.due_at(ms(n))).collect();
+        assert_eq!(due, [100, 200, 300]);
+        // A clock that goes backwards (never, but) is not due.
+        assert!(!t.due_at(start));
+        assert_eq!(LayerStage::Unpacking.to_string(), "unpacking");
+        assert!(LayerStage::Downloading < LayerStage::Verifying);
+        let p = LayerProgress {
+            index: 2,
+            count: 3,
+            digest: "sha256:ab".into(),
+            stage: LayerStage::Verifying,
+            done: 5,
+            total: 10,
+            cached: false,
+        };
+        assert_eq!(
+            serde_json::to_value(&p).unwrap(),
+            serde_json::json!({"index": 2, "count": 3, "digest": "sha256:ab",
+                "stage": "verifying", "done": 5, "total": 10, "cached": false})
+        );
     }
 
     #[test]

@@ -82,7 +82,8 @@ pub struct RunOverrides {
 /// through the blob cache `<data>/cache/blobs`) and installs it atomically.
 ///
 /// Reports [`BuildPhase::Pulling`] (registry images), [`BuildPhase::Unpacking`] and
-/// [`BuildPhase::Building`], and per-layer [`BuildEvent::LayerProgress`] while pulling.
+/// [`BuildPhase::Building`], and per-layer [`BuildEvent::LayerProgress`] while downloading, verifying and
+/// unpacking.
 ///
 /// Refuses a name that is taken, or that of a built-in template. The image must have an
 /// executable `/bin/sh`; the account `user` (uid 1000) is added if it lacks one. Needs
@@ -161,9 +162,7 @@ pub(crate) fn build_image(
             ImageSource::Path(image) => {
                 on_event(BuildEvent::Phase(BuildPhase::Unpacking));
                 step(on_event, 1, &format!("reading image {}", image.display()));
-                let info = unpack_image(image, &scratch, &rootfs, &mut |line| {
-                    on_event(BuildEvent::Log(line))
-                });
+                let info = unpack_image(image, &scratch, &rootfs, on_event);
                 if scratch.exists() {
                     remove_tree(&scratch)?;
                 }
@@ -181,9 +180,7 @@ pub(crate) fn build_image(
                     on_event,
                 )?;
                 on_event(BuildEvent::Phase(BuildPhase::Unpacking));
-                let info = unpack_image(&layout, &scratch, &rootfs, &mut |line| {
-                    on_event(BuildEvent::Log(line))
-                });
+                let info = unpack_image(&layout, &scratch, &rootfs, on_event);
                 remove_tree(&layout)?;
                 if let Err(ImageError::DigestMismatch { expected, .. }) = &info {
                     // Verified when downloaded, so the cached copy went bad since.

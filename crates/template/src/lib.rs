@@ -66,7 +66,8 @@ mod shift;
 mod store;
 
 pub use build::{
-    build, build_base, BuildEvent, BuildOptions, BuildOutcome, BuildPhase, BUILD_STEPS,
+    build, build_base, BuildEvent, BuildOptions, BuildOutcome, BuildPhase, LayerProgress,
+    LayerStage, BUILD_STEPS, PROGRESS_EVERY,
 };
 pub use error::TemplateError;
 pub use from_image::{

@@ -29,10 +29,13 @@ use std::fs::{self, File};
 use std::io::{self, BufReader, Read};
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
+use std::time::Instant;
 
 use oci_spec::image::{Arch, ImageConfiguration, ImageIndex, ImageManifest, MediaType, Os};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
+
+use crate::build::{BuildEvent, LayerProgress, LayerStage, Throttle};
 
 /// The platform templates are built for (sandboxes run on this host's kernel).
 pub const PLATFORM: &str = "linux/amd64";
@@ -208,13 +211,17 @@ struct Resolved {
 
 /// Reads the image at `source` (a layout directory or an archive), verifies it and
 /// unpacks its layers into `rootfs` (which must exist). Archives are extracted into
-/// `scratch` (created; the caller removes it). `log` receives progress lines.
+/// `scratch` (created; the caller removes it). `on_event` receives log lines (one per
+/// layer as it is verified, and as it is unpacked) and each layer's
+/// [`BuildEvent::LayerProgress`] while it is verified and unpacked (bytes of its blob
+/// read).
 pub fn unpack_image(
     source: &Path,
     scratch: &Path,
     rootfs: &Path,
-    log: &mut dyn FnMut(String),
+    on_event: &mut dyn FnMut(BuildEvent),
 ) -> Result<ImageInfo, ImageError> {
+    let mut log = |line: String| on_event(BuildEvent::Log(line));
     let meta = fs::metadata(source).map_err(io_err("read", source))?;
     let (dir, archive) = if meta.is_dir() {
         (source.to_path_buf(), false)
@@ -246,16 +253,49 @@ pub fn unpack_image(
         });
     };
     let total = resolved.layers.len();
-    for (i, layer) in resolved.layers.iter().enumerate() {
-        let what = layer_name(i, total, &layer.digest);
-        log(format!("verifying {what}"));
-        verify_layer(layer, &what)?;
-    }
-    for (i, layer) in resolved.layers.iter().enumerate() {
-        let what = layer_name(i, total, &layer.digest);
-        let size = fs::metadata(&layer.path).map(|m| m.len()).unwrap_or(0);
-        log(format!("unpacking {what} ({})", human_bytes(size)));
-        apply_layer(rootfs, &layer.path, &what)?;
+    let sizes: Vec<u64> = resolved
+        .layers
+        .iter()
+        .map(|l| {
+            fs::metadata(&l.path)
+                .map(|m| m.len())
+                .map_err(io_err("read", &l.path))
+        })
+        .collect::<Result<_, _>>()?;
+    for stage in [LayerStage::Verifying, LayerStage::Unpacking] {
+        for (i, layer) in resolved.layers.iter().enumerate() {
+            let what = layer_name(i, total, &layer.digest);
+            let size = sizes[i];
+            let progress = |done: u64| {
+                BuildEvent::LayerProgress(LayerProgress {
+                    index: i + 1,
+                    count: total,
+                    digest: layer.digest.clone(),
+                    stage,
+                    done,
+                    total: size,
+                    cached: false,
+                })
+            };
+            on_event(progress(0));
+            let started = Instant::now();
+            let mut report = |done: u64| on_event(progress(done));
+            let tap = Tap::new(size, &mut report);
+            match stage {
+                LayerStage::Unpacking => apply_layer(rootfs, &layer.path, &what, tap)?,
+                _ => verify_layer(layer, &what, tap)?,
+            }
+            on_event(progress(size));
+            on_event(BuildEvent::Log(format!(
+                "{what}: {} {} in {:.1} s",
+                match stage {
+                    LayerStage::Unpacking => "unpacked",
+                    _ => "verified",
+                },
+                human_bytes(size),
+                started.elapsed().as_secs_f64()
+            )));
+        }
     }
     let config = resolved
         .config
@@ -653,12 +693,66 @@ impl<R: Read> Read for Hashing<R> {
     }
 }
 
-/// Opens a layer file, decompressing it if it is gzipped (by its magic number).
-fn open_layer(path: &Path, what: &str) -> Result<Box<dyn Read>, ImageError> {
+/// Reports how many bytes of a layer's file were read so far, at most every
+/// [`crate::build::PROGRESS_EVERY`] (the first and last reports are the caller's).
+struct Tap<'a> {
+    done: u64,
+    total: u64,
+    throttle: Throttle,
+    report: &'a mut dyn FnMut(u64),
+}
+
+impl<'a> Tap<'a> {
+    fn new(total: u64, report: &'a mut dyn FnMut(u64)) -> Self {
+        Tap {
+            done: 0,
+            total,
+            throttle: Throttle::new(),
+            report,
+        }
+    }
+
+    /// Counts `n` more bytes read.
+    fn read(&mut self, n: usize) {
+        self.done += n as u64;
+        if self.done < self.total && self.throttle.due() {
+            (self.report)(self.done);
+        }
+    }
+}
+
+/// A layer file's reader (buffered), counting what is read from it into a [`Tap`].
+struct Tapped<'a> {
+    inner: BufReader<File>,
+    tap: Tap<'a>,
+}
+
+impl Read for Tapped<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.tap.read(n);
+        Ok(n)
+    }
+}
+
+/// Opens a layer file, decompressing it if it is gzipped (by its magic number) and
+/// `decompress`; the bytes read from the file go to `tap`.
+fn open_layer<'a>(
+    path: &Path,
+    what: &str,
+    decompress: bool,
+    tap: Tap<'a>,
+) -> Result<Box<dyn Read + 'a>, ImageError> {
     let mut file = File::open(path).map_err(io_err("open", path))?;
     let mut magic = [0u8; 4];
     let n = read_fully(&mut file, &mut magic).map_err(io_err("read", path))?;
-    let file = BufReader::new(File::open(path).map_err(io_err("open", path))?);
+    let file = Tapped {
+        inner: BufReader::new(File::open(path).map_err(io_err("open", path))?),
+        tap,
+    };
+    if !decompress {
+        return Ok(Box::new(file));
+    }
     match &magic[..n] {
         [0x1f, 0x8b, ..] => Ok(Box::new(flate2::read::MultiGzDecoder::new(file))),
         [0x28, 0xb5, 0x2f, 0xfd] => Err(ImageError::Unsupported {
@@ -683,14 +777,8 @@ fn read_fully(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
 }
 
 /// Checks a layer file against its digest before anything of it is unpacked.
-fn verify_layer(layer: &LayerRef, what: &str) -> Result<(), ImageError> {
-    let reader: Box<dyn Read> = if layer.of_uncompressed {
-        open_layer(&layer.path, what)?
-    } else {
-        Box::new(BufReader::new(
-            File::open(&layer.path).map_err(io_err("open", &layer.path))?,
-        ))
-    };
+fn verify_layer(layer: &LayerRef, what: &str, tap: Tap<'_>) -> Result<(), ImageError> {
+    let reader = open_layer(&layer.path, what, layer.of_uncompressed, tap)?;
     let mut hashing = Hashing {
         inner: reader,
         hasher: Sha256::new(),
@@ -833,8 +921,8 @@ const OPAQUE: &str = ".wh..wh..opq";
 const WHITEOUT_PREFIX: &str = ".wh.";
 
 /// Applies one layer tar onto `root`.
-fn apply_layer(root: &Path, path: &Path, what: &str) -> Result<(), ImageError> {
-    let mut archive = tar::Archive::new(open_layer(path, what)?);
+fn apply_layer(root: &Path, path: &Path, what: &str, tap: Tap<'_>) -> Result<(), ImageError> {
+    let mut archive = tar::Archive::new(open_layer(path, what, true, tap)?);
     archive.set_preserve_permissions(true);
     archive.set_preserve_ownerships(true);
     archive.set_preserve_mtime(true);
@@ -966,7 +1054,9 @@ fn extract_archive(archive_path: &Path, dest: &Path) -> Result<(), ImageError> {
         .mode(0o700)
         .create(dest)
         .map_err(io_err("create directory", dest))?;
-    let mut archive = tar::Archive::new(open_layer(archive_path, &what)?);
+    let mut unreported = |_| {};
+    let tap = Tap::new(0, &mut unreported);
+    let mut archive = tar::Archive::new(open_layer(archive_path, &what, true, tap)?);
     let mut links = Vec::new();
     for entry in archive.entries().map_err(io_err("read", archive_path))? {
         let mut entry = entry.map_err(io_err("read", archive_path))?;
@@ -1392,11 +1482,26 @@ pub(crate) mod tests {
     }
 
     fn unpack(src: &Path, tmp: &Path) -> (Result<ImageInfo, ImageError>, PathBuf, Vec<String>) {
+        let (r, rootfs, events) = unpack_events(src, tmp);
+        let lines = events
+            .into_iter()
+            .filter_map(|e| match e {
+                BuildEvent::Log(l) => Some(l),
+                _ => None,
+            })
+            .collect();
+        (r, rootfs, lines)
+    }
+
+    fn unpack_events(
+        src: &Path,
+        tmp: &Path,
+    ) -> (Result<ImageInfo, ImageError>, PathBuf, Vec<BuildEvent>) {
         let rootfs = tmp.join("rootfs");
         fs::create_dir_all(&rootfs).unwrap();
-        let mut lines = Vec::new();
-        let r = unpack_image(src, &tmp.join("scratch"), &rootfs, &mut |l| lines.push(l));
-        (r, rootfs, lines)
+        let mut events = Vec::new();
+        let r = unpack_image(src, &tmp.join("scratch"), &rootfs, &mut |e| events.push(e));
+        (r, rootfs, events)
     }
 
     fn read(p: &Path) -> String {
@@ -1471,9 +1576,63 @@ pub(crate) mod tests {
         assert_eq!(info.config.working_dir.as_deref(), Some("/srv"));
         assert_eq!(info.config.user.as_deref(), Some("1000"));
         assert_eq!(info.config.exposed_ports, ["8080/tcp"]);
-        assert!(lines
+        for stage in ["verified", "unpacked"] {
+            assert!(
+                lines
+                    .iter()
+                    .any(|l| l.starts_with("layer 2/2 (sha256:") && l.contains(stage)),
+                "{lines:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn every_layer_reports_verifying_then_unpacking_up_to_its_size() {
+        let tmp = tempfile::tempdir().unwrap();
+        let image = tmp.path().join("image");
+        fs::create_dir(&image).unwrap();
+        // A big plain layer between two small ones, the last gzipped.
+        let big = tar_of(&[E::File("big", &vec![7u8; 48 << 20], 0o644)]);
+        let (l1, l3) = (lower(), upper());
+        oci_layout(&image, &[(&l1, false), (&big, false), (&l3, true)]);
+        let started = std::time::Instant::now();
+        let (r, rootfs, events) = unpack_events(&image, &tmp.path().join("w"));
+        let elapsed = started.elapsed();
+        r.unwrap();
+        assert_eq!(fs::metadata(rootfs.join("big")).unwrap().len(), 48 << 20);
+        let progress: Vec<&LayerProgress> = events
             .iter()
-            .any(|l| l.starts_with("unpacking layer 2/2 (sha256:")));
+            .filter_map(|e| match e {
+                BuildEvent::LayerProgress(p) => Some(p),
+                _ => None,
+            })
+            .collect();
+        // Every layer is verified before any is unpacked.
+        let order: Vec<(LayerStage, usize)> = progress.iter().map(|p| (p.stage, p.index)).collect();
+        let mut sorted = order.clone();
+        sorted.sort();
+        assert_eq!(order, sorted);
+        let sizes = [l1.len() as u64, big.len() as u64, gzip(&l3).len() as u64];
+        for stage in [LayerStage::Verifying, LayerStage::Unpacking] {
+            for (i, size) in sizes.iter().enumerate() {
+                let of: Vec<u64> = progress
+                    .iter()
+                    .filter(|p| p.stage == stage && p.index == i + 1)
+                    .inspect(|p| assert_eq!((p.count, p.total, p.cached), (3, *size, false)))
+                    .map(|p| p.done)
+                    .collect();
+                assert_eq!(of.first(), Some(&0), "{stage} {i}: {of:?}");
+                assert_eq!(of.last(), Some(size), "{stage} {i}: {of:?}");
+                assert!(of.windows(2).all(|w| w[0] <= w[1]), "{of:?}");
+                // Throttled: start, end, and at most one per 100 ms in between.
+                let most = 2 + (elapsed.as_millis() / 100) as usize;
+                assert!(
+                    of.len() <= most,
+                    "{stage} {i}: {} events in {elapsed:?}",
+                    of.len()
+                );
+            }
+        }
     }
 
     #[test]

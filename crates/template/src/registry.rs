@@ -37,7 +37,7 @@ use oci_spec::image::ImageIndex;
 use serde_json::json;
 use sha2::{Digest as _, Sha256};
 
-use crate::build::BuildEvent;
+use crate::build::{BuildEvent, LayerProgress, LayerStage, Throttle};
 use crate::from_image::RegistryAuth;
 use crate::oci::{
     check_digest, check_layers, hex, human_bytes, invalid, layer_name, pick_in_index,
@@ -57,8 +57,6 @@ const INDEX_TYPES: &[&str] = &[
 ];
 /// Manifests and indexes are small; a bigger one is refused before it is read whole.
 const MAX_MANIFEST_BYTES: u64 = 4 << 20;
-/// How often [`BuildEvent::LayerProgress`] is sent while a layer downloads.
-const PROGRESS_EVERY: Duration = Duration::from_millis(100);
 /// A `.part-*` file untouched for this long belongs to a pull that died.
 const STALE_PART: Duration = Duration::from_secs(3600);
 const PART_PREFIX: &str = ".part-";
@@ -403,14 +401,15 @@ pub fn pull(
         let what = layer_name(i, total, &ldigest);
         if cache.has(&ldigest, layer.size()) {
             cached_layers += 1;
-            on_event(BuildEvent::LayerProgress {
+            on_event(BuildEvent::LayerProgress(LayerProgress {
                 index: i + 1,
                 count: total,
                 digest: ldigest.clone(),
+                stage: LayerStage::Downloading,
                 done: layer.size(),
                 total: layer.size(),
                 cached: true,
-            });
+            }));
             on_event(BuildEvent::Log(format!(
                 "{what}: cached ({})",
                 human_bytes(layer.size())
@@ -653,20 +652,23 @@ impl<'a> Remote<'a> {
     ) -> Result<(), ImageError> {
         let path = self.cache.path(digest)?;
         let mut tmp = self.cache.temp_file()?;
-        let progress = |done: u64| BuildEvent::LayerProgress {
-            index: layer.map_or(0, |l| l.0),
-            count: layer.map_or(0, |l| l.1),
-            digest: digest.to_owned(),
-            done,
-            total: size,
-            cached: false,
+        let progress = |done: u64| {
+            BuildEvent::LayerProgress(LayerProgress {
+                index: layer.map_or(0, |l| l.0),
+                count: layer.map_or(0, |l| l.1),
+                digest: digest.to_owned(),
+                stage: LayerStage::Downloading,
+                done,
+                total: size,
+                cached: false,
+            })
         };
         if layer.is_some() {
             on_event(progress(0));
         }
         let mut hasher = Sha256::new();
         let mut done = 0u64;
-        let mut last_report = Instant::now();
+        let mut throttle = Throttle::new();
         let client = &self.client;
         let reference = self.reference;
         let result: Result<(), Result<OciDistributionError, ImageError>> =
@@ -690,8 +692,7 @@ impl<'a> Remote<'a> {
                     hasher.update(&chunk);
                     tmp.write_all(&chunk)
                         .map_err(|e| Err(io_err("write", tmp.path())(e)))?;
-                    if layer.is_some() && last_report.elapsed() >= PROGRESS_EVERY {
-                        last_report = Instant::now();
+                    if layer.is_some() && done < size && throttle.due() {
                         on_event(progress(done));
                     }
                 }

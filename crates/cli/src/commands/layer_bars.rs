@@ -1,10 +1,12 @@
-//! Progress bars of a registry pull's layer downloads on stderr.
+//! Progress bars of an image's layers on stderr, while they are downloaded, verified
+//! and unpacked (in-process builds and daemon jobs alike).
 //!
-//! Layers download one after the other, so there is at most one bar at a time: it is
-//! redrawn in place (`\r`) while its layer downloads and cleared when it completes,
-//! where the build's own log line ("layer 2/3 (...): downloaded 40.0 MiB in 0.4 s")
-//! takes its place. Bars are drawn only when stderr is a terminal; otherwise those log
-//! lines are all there is.
+//! Layers go through each stage one after the other, so there is at most one bar at a
+//! time: it is redrawn in place (`\r`) while its layer's stage runs and cleared when it
+//! completes, where the build's own log line ("layer 2/3 (...): downloaded 40.0 MiB in
+//! 0.4 s", "...: verified ...", "...: unpacked ...") takes its place. Bars are drawn
+//! only when stderr is a terminal; otherwise those log lines, one per layer and stage,
+//! are all there is.
 
 use std::io::{IsTerminal, Write};
 
@@ -25,12 +27,14 @@ impl LayerBars {
         }
     }
 
-    /// Shows the progress of layer `index` of `count`.
+    /// Shows the progress of layer `index` of `count` in `stage`.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn update(
         &mut self,
         index: usize,
         count: usize,
         digest: &str,
+        stage: &str,
         done: u64,
         total: u64,
         cached: bool,
@@ -46,7 +50,7 @@ impl LayerBars {
             let _ = write!(
                 err,
                 "\r\x1b[K{}",
-                bar_line(index, count, digest, done, total)
+                bar_line(index, count, digest, stage, done, total)
             );
             self.drawn = true;
         }
@@ -64,8 +68,15 @@ impl LayerBars {
     }
 }
 
-/// `    layer 2/3 sha256:0123456789ab [#########-----------]  12.0/ 40.0 MiB`
-pub(crate) fn bar_line(index: usize, count: usize, digest: &str, done: u64, total: u64) -> String {
+/// `    layer 2/3 sha256:0123456789ab unpacking   [#########-----------]  12.0/ 40.0 MiB`
+pub(crate) fn bar_line(
+    index: usize,
+    count: usize,
+    digest: &str,
+    stage: &str,
+    done: u64,
+    total: u64,
+) -> String {
     const WIDTH: u64 = 30;
     let short: String = digest.chars().take(7 + 12).collect();
     let filled = (done.min(total) * WIDTH)
@@ -74,7 +85,7 @@ pub(crate) fn bar_line(index: usize, count: usize, digest: &str, done: u64, tota
         .min(WIDTH);
     let mib = |n: u64| n as f64 / (1024.0 * 1024.0);
     format!(
-        "    layer {index}/{count} {short} [{}{}] {:5.1}/{:5.1} MiB",
+        "    layer {index}/{count} {short} {stage:<11} [{}{}] {:5.1}/{:5.1} MiB",
         "#".repeat(filled as usize),
         "-".repeat((WIDTH - filled) as usize),
         mib(done),
@@ -90,20 +101,20 @@ mod tests {
     fn bars() {
         let d = format!("sha256:{}", "ab".repeat(32));
         assert_eq!(
-            bar_line(2, 3, &d, 12 << 20, 40 << 20),
+            bar_line(2, 3, &d, "unpacking", 12 << 20, 40 << 20),
             format!(
-                "    layer 2/3 sha256:abababababab [{}{}]  12.0/ 40.0 MiB",
+                "    layer 2/3 sha256:abababababab unpacking   [{}{}]  12.0/ 40.0 MiB",
                 "#".repeat(9),
                 "-".repeat(21)
             )
         );
-        assert!(bar_line(1, 1, &d, 0, 0).contains(&"#".repeat(30)));
+        assert!(bar_line(1, 1, &d, "verifying", 0, 0).contains(&"#".repeat(30)));
         // Not a terminal (as under `cargo test`): nothing is drawn.
         let mut b = LayerBars {
             tty: false,
             drawn: false,
         };
-        b.update(1, 1, &d, 5, 10, false);
+        b.update(1, 1, &d, "downloading", 5, 10, false);
         assert!(!b.drawn);
     }
 }

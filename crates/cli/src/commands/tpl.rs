@@ -248,8 +248,10 @@ fn daemon(command: &str) -> anyhow::Result<ApiClient> {
     })
 }
 
-/// Follows a build: phases and log lines on stderr as they come; exit 0 with the
-/// template's summary (or its JSON) when it is ready, 1 with the reason when it failed.
+/// Follows a build: phases and log lines on stderr as they come (among them one line
+/// per layer and stage as it completes), and on a terminal a progress bar of the layer
+/// being downloaded, verified or unpacked; exit 0 with the template's summary (or its
+/// JSON) when it is ready, 1 with the reason when it failed.
 async fn follow(
     api: &ApiClient,
     started: &BuildStarted,
@@ -261,6 +263,7 @@ async fn follow(
         started.build_id, started.template_id, started.phase
     );
     let mut offset = 0;
+    let mut bars = LayerBars::for_stderr();
     let status = loop {
         let status = api
             .build_status(&started.template_id, &started.build_id, offset)
@@ -274,6 +277,9 @@ async fn follow(
         offset = status
             .next_logs_offset
             .unwrap_or(offset + status.logs.len() as u64);
+        if !status.logs.is_empty() {
+            bars.clear();
+        }
         for line in &status.logs {
             if line.starts_with("== ") || line.starts_with('[') {
                 eprintln!("{line}");
@@ -282,7 +288,14 @@ async fn follow(
             }
         }
         if status.is_finished() {
+            bars.clear();
             break status;
+        }
+        match status.layers.iter().find(|l| !l.cached && !l.is_complete()) {
+            Some(l) => bars.update(
+                l.index, l.count, &l.digest, &l.stage, l.done, l.total, l.cached,
+            ),
+            None => bars.clear(),
         }
         tokio::time::sleep(POLL).await;
     };
@@ -700,7 +713,7 @@ impl Progress {
     }
 
     fn event(&mut self, event: BuildEvent) {
-        if !matches!(event, BuildEvent::LayerProgress { .. }) {
+        if !matches!(event, BuildEvent::LayerProgress(_)) {
             self.bars.clear();
         }
         match event {
@@ -716,14 +729,15 @@ impl Progress {
                 self.flush();
                 eprintln!("== {}", phase.as_str());
             }
-            BuildEvent::LayerProgress {
-                index,
-                count,
-                digest,
-                done,
-                total,
-                cached,
-            } => self.bars.update(index, count, &digest, done, total, cached),
+            BuildEvent::LayerProgress(p) => self.bars.update(
+                p.index,
+                p.count,
+                &p.digest,
+                p.stage.as_str(),
+                p.done,
+                p.total,
+                p.cached,
+            ),
             BuildEvent::Log(line) if self.verbose => eprintln!("    {line}"),
             BuildEvent::Log(line) => {
                 let verb = info_verb(&line);

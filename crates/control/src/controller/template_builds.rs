@@ -12,7 +12,8 @@
 //! leaves no template: the pipeline removes its build directory, and a template that
 //! was installed but could not be prepared is removed. Phases are written to the store
 //! as they change, with the last [`BUILD_LOG_LINES`] lines of output; while a job runs
-//! its live log is kept here. A restart marks unfinished jobs `failed` and removes what
+//! its live log is kept here, with the latest progress of each layer of its image
+//! (in memory only: several events a second, worthless once the job ends). A restart marks unfinished jobs `failed` and removes what
 //! they left.
 
 use std::collections::{HashMap, VecDeque};
@@ -21,8 +22,8 @@ use std::sync::{Arc, Mutex};
 use cubicle_core::{ErrorKind, Limits, SandboxState, TemplateName};
 use cubicle_store::{BuildFault, BuildLogLine, BuildRecord, BUILD_LOG_LINES};
 use cubicle_template::{
-    build_template, BuildEvent, BuildOptions, BuildOutcome, BuildPhase, ImageBuildRequest, Recipe,
-    RegistryAuth, Template, TemplateError, TemplateSource,
+    build_template, BuildEvent, BuildOptions, BuildOutcome, BuildPhase, ImageBuildRequest,
+    LayerProgress, Recipe, RegistryAuth, Template, TemplateError, TemplateSource,
 };
 use rand::RngCore;
 
@@ -43,9 +44,28 @@ struct LiveBuild {
     phase: BuildPhase,
     logs: VecDeque<BuildLogLine>,
     log_count: u64,
+    /// The latest progress of each layer seen so far, by layer number.
+    layers: Vec<LayerProgress>,
 }
 
 impl LiveBuild {
+    fn new() -> Self {
+        LiveBuild {
+            phase: BuildPhase::Queued,
+            logs: VecDeque::new(),
+            log_count: 0,
+            layers: Vec::new(),
+        }
+    }
+
+    /// Records a layer's progress in place of what was known of that layer.
+    fn layer(&mut self, p: LayerProgress) {
+        match self.layers.binary_search_by_key(&p.index, |l| l.index) {
+            Ok(at) => self.layers[at] = p,
+            Err(at) => self.layers.insert(at, p),
+        }
+    }
+
     /// Appends a line, keeping the last [`BUILD_LOG_LINES`].
     fn push(&mut self, message: String) {
         if self.logs.len() == BUILD_LOG_LINES {
@@ -229,14 +249,7 @@ impl Controller {
             log_count: 0,
         };
         self.store.insert_build(&record)?;
-        live.insert(
-            record.id.clone(),
-            LiveBuild {
-                phase: BuildPhase::Queued,
-                logs: VecDeque::new(),
-                log_count: 0,
-            },
-        );
+        live.insert(record.id.clone(), LiveBuild::new());
         drop(live);
         tracing::info!(build = %record.id, template = %name, rebuild, "template build queued");
         let this = self.clone();
@@ -302,9 +315,14 @@ impl Controller {
                 title,
             } => self.build_log(id, format!("[{index}/{total}] {title}")),
             BuildEvent::Log(line) => self.build_log(id, line),
-            // Several a second while a layer downloads; the pull logs each layer's end
-            // ("downloaded", "cached") as a line of its own.
-            BuildEvent::LayerProgress { .. } => {}
+            // Several a second while a layer is downloaded, verified or unpacked: kept
+            // for the status endpoint, not logged (the pipeline logs each layer's end of
+            // each stage as a line of its own).
+            BuildEvent::LayerProgress(p) => {
+                if let Some(b) = self.builds.live.lock().expect("builds").get_mut(id) {
+                    b.layer(p);
+                }
+            }
             // Kinds of progress this version does not know are shown as they are.
             other => self.build_log(id, format!("{other:?}")),
         }
@@ -379,12 +397,13 @@ impl Controller {
     }
 
     /// The build `build_id` of the template `template` (by the name the job was
-    /// submitted for), with its live log if it is running.
+    /// submitted for), with its live log if it is running, and the latest progress of
+    /// each layer of its image while it runs (empty once it ended, or if it has none).
     pub fn template_build(
         &self,
         template: &str,
         build_id: &str,
-    ) -> Result<BuildRecord, ControlError> {
+    ) -> Result<(BuildRecord, Vec<LayerProgress>), ControlError> {
         let not_found = || ControlError::BuildNotFound(build_id.to_owned());
         let mut record = self.store.get_build(build_id)?.ok_or_else(not_found)?;
         let same_template = record.template == template
@@ -394,12 +413,14 @@ impl Controller {
         if !same_template {
             return Err(not_found());
         }
+        let mut layers = Vec::new();
         if let Some(live) = self.builds.live.lock().expect("builds").get(build_id) {
             record.phase = live.phase.as_str().to_owned();
             record.logs = live.logs.iter().cloned().collect();
             record.log_count = live.log_count;
+            layers = live.layers.clone();
         }
-        Ok(record)
+        Ok((record, layers))
     }
 
     /// Every build of the template `name` (by its own name), oldest first.
@@ -628,6 +649,36 @@ fn build_uuid() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use cubicle_template::LayerStage;
+
+    #[test]
+    fn a_live_build_keeps_the_latest_progress_of_each_layer_in_order() {
+        let mut b = LiveBuild::new();
+        let p = |index, stage, done| LayerProgress {
+            index,
+            count: 3,
+            digest: format!("sha256:{index}"),
+            stage,
+            done,
+            total: 100,
+            cached: false,
+        };
+        b.layer(p(2, LayerStage::Downloading, 0));
+        b.layer(p(1, LayerStage::Downloading, 100));
+        b.layer(p(2, LayerStage::Downloading, 40));
+        b.layer(p(3, LayerStage::Downloading, 100));
+        b.layer(p(2, LayerStage::Downloading, 100));
+        b.layer(p(1, LayerStage::Unpacking, 10));
+        assert_eq!(
+            b.layers,
+            [
+                p(1, LayerStage::Unpacking, 10),
+                p(2, LayerStage::Downloading, 100),
+                p(3, LayerStage::Downloading, 100),
+            ]
+        );
+        assert!(b.logs.is_empty(), "progress is not logged");
+    }
 
     #[test]
     fn the_store_knows_every_phase() {
