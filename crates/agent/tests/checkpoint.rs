@@ -5,7 +5,10 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use cubicle_core::SandboxId;
+use std::os::unix::fs::PermissionsExt;
+
+use cubicle_core::{DataDir, SandboxId};
+use cubicle_runtime::ns::{NsConfig, NsRuntime};
 use cubicle_runtime::{Runtime, RuntimeError};
 use support::TestEnv;
 
@@ -209,6 +212,80 @@ async fn a_checkpoint_restores_as_independent_sandboxes_with_everything_inside()
         clone.destroy().await;
     }
     sbx.destroy().await;
+}
+
+/// A checkpoint taken with one build of the agent restores after the agent binary was
+/// replaced by another (an upgrade): the restore mounts the agent the checkpoint was
+/// taken with, which the data dir keeps by content; new sandboxes run the new one.
+#[tokio::test]
+async fn a_checkpoint_restores_after_the_agent_binary_changed() {
+    let env = TestEnv::new();
+    let sbx = env.create().await;
+    sbx.sh("echo kept > /home/user/f").await;
+    let dir = env.data.path().join("before-upgrade");
+    env.runtime.checkpoint(sbx.id(), &dir).await.unwrap();
+    sbx.destroy().await;
+    let meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("checkpoint.json")).unwrap()).unwrap();
+    let old_agent = meta["agentBin"]
+        .as_str()
+        .expect("agentBin recorded")
+        .to_owned();
+    assert!(old_agent.starts_with(env.data.path().join("agents").to_str().unwrap()));
+
+    // The same program one byte longer: another size, another digest.
+    let newer = env.data.path().join("cubicle-agent-newer");
+    let mut bytes = std::fs::read(env!("CARGO_BIN_EXE_cubicle-agent")).unwrap();
+    bytes.push(0);
+    std::fs::write(&newer, bytes).unwrap();
+    std::fs::set_permissions(&newer, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut config = NsConfig::new(DataDir::new(env.data.path()), newer);
+    config.cgroup_parent = "cubicle-test".into();
+    let upgraded = std::sync::Arc::new(NsRuntime::new(config).unwrap());
+
+    let spec = env.spec();
+    let id = spec.id.clone();
+    let restored = upgraded.restore(&dir, spec).await;
+    let info = restored.expect("a checkpoint restores after an agent upgrade");
+    let client = cubicle_envd::client::EnvdClient::new(&info.agent_socket);
+    let out = client.run("cat /home/user/f", None).await.unwrap();
+    assert_eq!(out.stdout_text(), "kept\n");
+    let record: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(
+            env.data
+                .path()
+                .join("sandboxes")
+                .join(id.as_str())
+                .join("runtime.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(record["agentBin"], old_agent.as_str(), "{record:#}");
+    upgraded.destroy(&id).await.unwrap();
+
+    // A new sandbox of the upgraded runtime runs the new build.
+    let spec = env.spec();
+    let id = spec.id.clone();
+    upgraded.create(spec).await.unwrap();
+    let record: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(
+            env.data
+                .path()
+                .join("sandboxes")
+                .join(id.as_str())
+                .join("runtime.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let new_agent = record["agentBin"].as_str().unwrap();
+    assert_ne!(new_agent, old_agent);
+    assert_eq!(
+        std::fs::metadata(new_agent).unwrap().len(),
+        std::fs::metadata(&old_agent).unwrap().len() + 1
+    );
+    upgraded.destroy(&id).await.unwrap();
 }
 
 #[tokio::test]

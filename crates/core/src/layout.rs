@@ -72,6 +72,12 @@ impl DataDir {
         self.root.join("hibernated")
     }
 
+    /// The agent binaries sandboxes run, by content: `<agents>/<sha256>/cubicle-agent`
+    /// (checkpoints name the one they were taken with, so none is ever replaced).
+    pub fn agents(&self) -> PathBuf {
+        self.root.join("agents")
+    }
+
     /// Downloaded or built artefacts that can be thrown away and rebuilt.
     pub fn cache(&self) -> PathBuf {
         self.root.join("cache")

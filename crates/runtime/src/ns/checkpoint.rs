@@ -55,6 +55,10 @@ pub struct CheckpointMeta {
     pub size_bytes: u64,
     /// How long the sandbox was frozen, microseconds.
     pub frozen_us: u64,
+    /// The stored agent binary its processes ran (see `agent_store`); a restore mounts
+    /// this one, not the runtime's current agent. Absent in older checkpoints.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_bin: Option<PathBuf>,
 }
 
 /// The CRIU binary: `$CUBICLE_CRIU`, else `/usr/local/sbin/criu` (what `scripts/criu`

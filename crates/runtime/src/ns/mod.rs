@@ -19,6 +19,7 @@
 //! writable layer of a sandbox with a size limit, a filesystem of its own mounted under
 //! its directory ([`quota`]), which the destroy unmounts.
 
+mod agent_store;
 pub mod cgroup;
 pub mod checkpoint;
 pub mod init;
@@ -121,6 +122,10 @@ struct RuntimeRecord {
     /// Start time of `pid` in clock ticks since boot (`/proc/<pid>/stat` field 22), so a
     /// recycled pid is never mistaken for the sandbox.
     start_time: u64,
+    /// The stored agent binary it runs (see `agent_store`), which its checkpoints name.
+    /// Absent in records written before agents were stored by content.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    agent_bin: Option<PathBuf>,
 }
 
 impl RuntimeRecord {
@@ -279,7 +284,7 @@ fn io_error<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> R
 
 impl NsRuntime {
     /// Checks the configuration and the host (agent binary, paths, cgroups).
-    pub fn new(config: NsConfig) -> Result<Self, RuntimeError> {
+    pub fn new(mut config: NsConfig) -> Result<Self, RuntimeError> {
         let agent = &config.agent_bin;
         match std::fs::metadata(agent) {
             Ok(md) if md.is_file() && md.permissions().mode() & 0o001 != 0 => {}
@@ -319,6 +324,8 @@ impl NsRuntime {
         for dir in [root.to_owned(), config.data_dir.sandboxes()] {
             make_traversable_dir(&dir)?;
         }
+        // Sandboxes run the stored copy, which no upgrade replaces (see agent_store).
+        config.agent_bin = agent_store::install(&config.data_dir, &config.agent_bin)?;
         let zygotes = std::sync::Arc::new(zygote::ZygotePool::new(
             config.data_dir.clone(),
             config.agent_bin.clone(),
@@ -470,6 +477,7 @@ impl NsRuntime {
                 layers: spec.layers.clone(),
                 start_time: process_start_time(pid)
                     .map_err(io_error("read start time of", Path::new("/proc")))?,
+                agent_bin: Some(self.config.agent_bin.clone()),
             };
             write_json(&paths.record, &record)?;
             // A zygote's child sees the host's tree under zygote::HOST_DIR, where an
@@ -787,6 +795,7 @@ impl NsRuntime {
     async fn restore_into(
         &self,
         dir: &Path,
+        agent_bin: &Path,
         spec: &SandboxSpec,
         paths: &mut SandboxPaths,
     ) -> Result<(i32, OwnedFd), (RuntimeError, Option<OwnedFd>)> {
@@ -844,7 +853,7 @@ impl NsRuntime {
             &init::host_bind_mounts(),
             &checkpoint::RestoreMounts {
                 run_dir: paths.run.clone(),
-                agent_bin: self.config.agent_bin.clone(),
+                agent_bin: agent_bin.to_owned(),
             },
         );
         let lower: Vec<PathBuf> = std::iter::once(paths.base.clone())
@@ -890,6 +899,7 @@ impl NsRuntime {
                 layers: spec.layers.clone(),
                 start_time: process_start_time(pid)
                     .map_err(io_error("read start time of", Path::new("/proc")))?,
+                agent_bin: Some(agent_bin.to_owned()),
             };
             write_json(&paths.record, &record)?;
             let _ = std::fs::remove_dir_all(&images);
@@ -1071,6 +1081,7 @@ impl Runtime for NsRuntime {
             hostname: id.to_string(),
             size_bytes: checkpoint::tree_size(dir),
             frozen_us,
+            agent_bin: record.agent_bin.clone(),
         };
         if let Err(e) = write_json(&dir.join(checkpoint::META_FILE), &meta) {
             let _ = std::fs::remove_dir_all(dir);
@@ -1122,7 +1133,13 @@ impl Runtime for NsRuntime {
             }
             Err(e) => return Err(io_error("create", &paths.dir)(e)),
         }
-        let restored = self.restore_into(dir, &spec, &mut paths).await;
+        // The agent the checkpoint was taken with (still in the store), else this
+        // runtime's: a checkpoint from before agents were stored by content.
+        let agent_bin = meta
+            .agent_bin
+            .filter(|p| p.is_file())
+            .unwrap_or_else(|| self.config.agent_bin.clone());
+        let restored = self.restore_into(dir, &agent_bin, &spec, &mut paths).await;
         self.started(spec, paths, restored).await
     }
 
@@ -1403,6 +1420,7 @@ mod tests {
             rootfs: "/t/ci/rootfs".into(),
             layers: vec!["/t/ci/rootfs".into(), "/t/base/rootfs".into()],
             start_time: 2,
+            agent_bin: None,
         };
         let json = serde_json::to_value(&new).unwrap();
         assert_eq!(json["rootfs"], "/t/ci/rootfs");
