@@ -47,6 +47,14 @@ fn private_templates() -> tempfile::TempDir {
 
 /// What is in a templates directory besides the lock file.
 fn entries(dir: &Path) -> Vec<String> {
+    all_entries(dir)
+        .into_iter()
+        .filter(|n| !n.starts_with(".old-"))
+        .collect()
+}
+
+/// Everything but the lock, also `.old-*` directories still being deleted.
+fn all_entries(dir: &Path) -> Vec<String> {
     let mut names: Vec<String> = fs::read_dir(dir)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
@@ -54,6 +62,27 @@ fn entries(dir: &Path) -> Vec<String> {
         .collect();
     names.sort();
     names
+}
+
+/// Waits (30 s at most) until `dir` holds nothing but the lock: the daemon deletes
+/// removed and replaced templates on a thread of its own, after renaming them aside.
+fn assert_empty_soon(dir: &Path) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let left = all_entries(dir);
+        if left.is_empty() {
+            return;
+        }
+        assert!(
+            left.iter().all(|n| n.starts_with(".old-")),
+            "not being deleted: {left:?}"
+        );
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never deleted: {left:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
 }
 
 /// `GET path` with the daemon's key: status and JSON body.
@@ -281,7 +310,7 @@ fn an_image_build_job_goes_through_its_phases_to_a_template_with_a_lifecycle() {
 
     // Now nothing uses it.
     d.cli(&["tpl", "rm", name]).ok();
-    assert!(entries(templates.path()).is_empty());
+    assert_empty_soon(templates.path());
     let (s, _) = get(&d, &format!("/templates/{name}"));
     assert_eq!(s, 404);
     let (s, _) = get(&d, &format!("/templates/aliases/{name}"));
@@ -370,11 +399,7 @@ fn failed_builds_say_why_and_leave_no_template() {
     );
 
     // Nothing of either is left: no template, no build directory.
-    assert!(
-        entries(templates.path()).is_empty(),
-        "{:?}",
-        entries(templates.path())
-    );
+    assert_empty_soon(templates.path());
     let (s, _) = get(&d, "/templates/jobs-corrupt");
     assert_eq!(s, 404);
 
@@ -526,7 +551,7 @@ fn a_running_build_shows_the_progress_of_each_layer() {
         }
     }
     d.cli(&["tpl", "rm", name]).ok();
-    assert!(entries(templates.path()).is_empty());
+    assert_empty_soon(templates.path());
 }
 
 #[test]
@@ -590,11 +615,7 @@ fn a_daemon_killed_during_a_build_fails_the_job_and_leaves_nothing() {
     let reason = status.reason.unwrap();
     assert_eq!(reason.message, cubicle_control::RESTARTED);
     assert_eq!(reason.fault.as_deref(), Some("internal"));
-    assert!(
-        entries(templates.path()).is_empty(),
-        "{:?}",
-        entries(templates.path())
-    );
+    assert_empty_soon(templates.path());
     let (s, _) = get(&d, "/templates/jobs-killed");
     assert_eq!(s, 404);
     let queued = block_on(d.api().build_status("jobs-waiting", &waiting.build_id, 0)).unwrap();
@@ -629,5 +650,5 @@ fn a_daemon_killed_during_a_build_fails_the_job_and_leaves_nothing() {
         "{}",
         rm.stderr
     );
-    assert!(entries(templates.path()).is_empty());
+    assert_empty_soon(templates.path());
 }

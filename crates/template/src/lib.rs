@@ -38,7 +38,9 @@
 //!   .build-<name>-<random>/        a build in progress; removed on failure, or by the
 //!     rootfs/                      next build if the process died
 //!     work/ merged/                (layers) the overlay's work dir and mount point
-//!   .old-<name>-<random>/          a replaced or removed template being deleted
+//!   .old-<name>-<random>/          a replaced or removed template being deleted (by the
+//!                                  daemon on a thread of its own; a leftover goes with
+//!                                  the next build or daemon start)
 //! <data>/cache/debootstrap/        downloaded .debs, reused by later builds
 //! <data>/cache/apt/<suite>/        .debs downloaded by layer builds, reused likewise
 //! <data>/cache/blobs/sha256/<hex>  image blobs pulled from registries, by digest (mode

@@ -57,9 +57,14 @@ pub async fn run(
         ..ControlConfig::default()
     };
     let ns = runtime.clone();
-    let controller = Controller::start(config, runtime, store, TemplateStore::new(data.clone()))
-        .await
-        .context("starting the control plane")?;
+    let controller = Controller::start(
+        config,
+        runtime,
+        store,
+        TemplateStore::new(data.clone()).deleting_in_background(),
+    )
+    .await
+    .context("starting the control plane")?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("listening on {}", args.listen))?;
