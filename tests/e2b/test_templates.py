@@ -1,6 +1,7 @@
 """Templates from container images whose entrypoint is a service (issue 8), through the
-real `e2b` SDK: `cubicle tpl create-from-image` builds one from an OCI layout directory
-and from a `docker save` archive (python3 -m http.server on a probed port), the SDK
+real `e2b` SDK: `cubicle tpl create-from-image` builds one from an OCI layout directory,
+from a `docker save` archive and from a loopback registry (Debian's `docker-registry`,
+pushed to with `skopeo`): python3 -m http.server on a probed port. The SDK
 creates a sandbox of it, runs a command next to the service, and the service answers
 through the daemon at `sandbox.get_host(port)` as soon as the create returned.
 
@@ -34,12 +35,54 @@ CONFIG = {
 
 
 @pytest.fixture(scope="module")
-def images(tmp_path_factory) -> dict[str, Path]:
+def registry(tmp_path_factory):
+    """Debian's `docker-registry` on a free loopback port (plain HTTP, no auth), its
+    storage in a temporary directory; stopped at the end of the module."""
+    d = tmp_path_factory.mktemp("registry")
+    port = harness.free_port()
+    (d / "config.yml").write_text(
+        "version: 0.1\n"
+        f"storage:\n  filesystem:\n    rootdirectory: {d / 'storage'}\n"
+        f"http:\n  addr: 127.0.0.1:{port}\n"
+    )
+    log = open(d / "registry.log", "wb")
+    proc = subprocess.Popen(
+        ["docker-registry", "serve", str(d / "config.yml")],
+        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            assert proc.poll() is None, (d / "registry.log").read_text()
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/v2/", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the registry never answered"
+            time.sleep(0.05)
+        yield f"127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory, registry) -> dict[str, str]:
     d = tmp_path_factory.mktemp("images")
     layer = oci_images.base_layer(harness.TEMPLATES / "base" / "rootfs")
     oci_images.write_layout(d / "layout", layer, CONFIG)
     oci_images.write_docker_save(d / "saved.tar", layer, CONFIG)
-    return {"layout": d / "layout", "docker-save": d / "saved.tar"}
+    # The same image pushed to the registry, as a user's CI would.
+    ref = f"{registry}/e2b-test/web:v1"
+    pushed = subprocess.run(
+        ["skopeo", "--insecure-policy", "copy", "--dest-tls-verify=false",
+         f"oci:{d / 'layout'}", f"docker://{ref}"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert pushed.returncode == 0, pushed.stderr
+    return {"layout": str(d / "layout"), "docker-save": str(d / "saved.tar"), "registry": ref}
 
 
 def cubicle(daemon, *args: str) -> subprocess.CompletedProcess:
@@ -63,13 +106,13 @@ def template_name(daemon):
         assert out.returncode == 0, out.stderr
 
 
-@pytest.mark.parametrize("source", ["layout", "docker-save"])
+@pytest.mark.parametrize("source", ["layout", "docker-save", "registry"])
 def test_service_answers_through_get_host(daemon, conn, images, template_name, source):
     t0 = time.monotonic()
     built = cubicle(
         daemon,
         "tpl", "create-from-image",
-        "--image", str(images[source]),
+        "--image", images[source],
         "--template-id", template_name,
         "--probe", str(PORT),
         "--probe-timeout", "30",
