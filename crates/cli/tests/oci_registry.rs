@@ -17,40 +17,18 @@
 mod support;
 
 use std::fs;
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde_json::{json, Value};
 use support::images::{
     dir, file, files_layer, userland_layer, write_index, write_manifest, write_platform_index,
 };
 use support::registry::Registry;
-use support::{templates_dir, Daemon, Run};
-
-/// The `base` template's rootfs, whose programs the images copy.
-fn base() -> PathBuf {
-    assert_eq!(
-        nix::unistd::geteuid().as_raw(),
-        0,
-        "building templates needs root"
-    );
-    let base = templates_dir().join("base/rootfs");
-    assert!(
-        base.join("usr/bin/bash").is_file(),
-        "base template not built in {}: run `cubicle tpl build base`",
-        templates_dir().display()
-    );
-    base
-}
+use support::{Daemon, Run};
 
 /// A private data dir (traversable by the sandboxes' unprivileged root).
 fn data_dir() -> tempfile::TempDir {
-    let data = tempfile::Builder::new()
-        .prefix("cubicle-registry-test-")
-        .tempdir_in("/tmp")
-        .unwrap();
-    fs::set_permissions(data.path(), fs::Permissions::from_mode(0o711)).unwrap();
-    data
+    support::private_dir("cubicle-registry-test-", 0o711)
 }
 
 /// Files under `/data` that the next layer's opaque marker hides.
@@ -149,7 +127,7 @@ fn fails(run: Run, message: &str) -> String {
 
 #[test]
 fn registry_images_build_templates_that_run_and_share_cached_layers() {
-    let base = base();
+    let base = support::base_rootfs();
     let reg = Registry::start();
     let images = tempfile::tempdir().unwrap();
     let (l1, l2, l3) = (userland_layer(&base), lower_data_layer(), upper_layer());
@@ -447,7 +425,7 @@ fn registry_images_build_templates_that_run_and_share_cached_layers() {
 
 #[test]
 fn registry_credentials() {
-    let base = base();
+    let base = support::base_rootfs();
     let reg = Registry::start_with_auth("cubicle", "s3cret-pw");
     let images = tempfile::tempdir().unwrap();
     let l1 = userland_layer(&base);
@@ -529,7 +507,7 @@ fn registry_credentials() {
 
 #[test]
 fn registry_errors_are_clear_and_leave_nothing_behind() {
-    let base = base();
+    let base = support::base_rootfs();
     let reg = Registry::start();
     let images = tempfile::tempdir().unwrap();
     let data = data_dir();
@@ -655,22 +633,14 @@ fn registry_errors_are_clear_and_leave_nothing_behind() {
 
 #[test]
 fn a_daemon_build_job_pulls_from_the_registry_with_credentials_asked_again_on_rebuild() {
-    let base = base();
+    let base = support::base_rootfs();
     let reg = Registry::start_with_auth("alice", "s3cret");
     let images = tempfile::tempdir().unwrap();
     let app = images.path().join("app");
     layout(&app, "amd64", &[(&userland_layer(&base), true)]);
     reg.push(&app, "tag", "cubicle-test/job:v1", false);
     let image = reg.reference("cubicle-test/job:v1");
-    let templates = tempfile::Builder::new()
-        .prefix("cubicle-reg-job-")
-        .tempdir_in("/tmp")
-        .unwrap();
-    std::fs::set_permissions(
-        templates.path(),
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )
-    .unwrap();
+    let templates = support::private_dir("cubicle-reg-job-", 0o755);
     let d = Daemon::start_with_templates(templates.path());
     let creds = [
         "--registry-username",

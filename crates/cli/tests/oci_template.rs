@@ -10,34 +10,20 @@
 mod support;
 
 use std::fs;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::MetadataExt;
 
 use serde_json::json;
 use support::images::{write_docker_save, write_layout};
-use support::{templates_dir, Daemon};
+use support::Daemon;
 
 #[test]
 fn template_from_an_oci_layout_runs_a_sandbox() {
-    assert_eq!(
-        nix::unistd::geteuid().as_raw(),
-        0,
-        "building templates needs root"
-    );
-    let base = templates_dir().join("base/rootfs");
-    assert!(
-        base.join("usr/bin/bash").is_file(),
-        "base template not built in {}: run `cubicle tpl build base`",
-        templates_dir().display()
-    );
+    let base = support::base_rootfs();
     let images = tempfile::tempdir().unwrap();
     let layout = images.path().join("layout");
     write_layout(&layout, &base, "amd64");
     // The templates must be traversable by the sandboxes' unprivileged root.
-    let templates = tempfile::Builder::new()
-        .prefix("cubicle-oci-test-")
-        .tempdir_in("/tmp")
-        .unwrap();
-    fs::set_permissions(templates.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let templates = support::private_dir("cubicle-oci-test-", 0o755);
     let d = Daemon::start_with_templates(templates.path());
     let layout_arg = layout.to_str().unwrap();
 

@@ -14,7 +14,6 @@ mod support;
 
 use std::fs;
 use std::io::{Read, Write};
-use std::os::unix::fs::PermissionsExt;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
@@ -97,11 +96,7 @@ fn templates_with_a_service_answer_right_after_create() {
     // A daemon whose templates are the test's own (with `base`, to compare create times
     // with); the CLI builds into its data dir, as an operator would, so the template's
     // checkpoint names the layers by the paths the daemon uses.
-    let tpl_root = tempfile::Builder::new()
-        .prefix("cubicle-svc-test-")
-        .tempdir_in("/tmp")
-        .unwrap();
-    fs::set_permissions(tpl_root.path(), fs::Permissions::from_mode(0o711)).unwrap();
+    let tpl_root = support::private_dir("cubicle-svc-test-", 0o711);
     let own_templates = tpl_root.path().join("templates");
     fs::create_dir(&own_templates).unwrap();
     std::os::unix::fs::symlink(templates_dir().join("base"), own_templates.join("base")).unwrap();

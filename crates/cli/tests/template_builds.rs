@@ -13,8 +13,7 @@ mod support;
 
 use std::fs;
 use std::io::{Read, Write};
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -22,27 +21,11 @@ use support::images::{
     big_layer, corrupt_layer, gzip, marker_layer, userland_layer, write_index, write_layout,
     write_manifest,
 };
-use support::{templates_dir, Daemon};
-
-/// The `base` template's rootfs, where the test images' programs come from.
-fn base_rootfs() -> PathBuf {
-    let base = templates_dir().join("base/rootfs");
-    assert!(
-        base.join("usr/bin/bash").is_file(),
-        "base template not built in {}: run `cubicle tpl build base`",
-        templates_dir().display()
-    );
-    base
-}
+use support::Daemon;
 
 /// An empty templates directory the sandboxes' root can traverse.
 fn private_templates() -> tempfile::TempDir {
-    let dir = tempfile::Builder::new()
-        .prefix("cubicle-tpl-jobs-")
-        .tempdir_in("/tmp")
-        .unwrap();
-    fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
-    dir
+    support::private_dir("cubicle-tpl-jobs-", 0o755)
 }
 
 /// What is in a templates directory besides the lock file.
@@ -124,7 +107,7 @@ fn block_on<F: std::future::Future>(f: F) -> F::Output {
 
 #[test]
 fn an_image_build_job_goes_through_its_phases_to_a_template_with_a_lifecycle() {
-    let base = base_rootfs();
+    let base = support::base_rootfs();
     let images = tempfile::tempdir().unwrap();
     let layout = images.path().join("layout");
     write_layout(&layout, &base, "amd64");
@@ -321,7 +304,7 @@ fn an_image_build_job_goes_through_its_phases_to_a_template_with_a_lifecycle() {
 
 #[test]
 fn failed_builds_say_why_and_leave_no_template() {
-    let base = base_rootfs();
+    let base = support::base_rootfs();
     let images = tempfile::tempdir().unwrap();
     let templates = private_templates();
     let d = Daemon::start_with_templates(templates.path());
@@ -459,7 +442,7 @@ fn failed_builds_say_why_and_leave_no_template() {
 
 #[test]
 fn a_running_build_shows_the_progress_of_each_layer() {
-    let base = base_rootfs();
+    let base = support::base_rootfs();
     let images = tempfile::tempdir().unwrap();
     let layout = images.path().join("big");
     // 256 MiB to verify and unpack: each stage takes long enough to be seen mid-way.
@@ -556,7 +539,7 @@ fn a_running_build_shows_the_progress_of_each_layer() {
 
 #[test]
 fn a_daemon_killed_during_a_build_fails_the_job_and_leaves_nothing() {
-    let base = base_rootfs();
+    let base = support::base_rootfs();
     let images = tempfile::tempdir().unwrap();
     let layout = images.path().join("big");
     // 384 MiB to verify and unpack: long enough to be caught mid-build.

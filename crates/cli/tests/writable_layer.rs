@@ -9,10 +9,9 @@
 mod support;
 
 use std::fs;
-use std::os::unix::fs::PermissionsExt;
 
 use support::images::write_layout;
-use support::{templates_dir, Daemon};
+use support::Daemon;
 
 fn cubicle(data: &std::path::Path, args: &[&str]) -> support::Run {
     support::cubicle_local(data, args, &[])
@@ -39,25 +38,11 @@ fn assert_full_at_the_limit(d: &Daemon, sandbox: &str) {
 
 #[test]
 fn a_templates_writable_layer_size_holds_through_the_api() {
-    assert_eq!(
-        nix::unistd::geteuid().as_raw(),
-        0,
-        "building templates needs root"
-    );
-    let base = templates_dir().join("base/rootfs");
-    assert!(
-        base.join("usr/bin/bash").is_file(),
-        "base template not built in {}: run `cubicle tpl build base`",
-        templates_dir().display()
-    );
+    let base = support::base_rootfs();
     let images = tempfile::tempdir().unwrap();
     let layout = images.path().join("layout");
     write_layout(&layout, &base, "amd64");
-    let data = tempfile::Builder::new()
-        .prefix("cubicle-layer-test-")
-        .tempdir_in("/tmp")
-        .unwrap();
-    fs::set_permissions(data.path(), fs::Permissions::from_mode(0o711)).unwrap();
+    let data = support::private_dir("cubicle-layer-test-", 0o711);
     let build = |size: &str, name: &str| {
         cubicle(
             data.path(),

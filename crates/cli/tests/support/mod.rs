@@ -359,3 +359,31 @@ pub fn cgroups_of(id: &str) -> Vec<PathBuf> {
     found.dedup();
     found
 }
+
+/// The `base` template's rootfs, whose files the tests' images copy. Building templates
+/// needs root, and the template must be built (like every test here).
+pub fn base_rootfs() -> PathBuf {
+    assert_eq!(
+        nix::unistd::geteuid().as_raw(),
+        0,
+        "building templates needs root"
+    );
+    let base = templates_dir().join("base/rootfs");
+    assert!(
+        base.join("usr/bin/bash").is_file(),
+        "base template not built in {}: run `cubicle tpl build base`",
+        templates_dir().display()
+    );
+    base
+}
+
+/// A new directory under /tmp with `mode` (0711 for a data dir, 0755 for a templates
+/// dir): the sandboxes' unprivileged root must traverse it.
+pub fn private_dir(prefix: &str, mode: u32) -> tempfile::TempDir {
+    let dir = tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir_in("/tmp")
+        .unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(mode)).unwrap();
+    dir
+}
