@@ -244,13 +244,7 @@ fn select_many(
     sql: &str,
     params: &[Value],
 ) -> Result<Vec<SandboxRecord>, StoreError> {
-    let mut stmt = conn.prepare_cached(sql)?;
-    let mut rows = stmt.query(rusqlite::params_from_iter(params))?;
-    let mut out = Vec::new();
-    while let Some(row) = rows.next()? {
-        out.push(record_from_row(row)?);
-    }
-    Ok(out)
+    crate::select_rows(conn, sql, params, record_from_row)
 }
 
 fn insert_event(

@@ -188,13 +188,7 @@ fn from_row(row: &Row<'_>) -> Result<SnapshotRecord, StoreError> {
 }
 
 fn select(conn: &Connection, sql: &str, args: &[Value]) -> Result<Vec<SnapshotRecord>, StoreError> {
-    let mut stmt = conn.prepare_cached(sql)?;
-    let mut rows = stmt.query(rusqlite::params_from_iter(args))?;
-    let mut out = Vec::new();
-    while let Some(row) = rows.next()? {
-        out.push(from_row(row)?);
-    }
-    Ok(out)
+    crate::select_rows(conn, sql, args, from_row)
 }
 
 fn json<T: serde::Serialize + ?Sized>(what: &str, v: &T) -> Result<String, StoreError> {
