@@ -407,10 +407,7 @@ fn registry_images_build_templates_that_run_and_share_cached_layers() {
 
     // A sandbox of the first template, through the daemon.
     let d = Daemon::start_with_templates(&data.path().join("templates"));
-    let sbx = d
-        .cli(&["sandbox", "create", "-t", "reg-app", "--timeout", "60"])
-        .ok();
-    let sbx = sbx.trim().to_owned();
+    let sbx = d.create_sandbox("reg-app", 60);
     let out = d
         .cli(&[
             "sandbox",

@@ -159,10 +159,7 @@ fn template_from_an_oci_layout_runs_a_sandbox() {
     assert!(!templates.path().join("arm").exists());
 
     // A sandbox of it, through the daemon and the runtime.
-    let sbx = d
-        .cli(&["sandbox", "create", "-t", "oci-test", "--timeout", "60"])
-        .ok();
-    let sbx = sbx.trim().to_owned();
+    let sbx = d.create_sandbox("oci-test", 60);
     let out = d
         .cli(&[
             "sandbox",

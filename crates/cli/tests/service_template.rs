@@ -55,17 +55,6 @@ fn get_port(d: &Daemon, id: &str, port: u16) -> (u16, String) {
     http(d, "GET", "/", &host, "")
 }
 
-fn create(d: &Daemon, template: &str) -> String {
-    d.cli(&["sandbox", "create", "-t", template, "--timeout", "120"])
-        .ok()
-        .trim()
-        .to_owned()
-}
-
-fn exec(d: &Daemon, id: &str, script: &str) -> String {
-    d.cli(&["sandbox", "exec", id, script]).ok()
-}
-
 #[test]
 fn templates_with_a_service_answer_right_after_create() {
     assert_eq!(
@@ -265,13 +254,13 @@ fn templates_with_a_service_answer_right_after_create() {
     assert!(left.is_empty(), "sandboxes left behind: {left:?}");
 
     // Sandboxes: the service answers as soon as create returns.
-    let sbx = create(&d, "svc");
+    let sbx = d.create_sandbox("svc", 120);
     let (status, body) = get_port(&d, &sbx, 8000);
     assert_eq!(status, 200, "{body}");
     assert!(body.contains("Directory listing for /"), "{body}");
-    assert_eq!(exec(&d, &sbx, "echo $GREETING"), "hello from the image\n");
+    assert_eq!(d.exec(&sbx, "echo $GREETING"), "hello from the image\n");
     // Commands through envd work as before, next to the service.
-    let ps = exec(&d, &sbx, "ps -o user=,args= -C python3");
+    let ps = d.exec(&sbx, "ps -o user=,args= -C python3");
     assert!(ps.contains("root     python3 -m http.server 8000"), "{ps}");
 
     // A fork has the service running too.
@@ -293,11 +282,10 @@ fn templates_with_a_service_answer_right_after_create() {
     assert_eq!(status, 200, "{body}");
 
     // The overrides: another port, user, cwd and env.
-    let over = create(&d, "svc-over");
+    let over = d.create_sandbox("svc-over", 120);
     let (status, body) = get_port(&d, &over, 9000);
     assert_eq!(status, 200, "{body}");
-    let seen = exec(
-        &d,
+    let seen = d.exec(
         &over,
         "p=$(pgrep -x python3); stat -c %U /proc/$p; readlink /proc/$p/cwd; \
          tr '\\0' '\\n' < /proc/$p/environ | grep ^GREETING=",
@@ -318,7 +306,7 @@ fn templates_with_a_service_answer_right_after_create() {
         let mut ms: Vec<f64> = (0..5)
             .map(|_| {
                 let t = Instant::now();
-                let id = create(&d, template);
+                let id = d.create_sandbox(template, 120);
                 let took = t.elapsed().as_secs_f64() * 1000.0;
                 d.cli(&["sandbox", "kill", &id]).ok();
                 took

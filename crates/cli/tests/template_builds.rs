@@ -248,10 +248,7 @@ fn an_image_build_job_goes_through_its_phases_to_a_template_with_a_lifecycle() {
     assert!(ls.lines().any(|l| l.starts_with(name)), "{ls}");
 
     // In use by a sandbox: neither removed nor rebuilt; the message says by what.
-    let sbx = d
-        .cli(&["sandbox", "create", "-t", name, "--timeout", "120"])
-        .ok();
-    let sbx = sbx.trim().to_owned();
+    let sbx = d.create_sandbox(name, 120);
     let out = d
         .cli(&[
             "sandbox",

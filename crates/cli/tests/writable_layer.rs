@@ -80,12 +80,7 @@ fn a_templates_writable_layer_size_holds_through_the_api() {
     assert_eq!(meta["sandbox"]["writable_layer_mib"], 64, "{meta:#}");
 
     let d = Daemon::start_with_templates(&data.path().join("templates"));
-    let create = |template: &str| {
-        d.cli(&["sandbox", "create", "-t", template, "--timeout", "120"])
-            .ok()
-            .trim()
-            .to_owned()
-    };
+    let create = |template: &str| d.create_sandbox(template, 120);
     let sbx = create("layer-64m");
     // Its disk is the limit.
     let got = d.cli(&["sandbox", "get", &sbx, "--json"]).json();

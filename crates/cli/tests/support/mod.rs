@@ -171,6 +171,21 @@ impl Daemon {
         )
     }
 
+    /// A sandbox of `template` (through `cubicle sandbox create`), living `timeout` s: its id.
+    pub fn create_sandbox(&self, template: &str, timeout: u32) -> String {
+        let timeout = timeout.to_string();
+        self.cli(&["sandbox", "create", "-t", template, "--timeout", &timeout])
+            .ok()
+            .trim()
+            .to_owned()
+    }
+
+    /// The output of `script` run in sandbox `id` (`cubicle sandbox exec`), which must
+    /// succeed.
+    pub fn exec(&self, id: &str, script: &str) -> String {
+        self.cli(&["sandbox", "exec", id, script]).ok()
+    }
+
     /// `cubicle <args>` with exactly these E2B/Cubicle variables set.
     pub fn cli_env(&self, args: &[&str], env: &[(&str, &str)]) -> Run {
         let mut cmd = Command::new(cubicle_bin());
