@@ -9,6 +9,7 @@
 #![warn(missing_docs)]
 
 pub mod auth;
+pub mod body;
 pub mod error;
 pub mod models;
 pub mod proxy;
@@ -19,7 +20,7 @@ pub mod templates;
 use std::future::Future;
 use std::sync::Arc;
 
-use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::extract::{Request, State};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -97,17 +98,26 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/v2/templates/{*rest}", post(templates::e2b_build))
         .fallback(no_route)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(DefaultBodyLimit::max(MAX_BODY))
         .layer(middleware::from_fn_with_state(state.clone(), dispatch))
         .with_state(state)
 }
 
-/// Sends sandbox traffic to the proxy before any REST routing happens.
+/// Sends sandbox traffic to the proxy before any REST routing happens; REST requests
+/// are read whole first, so that no answer leaves a body half read (see [`body`]).
 async fn dispatch(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
-    match proxy::target(req.headers(), state.domain.as_deref()) {
-        Ok(Some(target)) => state.proxy.forward(target, req).await,
-        Ok(None) => next.run(req).await,
+    let target = proxy::target(req.headers(), state.domain.as_deref());
+    if let Ok(Some(target)) = target {
+        let (req, read) = body::Watched::request(req);
+        let resp = state.proxy.forward(target, req).await;
+        return read.close_if_unread(resp);
+    }
+    let req = match body::read_whole(req, MAX_BODY).await {
+        Ok(req) => req,
+        Err(resp) => return resp,
+    };
+    match target {
         Err(message) => ApiError::bad_request(message).into_response(),
+        _ => next.run(req).await,
     }
 }
 

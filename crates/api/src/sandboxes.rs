@@ -30,16 +30,9 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        // The body is already in memory and within `MAX_BODY` (`crate::body::read_whole`).
         let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
-            let status = rejection.status();
-            if status == StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::new(
-                    status,
-                    format!("request body exceeds {} bytes", crate::MAX_BODY),
-                )
-            } else {
-                ApiError::bad_request(format!("cannot read the request body: {rejection}"))
-            }
+            ApiError::bad_request(format!("cannot read the request body: {rejection}"))
         })?;
         let bytes: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) {
             b"{}"
