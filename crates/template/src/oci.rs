@@ -108,6 +108,23 @@ pub enum ImageError {
         /// Why it is refused.
         reason: String,
     },
+    /// An entry owned by an id that sandboxes do not have: it would belong to `nobody`
+    /// inside, unwritable even by the sandbox's root.
+    #[error(
+        "{what}: entry {entry:?} is owned by {kind} {id}; sandboxes have the ids 0 to {max} \
+         only, so change its owner in the image (rootless Podman refuses such images too)",
+        max = cubicle_core::uid_map::RANGE - 1
+    )]
+    IdOutOfRange {
+        /// The layer.
+        what: String,
+        /// The entry's path as the tar has it.
+        entry: String,
+        /// `uid` or `gid`.
+        kind: &'static str,
+        /// The id.
+        id: u64,
+    },
     /// Pulling the image from its registry failed.
     #[error(transparent)]
     Registry(#[from] crate::registry::RegistryError),
@@ -972,6 +989,18 @@ fn apply_layer(root: &Path, path: &Path, what: &str, tap: Tap<'_>) -> Result<(),
                 }
             }
         }
+        let header = entry.header();
+        for (kind, id) in [("uid", header.uid()), ("gid", header.gid())] {
+            let id = id.map_err(io_err("read", path))?;
+            if id >= u64::from(cubicle_core::uid_map::RANGE) {
+                return Err(ImageError::IdOutOfRange {
+                    what: what.to_owned(),
+                    entry: raw.display().to_string(),
+                    kind,
+                    id,
+                });
+            }
+        }
         let parent = resolve_in_root(root, &parent_rel, true)
             .map_err(unsafe_entry)?
             .unwrap_or_else(|| root.to_path_buf());
@@ -1792,6 +1821,51 @@ pub(crate) mod tests {
         assert!(err.to_string().contains("bad.tar"), "{err}");
         assert_nothing_outside(&work, &["rootfs", "scratch"]);
         assert!(!tmp.path().join("evil").exists());
+    }
+
+    #[test]
+    fn entries_owned_by_ids_sandboxes_lack_are_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let range = u64::from(cubicle_core::uid_map::RANGE);
+        for (i, (uid, gid, refused)) in [
+            (range - 1, 0, None),
+            (range, 0, Some("uid 65536")),
+            (0, 1_000_000_000, Some("gid 1000000000")),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let image = tmp.path().join(format!("image{i}"));
+            fs::create_dir(&image).unwrap();
+            let mut layer = tar::Builder::new(Vec::new());
+            let mut h = header(tar::EntryType::Regular, 2, 0o644);
+            h.set_uid(uid);
+            h.set_gid(gid);
+            set_raw_name(&mut h, "etc/owned");
+            layer.append(&h, &b"ok"[..]).unwrap();
+            oci_layout(&image, &[(&layer.into_inner().unwrap(), false)]);
+            let work = tmp.path().join(format!("w{i}"));
+            let (r, rootfs, _) = unpack(&image, &work);
+            match refused {
+                None => {
+                    r.unwrap();
+                    use std::os::unix::fs::MetadataExt;
+                    let meta = fs::metadata(rootfs.join("etc/owned")).unwrap();
+                    assert_eq!(u64::from(meta.uid()), uid);
+                }
+                Some(what) => {
+                    let err = r.unwrap_err();
+                    assert!(matches!(err, ImageError::IdOutOfRange { .. }), "{err}");
+                    assert!(err.is_input_error());
+                    let msg = err.to_string();
+                    assert!(
+                        msg.contains("layer 1/1") && msg.contains("etc/owned"),
+                        "{msg}"
+                    );
+                    assert!(msg.contains(what) && msg.contains("0 to 65535"), "{msg}");
+                }
+            }
+        }
     }
 
     #[test]
