@@ -28,8 +28,8 @@ use crate::error::ApiError;
 
 /// `req` with its body read into memory, or the error answer: 413 above `limit` (and
 /// `Connection: close`, since the rest of the body stays unread), 400 if the client
-/// stopped sending.
-/// A `Content-Length` above `limit` is refused before any of the body is read.
+/// stopped sending. A `Content-Length` above `limit` is refused before any of the body
+/// is read.
 pub async fn read_whole(req: Request, limit: usize) -> Result<Request, Response> {
     let too_large = || {
         closing(
@@ -53,8 +53,9 @@ pub async fn read_whole(req: Request, limit: usize) -> Result<Request, Response>
     }
 }
 
-/// Whether a [`Watched`] body was read to its end.
-#[derive(Debug, Clone)]
+/// Whether a [`Watched`] body was read to its end. (Not `Clone`: whether the body is
+/// gone is told by the count of references.)
+#[derive(Debug)]
 pub struct BodyRead(Arc<AtomicBool>);
 
 impl BodyRead {
