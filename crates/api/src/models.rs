@@ -413,7 +413,8 @@ impl Template {
             .collect();
         if builds.is_empty() {
             builds.push(TemplateBuild {
-                build_id: build_id(&t.recipe_hash),
+                // A UUID-shaped build id derived from the recipe hash.
+                build_id: cubicle_core::uuid_shaped(&t.recipe_hash),
                 status: "ready",
                 phase: "ready",
                 created_at: built.clone(),
@@ -723,24 +724,6 @@ impl BuildStarted {
     }
 }
 
-/// A UUID-shaped build id derived from the recipe hash (E2B build ids are UUIDs).
-fn build_id(recipe_hash: &str) -> String {
-    let hex: String = recipe_hash
-        .chars()
-        .filter(char::is_ascii_hexdigit)
-        .chain(std::iter::repeat('0'))
-        .take(32)
-        .collect();
-    format!(
-        "{}-{}-{}-{}-{}",
-        &hex[0..8],
-        &hex[8..12],
-        &hex[12..16],
-        &hex[16..20],
-        &hex[20..32]
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -804,12 +787,7 @@ mod tests {
     }
 
     #[test]
-    fn times_and_build_ids() {
+    fn times() {
         assert_eq!(rfc3339(1_735_732_800_123), "2025-01-01T12:00:00.123Z");
-        assert_eq!(
-            build_id("abcdef0123456789abcdef0123456789ff"),
-            "abcdef01-2345-6789-abcd-ef0123456789"
-        );
-        assert_eq!(build_id("ab"), "ab000000-0000-0000-0000-000000000000");
     }
 }

@@ -183,9 +183,51 @@ macro_rules! string_newtype_impls {
 string_newtype_impls!(SandboxId);
 string_newtype_impls!(TemplateName);
 
+/// `hex`'s hex digits in a UUID's 8-4-4-4-12 groups: other characters are skipped, and
+/// fewer than 32 digits are padded with `0`s (E2B's build ids are UUID-shaped).
+pub fn uuid_shaped(hex: &str) -> String {
+    let h: String = hex
+        .chars()
+        .filter(char::is_ascii_hexdigit)
+        .chain(std::iter::repeat('0'))
+        .take(32)
+        .collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
+}
+
+/// A random UUID (version 4).
+pub fn random_uuid() -> String {
+    let mut b: [u8; 16] = rand::random();
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    uuid_shaped(&hex)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn uuids() {
+        assert_eq!(
+            uuid_shaped("abcdef0123456789abcdef0123456789ff"),
+            "abcdef01-2345-6789-abcd-ef0123456789"
+        );
+        assert_eq!(uuid_shaped("ab"), "ab000000-0000-0000-0000-000000000000");
+        let id = random_uuid();
+        assert_eq!(id.len(), 36);
+        assert_eq!(&id[14..15], "4");
+        assert!(matches!(&id[19..20], "8" | "9" | "a" | "b"), "{id}");
+        assert_ne!(id, random_uuid());
+    }
 
     #[test]
     fn generated_ids_are_valid_and_distinct() {

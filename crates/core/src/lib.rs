@@ -12,7 +12,7 @@ mod limits;
 mod state;
 
 pub use error::ErrorKind;
-pub use id::{IdError, SandboxId, TemplateName};
+pub use id::{random_uuid, uuid_shaped, IdError, SandboxId, TemplateName};
 pub use layout::DataDir;
 pub use limits::{Limits, LimitsError};
 pub use state::{SandboxState, UnknownState};

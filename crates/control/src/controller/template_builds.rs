@@ -25,7 +25,6 @@ use cubicle_template::{
     build_template, BuildEvent, BuildOptions, BuildOutcome, BuildPhase, ImageBuildRequest,
     LayerProgress, Recipe, RegistryAuth, Template, TemplateError, TemplateSource,
 };
-use rand::RngCore;
 
 use super::Controller;
 use crate::{now_ms, ControlError};
@@ -232,7 +231,7 @@ impl Controller {
         };
         let now = now_ms();
         let record = BuildRecord {
-            id: build_uuid(),
+            id: cubicle_core::random_uuid(),
             template: name.to_string(),
             owner,
             source: source.kind().to_owned(),
@@ -629,23 +628,6 @@ fn listed(items: &[String]) -> String {
     }
 }
 
-/// A random UUID (version 4), E2B's shape of build ids.
-fn build_uuid() -> String {
-    let mut b = [0u8; 16];
-    rand::rngs::OsRng.fill_bytes(&mut b);
-    b[6] = (b[6] & 0x0f) | 0x40;
-    b[8] = (b[8] & 0x3f) | 0x80;
-    let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
-    format!(
-        "{}-{}-{}-{}-{}",
-        &hex[0..8],
-        &hex[8..12],
-        &hex[12..16],
-        &hex[16..20],
-        &hex[20..32]
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -689,11 +671,7 @@ mod tests {
     }
 
     #[test]
-    fn uuids_and_lists() {
-        let id = build_uuid();
-        assert_eq!(id.len(), 36);
-        assert_eq!(&id[14..15], "4");
-        assert_ne!(id, build_uuid());
+    fn lists() {
         let items: Vec<String> = (0..7).map(|i| format!("s{i}")).collect();
         assert_eq!(listed(&items[..2]), "s0, s1");
         assert_eq!(listed(&items), "s0, s1, s2, s3, s4 and 2 more");
