@@ -225,8 +225,19 @@ async fn a_checkpoint_restores_after_the_agent_binary_changed() {
     let dir = env.data.path().join("before-upgrade");
     env.runtime.checkpoint(sbx.id(), &dir).await.unwrap();
     sbx.destroy().await;
-    let meta: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(dir.join("checkpoint.json")).unwrap()).unwrap();
+    let json = |path: std::path::PathBuf| -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+    };
+    let runtime_record = |id: &SandboxId| {
+        json(
+            env.data
+                .path()
+                .join("sandboxes")
+                .join(id.as_str())
+                .join("runtime.json"),
+        )
+    };
+    let meta = json(dir.join("checkpoint.json"));
     let old_agent = meta["agentBin"]
         .as_str()
         .expect("agentBin recorded")
@@ -250,17 +261,7 @@ async fn a_checkpoint_restores_after_the_agent_binary_changed() {
     let client = cubicle_envd::client::EnvdClient::new(&info.agent_socket);
     let out = client.run("cat /home/user/f", None).await.unwrap();
     assert_eq!(out.stdout_text(), "kept\n");
-    let record: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(
-            env.data
-                .path()
-                .join("sandboxes")
-                .join(id.as_str())
-                .join("runtime.json"),
-        )
-        .unwrap(),
-    )
-    .unwrap();
+    let record = runtime_record(&id);
     assert_eq!(record["agentBin"], old_agent.as_str(), "{record:#}");
     upgraded.destroy(&id).await.unwrap();
 
@@ -268,17 +269,7 @@ async fn a_checkpoint_restores_after_the_agent_binary_changed() {
     let spec = env.spec();
     let id = spec.id.clone();
     upgraded.create(spec).await.unwrap();
-    let record: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(
-            env.data
-                .path()
-                .join("sandboxes")
-                .join(id.as_str())
-                .join("runtime.json"),
-        )
-        .unwrap(),
-    )
-    .unwrap();
+    let record = runtime_record(&id);
     let new_agent = record["agentBin"].as_str().unwrap();
     assert_ne!(new_agent, old_agent);
     assert_eq!(

@@ -256,6 +256,26 @@ impl BlobCache {
             .is_some_and(|m| m.is_file() && m.len() == size)
     }
 
+    /// The small blob `digest` (a manifest or config) read from the cache, if it is there
+    /// with the size `size` and its digest checks out; one that does not is forgotten.
+    fn read_verified(
+        &self,
+        digest: &str,
+        size: u64,
+        what: &str,
+    ) -> Result<Option<Vec<u8>>, ImageError> {
+        if !self.has(digest, size) {
+            return Ok(None);
+        }
+        let path = self.path(digest)?;
+        let data = fs::read(&path).map_err(io_err("read", &path))?;
+        if check_digest(&data, digest, what).is_ok() {
+            return Ok(Some(data));
+        }
+        self.forget(digest);
+        Ok(None)
+    }
+
     /// Deletes the blob `digest` (found corrupted), so that it is fetched again.
     pub fn forget(&self, digest: &str) {
         if let Ok(path) = self.path(digest) {
@@ -835,13 +855,8 @@ fn root_cause(e: &dyn std::error::Error) -> String {
 
 impl Documents for Remote<'_> {
     fn manifest(&mut self, digest: &str, size: u64, what: &str) -> Result<Vec<u8>, ImageError> {
-        let path = self.cache.path(digest)?;
-        if self.cache.has(digest, size) {
-            let data = fs::read(&path).map_err(io_err("read", &path))?;
-            if check_digest(&data, digest, what).is_ok() {
-                return Ok(data);
-            }
-            self.cache.forget(digest);
+        if let Some(data) = self.cache.read_verified(digest, size, what)? {
+            return Ok(data);
         }
         if size > MAX_MANIFEST_BYTES {
             return Err(self.protocol(what, format!("the manifest is {size} bytes")));
@@ -864,14 +879,10 @@ impl Documents for Remote<'_> {
     }
 
     fn blob(&mut self, digest: &str, size: u64, what: &str) -> Result<Vec<u8>, ImageError> {
-        let path = self.cache.path(digest)?;
-        if self.cache.has(digest, size) {
-            let data = fs::read(&path).map_err(io_err("read", &path))?;
-            if check_digest(&data, digest, what).is_ok() {
-                return Ok(data);
-            }
-            self.cache.forget(digest);
+        if let Some(data) = self.cache.read_verified(digest, size, what)? {
+            return Ok(data);
         }
+        let path = self.cache.path(digest)?;
         if size > MAX_MANIFEST_BYTES {
             return Err(self.protocol(what, format!("the config is {size} bytes")));
         }
