@@ -203,3 +203,27 @@ async fn an_oversized_rest_body_is_413_and_closes_the_connection() {
     let body: serde_json::Value = serde_json::from_slice(&answer.body).unwrap();
     assert_eq!(body["code"], 413);
 }
+
+#[tokio::test]
+async fn a_body_cut_short_is_a_400_that_closes_the_connection() {
+    let server = server().await;
+    let stream = TcpStream::connect(server.addr).await.unwrap();
+    let mut conn = BufReader::new(stream);
+    let head = format!(
+        "POST /v2/sandboxes HTTP/1.1\r\nHost: x\r\nX-API-KEY: {}\r\nContent-Length: 10\r\n\r\n{{\"a\"",
+        server.key
+    );
+    conn.get_mut().write_all(head.as_bytes()).await.unwrap();
+    conn.get_mut().shutdown().await.unwrap();
+    // The client sent 4 of the 10 bytes it announced, then stopped.
+    let answer = read_answer(&mut conn).await.expect("an answer");
+    assert_eq!(answer.status, 400);
+    assert_eq!(answer.header("connection"), Some("close"));
+    let body: serde_json::Value = serde_json::from_slice(&answer.body).unwrap();
+    assert_eq!(body["code"], 400);
+    let message = body["message"].as_str().unwrap();
+    assert!(
+        message.starts_with("cannot read the request body"),
+        "{message}"
+    );
+}
