@@ -243,6 +243,34 @@ async fn concurrent_creates_from_a_multithreaded_caller_never_hang() {
     assert!(sandbox_dirs(&env).is_empty());
 }
 
+#[tokio::test]
+async fn a_child_that_cannot_execute_the_agent_says_so_and_leaves_nothing_behind() {
+    // The child exits before reading the runtime's go frame: the runtime's read of the
+    // report then fails with ECONNRESET, not EOF. That used to be the error
+    // ("read the init report: Connection reset by peer") instead of the step that failed.
+    let env = TestEnv::new();
+    let agents = env.data.path().join("agents");
+    for stored in std::fs::read_dir(&agents).unwrap() {
+        std::fs::remove_file(stored.unwrap().path().join("cubicle-agent")).unwrap();
+    }
+    let spec = env.spec();
+    let id = spec.id.clone();
+    let err = env.runtime.create(spec).await.unwrap_err();
+    match &err {
+        RuntimeError::Spawn { step, source } => {
+            assert_eq!(*step, "execute the agent binary", "{source}");
+            assert!(source.to_string().contains("exited with 124"), "{source}");
+        }
+        other => panic!("expected the exec step to fail, got {other:?}"),
+    }
+    assert!(!sandbox_dirs(&env).contains(&id.to_string()));
+    assert!(!env
+        .runtime
+        .cgroup_names()
+        .unwrap()
+        .contains(&id.to_string()));
+}
+
 /// The value a sandbox's background counter last wrote, read from the host (the agent
 /// of a paused sandbox does not answer).
 fn counter(env: &TestEnv, sbx: &support::Sandbox) -> u64 {

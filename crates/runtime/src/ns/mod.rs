@@ -1295,7 +1295,16 @@ async fn read_report(host: StdUnixStream) -> io::Result<Option<FromInit>> {
     let mut len = [0u8; 4];
     match host.read_exact(&mut len).await {
         Ok(_) => {}
-        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+        // A reset is a hang-up too: the child exited with our go frame still unread in
+        // its socket (it died before its first read), and its exit code says why.
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset
+            ) =>
+        {
+            return Ok(None)
+        }
         Err(e) => return Err(e),
     }
     let len = u32::from_be_bytes(len) as usize;

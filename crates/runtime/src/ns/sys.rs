@@ -145,9 +145,22 @@ unsafe fn child_main(sync_fd: RawFd, exec: &ChildExec) -> ! {
     // SAFETY: plain syscalls on valid pointers/fds; no allocation, no locks, no return
     // into the parent's Rust code.
     unsafe {
+        // First keep only the sync socket (as fd 3) of everything inherited. The parent
+        // is multi-threaded: a file another thread has open for writing at the moment of
+        // the clone cannot be executed by anyone (ETXTBSY) while a copy of that fd lives,
+        // so no copy may live on while we wait for the go-ahead.
+        if sync_fd == 3 {
+            if libc::fcntl(3, libc::F_SETFD, 0) != 0 {
+                libc::_exit(child_exit::DUP);
+            }
+        } else if libc::dup2(sync_fd, 3) != 3 {
+            libc::_exit(child_exit::DUP);
+        }
+        // Nothing of the parent's may leak into the sandbox either.
+        libc::syscall(libc::SYS_close_range, 4u32, u32::MAX, 0u32);
         let mut byte = 0u8;
         loop {
-            let r = libc::recv(sync_fd, (&mut byte as *mut u8).cast(), 1, libc::MSG_PEEK);
+            let r = libc::recv(3, (&mut byte as *mut u8).cast(), 1, libc::MSG_PEEK);
             if r == 1 {
                 break;
             }
@@ -174,15 +187,6 @@ unsafe fn child_main(sync_fd: RawFd, exec: &ChildExec) -> ! {
         if libc::syscall(libc::SYS_setresuid, 0, 0, 0) != 0 {
             libc::_exit(child_exit::SETUID);
         }
-        if sync_fd == 3 {
-            if libc::fcntl(3, libc::F_SETFD, 0) != 0 {
-                libc::_exit(child_exit::DUP);
-            }
-        } else if libc::dup2(sync_fd, 3) != 3 {
-            libc::_exit(child_exit::DUP);
-        }
-        // Nothing of the parent's may leak into the sandbox: close every fd above 3.
-        libc::syscall(libc::SYS_close_range, 4u32, u32::MAX, 0u32);
         let mut empty: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut empty);
         libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
@@ -477,4 +481,68 @@ pub fn restore_pre_exec(
         });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixStream;
+    use std::time::{Duration, Instant};
+
+    fn open_fds(pid: libc::pid_t) -> Vec<i32> {
+        let mut fds: Vec<i32> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .map(|dir| {
+                dir.flatten()
+                    .filter_map(|e| e.file_name().to_str()?.parse().ok())
+                    .collect()
+            })
+            .unwrap_or_default();
+        fds.sort();
+        fds
+    }
+
+    #[test]
+    fn a_cloned_child_keeps_no_fd_of_the_parent_while_it_waits_for_its_go_ahead() {
+        // Regression: the child kept every inherited fd until just before execve. A file
+        // another thread had open for writing at the clone then could not be executed
+        // (ETXTBSY) until this child went on.
+        let written = tempfile::tempfile().unwrap();
+        let (host, child) = UnixStream::pair().unwrap();
+        let exec = ChildExec::new(std::path::Path::new("/bin/true"), &["true"], &[], &[]).unwrap();
+        let (pid, pidfd) = clone_into_namespaces(0, child.as_raw_fd(), &exec).unwrap();
+        drop(child);
+        // Down to stdio and the sync socket as fd 3, soon after the clone.
+        let only_its_own = || {
+            let fds = open_fds(pid);
+            let sync_is_3 = std::fs::read_link(format!("/proc/{pid}/fd/3"))
+                .is_ok_and(|l| l.to_string_lossy().starts_with("socket:"));
+            (fds.iter().all(|fd| (0..=3).contains(fd)) && sync_is_3)
+                .then_some(())
+                .ok_or(fds)
+        };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut state = only_its_own();
+        while state.is_err() && Instant::now() < deadline {
+            std::thread::yield_now();
+            state = only_its_own();
+        }
+        if let Err(fds) = state {
+            pidfd_kill(&pidfd, libc::SIGKILL).unwrap();
+            panic!(
+                "the waiting child still holds fds {fds:?} (the parent's file is fd {})",
+                written.as_raw_fd()
+            );
+        }
+        // No go-ahead: hanging up makes the child exit with the step's code (it used to
+        // hold a copy of `host` itself, and waited forever).
+        drop(host);
+        assert!(
+            pidfd_wait(&pidfd, Duration::from_secs(5)),
+            "child did not exit"
+        );
+        assert_eq!(
+            pidfd_try_reap(&pidfd).unwrap(),
+            Some(ExitStatus::Exited(child_exit::NO_GO))
+        );
+    }
 }
