@@ -6,8 +6,9 @@
 //! hands sandboxes the binary it was given, which an upgrade replaces, but a copy of it
 //! stored under its digest; checkpoints record that copy ([`super::checkpoint::CheckpointMeta::agent_bin`])
 //! and restores mount it again, whatever agent the runtime has by then. A copy is written
-//! once (to a temporary name, then renamed) and never modified; one runtime start hashes
-//! the binary (~35 MB, tens of milliseconds).
+//! once, by `cp` to a temporary name (why not by this process: see
+//! [`copy_in_another_process`]), then renamed, and never modified; one runtime start
+//! hashes the binary (~35 MB, tens of milliseconds).
 
 use std::io::Read;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
@@ -45,7 +46,7 @@ pub fn install(data: &DataDir, agent: &Path) -> Result<PathBuf, RuntimeError> {
         return Ok(stored);
     }
     let tmp = dir.join(format!(".{BINARY}.{}", std::process::id()));
-    std::fs::copy(agent, &tmp).map_err(failed("copy", agent))?;
+    copy_in_another_process(agent, &tmp).map_err(failed("copy", agent))?;
     std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755))
         .map_err(failed("chmod", &tmp))?;
     std::fs::File::open(&tmp)
@@ -54,6 +55,27 @@ pub fn install(data: &DataDir, agent: &Path) -> Result<PathBuf, RuntimeError> {
     std::fs::rename(&tmp, &stored).map_err(failed("rename", &tmp))?;
     tracing::info!(agent = %agent.display(), stored = %stored.display(), "agent binary stored");
     Ok(stored)
+}
+
+/// Copies `from` to `to` with `cp`, so that this process never has the copy open for
+/// writing. A runtime's process is multi-threaded and clones sandbox children: a child
+/// cloned while the copy was open here would inherit that fd, and as long as any copy of
+/// it lives nobody can execute the file (ETXTBSY), which made the first sandbox of a
+/// runtime started next to busy ones fail with "execute the agent binary".
+fn copy_in_another_process(from: &Path, to: &Path) -> std::io::Result<()> {
+    let out = std::process::Command::new("cp")
+        .arg("--")
+        .args([from, to])
+        .stdin(std::process::Stdio::null())
+        .output()?;
+    if out.status.success() {
+        return Ok(());
+    }
+    Err(std::io::Error::other(format!(
+        "cp {}: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr).trim()
+    )))
 }
 
 fn sha256_hex(path: &Path) -> std::io::Result<String> {
@@ -99,5 +121,53 @@ mod tests {
         assert_ne!(second, first);
         assert_eq!(std::fs::read(&first).unwrap(), b"first build");
         assert_eq!(std::fs::read(&second).unwrap(), b"second build, longer");
+    }
+
+    /// Open file descriptions of this process on files under `dir` with write access.
+    fn writable_fds_under(dir: &Path) -> Vec<PathBuf> {
+        let Ok(fds) = std::fs::read_dir("/proc/self/fd") else {
+            return Vec::new();
+        };
+        fds.flatten()
+            .filter_map(|fd| {
+                let target = std::fs::read_link(fd.path()).ok()?;
+                let info =
+                    std::fs::read_to_string(Path::new("/proc/self/fdinfo").join(fd.file_name()))
+                        .ok()?;
+                let flags = info.lines().find_map(|l| l.strip_prefix("flags:"))?;
+                let flags = u32::from_str_radix(flags.trim(), 8).ok()?;
+                let writable = flags & libc::O_ACCMODE as u32 != libc::O_RDONLY as u32;
+                (writable && target.starts_with(dir)).then_some(target)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn this_process_never_has_the_copy_open_for_writing() {
+        // Regression: with the copy open here, a sandbox child cloned meanwhile kept the
+        // file unexecutable (ETXTBSY) until it executed itself.
+        let tmp = tempfile::tempdir().unwrap();
+        let data = DataDir::new(tmp.path().join("data"));
+        let agent = tmp.path().join("agent");
+        // Big enough that copying takes many scans below (the real agent is ~35 MB).
+        std::fs::write(&agent, vec![0x5a; 64 << 20]).unwrap();
+        let installed = std::sync::atomic::AtomicBool::new(false);
+        let seen = std::thread::scope(|s| {
+            let scan = s.spawn(|| {
+                let mut seen = std::collections::BTreeSet::new();
+                let mut scans = 0u32;
+                while !installed.load(std::sync::atomic::Ordering::Acquire) {
+                    seen.extend(writable_fds_under(&data.agents()));
+                    scans += 1;
+                }
+                (seen, scans)
+            });
+            let stored = install(&data, &agent);
+            installed.store(true, std::sync::atomic::Ordering::Release);
+            stored.unwrap();
+            scan.join().unwrap()
+        });
+        assert!(seen.0.is_empty(), "open for writing here: {:?}", seen.0);
+        assert!(seen.1 > 1, "the install was not watched ({} scans)", seen.1);
     }
 }
