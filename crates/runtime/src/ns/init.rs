@@ -193,8 +193,6 @@ fn set_up(sync: &mut UnixStream) -> Result<std::convert::Infallible, InitError> 
     sys::loopback_up().step(Step::Loopback)?;
     set_rlimits().step(Step::Rlimits)?;
 
-    // Order matters: installing a filter without no_new_privs needs CAP_SYS_ADMIN in our
-    // user namespace, which restricting capabilities removes.
     // Order matters (see `security`): installing the filter without no_new_privs needs
     // CAP_SYS_ADMIN in our user namespace, which restricting capabilities removes.
     let keep = security::caps::SANDBOX_CAPS;
