@@ -5,7 +5,7 @@ mod support;
 
 use std::time::Duration;
 
-use cubicle_core::{ErrorKind, Limits};
+use cubicle_core::{ErrorKind, Limits, SandboxId};
 use cubicle_runtime::{Runtime, RuntimeError};
 use support::TestEnv;
 
@@ -16,6 +16,30 @@ fn sandbox_dirs(env: &TestEnv) -> Vec<String> {
             .collect(),
         Err(_) => Vec::new(),
     }
+}
+
+/// Asserts that sandbox `id` has no directory, cgroup or listing entry.
+async fn assert_nothing_left_of(env: &TestEnv, id: &SandboxId) {
+    assert!(
+        !sandbox_dirs(env).contains(&id.to_string()),
+        "{id}: directory"
+    );
+    assert!(
+        !env.runtime
+            .cgroup_names()
+            .unwrap()
+            .contains(&id.to_string()),
+        "{id}: cgroup"
+    );
+    assert!(
+        env.runtime
+            .list()
+            .await
+            .unwrap()
+            .iter()
+            .all(|s| s.id != *id),
+        "{id}: listed"
+    );
 }
 
 #[tokio::test]
@@ -77,13 +101,7 @@ async fn a_create_that_fails_inside_the_sandbox_leaves_nothing_behind() {
         }
         other => panic!("expected an init failure, got {other:?}"),
     }
-    assert!(!sandbox_dirs(&env).contains(&id.to_string()));
-    assert!(!env
-        .runtime
-        .cgroup_names()
-        .unwrap()
-        .contains(&id.to_string()));
-    assert!(env.runtime.list().await.unwrap().iter().all(|s| s.id != id));
+    assert_nothing_left_of(&env, &id).await;
 }
 
 #[tokio::test]
@@ -190,12 +208,7 @@ async fn duplicate_ids_are_refused_and_destroy_is_idempotent() {
     assert!(env.runtime.list().await.unwrap().is_empty());
     assert!(sandbox_dirs(&env).is_empty());
     assert!(sbx.client.health().await.is_err(), "agent socket gone");
-    // The sandbox's cgroup is gone too.
-    assert!(!env
-        .runtime
-        .cgroup_names()
-        .unwrap()
-        .contains(&id.to_string()));
+    assert_nothing_left_of(&env, &id).await;
 }
 
 #[tokio::test]
@@ -263,12 +276,7 @@ async fn a_child_that_cannot_execute_the_agent_says_so_and_leaves_nothing_behind
         }
         other => panic!("expected the exec step to fail, got {other:?}"),
     }
-    assert!(!sandbox_dirs(&env).contains(&id.to_string()));
-    assert!(!env
-        .runtime
-        .cgroup_names()
-        .unwrap()
-        .contains(&id.to_string()));
+    assert_nothing_left_of(&env, &id).await;
 }
 
 /// The value a sandbox's background counter last wrote, read from the host (the agent
@@ -354,12 +362,7 @@ async fn pause_stops_every_process_and_resume_lets_them_go_on() {
     tokio::time::timeout(Duration::from_secs(10), sbx.destroy())
         .await
         .expect("destroying a paused sandbox does not hang");
-    assert!(!sandbox_dirs(&env).contains(&id.to_string()));
-    assert!(!env
-        .runtime
-        .cgroup_names()
-        .unwrap()
-        .contains(&id.to_string()));
+    assert_nothing_left_of(&env, &id).await;
     // Unknown sandboxes are not found.
     assert!(matches!(
         env.runtime.pause(&id).await,
