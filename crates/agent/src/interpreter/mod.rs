@@ -468,6 +468,9 @@ impl LineSink {
     }
 }
 
+/// A random UUID (v4) from /dev/urandom, read afresh at each call: a userspace
+/// generator's state would be restored with a checkpoint, and every clone of it would
+/// then hand out the same ids.
 fn random_id() -> String {
     let mut b = [0u8; 16];
     if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
@@ -477,15 +480,8 @@ fn random_id() -> String {
     // UUID v4 layout.
     b[6] = (b[6] & 0x0f) | 0x40;
     b[8] = (b[8] & 0x3f) | 0x80;
-    let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
-    format!(
-        "{}-{}-{}-{}-{}",
-        &h[0..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..32]
-    )
+    let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    cubicle_core::uuid_shaped(&hex)
 }
 
 /// A warm process that could not be adopted is logged and replaced by a fresh one.
