@@ -46,13 +46,20 @@ pub fn install(data: &DataDir, agent: &Path) -> Result<PathBuf, RuntimeError> {
         return Ok(stored);
     }
     let tmp = dir.join(format!(".{BINARY}.{}", std::process::id()));
-    copy_in_another_process(agent, &tmp).map_err(failed("copy", agent))?;
-    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755))
-        .map_err(failed("chmod", &tmp))?;
-    std::fs::File::open(&tmp)
-        .and_then(|f| f.sync_all())
-        .map_err(failed("sync", &tmp))?;
-    std::fs::rename(&tmp, &stored).map_err(failed("rename", &tmp))?;
+    let written = (|| {
+        copy_in_another_process(agent, &tmp).map_err(failed("copy", agent))?;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755))
+            .map_err(failed("chmod", &tmp))?;
+        std::fs::File::open(&tmp)
+            .and_then(|f| f.sync_all())
+            .map_err(failed("sync", &tmp))?;
+        std::fs::rename(&tmp, &stored).map_err(failed("rename", &tmp))
+    })();
+    if written.is_err() {
+        // A partial copy (a full disk) is never left to take space.
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written?;
     tracing::info!(agent = %agent.display(), stored = %stored.display(), "agent binary stored");
     Ok(stored)
 }
@@ -121,6 +128,47 @@ mod tests {
         assert_ne!(second, first);
         assert_eq!(std::fs::read(&first).unwrap(), b"first build");
         assert_eq!(std::fs::read(&second).unwrap(), b"second build, longer");
+    }
+
+    #[test]
+    fn a_full_disk_is_a_clear_error_and_leaves_no_partial_copy() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("data");
+        std::fs::create_dir(&root).unwrap();
+        nix::mount::mount(
+            Some("tmpfs"),
+            &root,
+            Some("tmpfs"),
+            nix::mount::MsFlags::empty(),
+            Some("size=1m"),
+        )
+        .expect("mount a 1 MiB tmpfs (these tests run as root, like CI)");
+        struct Unmount<'a>(&'a Path);
+        impl Drop for Unmount<'_> {
+            fn drop(&mut self) {
+                let _ = nix::mount::umount2(self.0, nix::mount::MntFlags::MNT_DETACH);
+            }
+        }
+        let _unmount = Unmount(&root);
+        let data = DataDir::new(&root);
+        let agent = tmp.path().join("agent");
+        std::fs::write(&agent, vec![0x5a; 4 << 20]).unwrap();
+
+        let err = install(&data, &agent).unwrap_err();
+        let source = std::error::Error::source(&err).map(|s| s.to_string());
+        assert!(err.to_string().starts_with("copy "), "{err}");
+        assert!(
+            source
+                .as_deref()
+                .is_some_and(|s| s.contains("No space left on device")),
+            "{err}: {source:?}"
+        );
+        let left: Vec<_> = std::fs::read_dir(data.agents())
+            .unwrap()
+            .flat_map(|d| std::fs::read_dir(d.unwrap().path()).unwrap())
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert!(left.is_empty(), "left behind: {left:?}");
     }
 
     /// Open file descriptions of this process on files under `dir` with write access.
